@@ -1,0 +1,41 @@
+# kimi-lab: `make demo` trains the default small model on the offline corpus; `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+# torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
+TORCH ?= torch==2.13.0
+DEMO_STEPS ?= 400
+
+.PHONY: help install demo test test-all data clean
+
+help:
+	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
+	@echo "make demo     - install, build the offline corpus, train the default small model"
+	@echo "make test     - the test suite (not slow, not gpu)"
+	@echo "make test-all - every test, slow ones too"
+	@echo "make data     - build / verify the default corpus cache"
+
+$(PYTHON):
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+install: $(PYTHON)
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[dev]"
+
+data: install
+	$(PYTHON) -m kimi_lab.data.prepare --data default
+
+demo: install
+	$(PYTHON) train.py trainer.max_steps=$(DEMO_STEPS) hydra.run.dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S)
+	@echo "outputs: $$(ls -dt outputs/demo/* | head -1)  (results.json, metrics.csv, tensorboard/, checkpoints/)"
+
+test: install
+	$(BIN)/pytest -m "not slow and not gpu" -q
+
+test-all: install
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf outputs multirun/2* .pytest_cache

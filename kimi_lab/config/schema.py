@@ -1,0 +1,228 @@
+"""Structured-config schemas: one dataclass per config group, Enums for every closed choice.
+
+Registered in Hydra's ConfigStore as ``config_schema`` (see ``register_configs``), so a bad
+value fails at compose time with ``Invalid value 'x', expected one of [...]  full_key: ...``.
+This module imports no torch code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+
+class AttentionName(str, Enum):
+    standard = "standard"  # explicit softmax(QK^T/sqrt(d))V, the float64-testable reference
+    sdpa = "sdpa"  # torch.nn.functional.scaled_dot_product_attention
+
+
+class NormName(str, Enum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class FFNName(str, Enum):
+    dense = "dense"  # one SwiGLU MLP per layer, no experts
+    moe = "moe"  # routed experts (+ optional shared experts)
+
+
+class TopkMethod(str, Enum):
+    greedy = "greedy"  # softmax router, top-k, Switch-style load-balance loss
+
+
+class ScoringFunc(str, Enum):
+    softmax = "softmax"
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr
+    constant = "constant"  # linear warmup, then flat
+
+
+class RopeScalingType(str, Enum):
+    none = "none"
+
+
+class DataName(str, Enum):
+    default = "default"  # offline corpus built from registry packages
+    text = "text"  # local text files / folders
+    hf = "hf"  # datasets.load_dataset(path, name, split, data_files)
+
+
+class TokenizerName(str, Enum):
+    cl100k_32k = "cl100k_32k"  # cl100k_base ranks < 32767 + <|endoftext|> = 32767
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Strategy(str, Enum):
+    auto = "auto"
+    ddp = "ddp"
+
+
+# Lightning precision strings contain '-', which Enum member names cannot: checked in validate.py.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"
+    d_model: int = 256
+    n_layers: int = 3
+    d_ff: int = 768  # hidden width of dense SwiGLU layers (dense arm and first_k_dense_replace layers)
+    vocab_size: int = 32768  # >= tokenizer vocabulary, a multiple of 64
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dropout: float = 0.0  # residual / embedding dropout
+
+
+@dataclass
+class AttentionConfig:
+    name: AttentionName = AttentionName.sdpa
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); 1 = MQA; else GQA
+    dropout: float = 0.0  # attention-probability dropout
+    bias: bool = False  # bias on q/k/v/o projections
+
+
+@dataclass
+class NormConfig:
+    name: NormName = NormName.rmsnorm
+    eps: float = 1e-5
+
+
+@dataclass
+class MoEConfig:
+    name: FFNName = FFNName.moe
+    topk_method: TopkMethod = TopkMethod.greedy
+    n_routed_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 384
+    n_shared_experts: int = 0
+    scoring_func: ScoringFunc = ScoringFunc.softmax
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    aux_loss_alpha: float = 0.01  # weight of the load-balance loss
+    first_k_dense_replace: int = 0  # the first k layers use a dense MLP instead of MoE
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    momentum: Optional[float] = None  # momentum optimizers only (Muon); must stay null for adam/adamw (betas)
+    eps: float = 1e-8
+    schedule: ScheduleName = ScheduleName.cosine
+    warmup_steps: int = 50  # optimizer steps
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+
+
+@dataclass
+class RopeScalingConfig:
+    type: RopeScalingType = RopeScalingType.none
+    factor: float = 1.0
+
+
+@dataclass
+class RopeConfig:
+    theta: float = 10000.0
+    scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+
+
+@dataclass
+class HFSourceConfig:
+    path: Optional[str] = None  # e.g. "text", "json", or a hub id (network users only)
+    name: Optional[str] = None
+    split: str = "train"
+    data_files: Optional[Any] = None  # str | list | dict, passed to load_dataset
+    text_field: str = "text"
+    sample_by: Optional[str] = "document"  # for path="text": one row per file
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.default
+    tokenizer: TokenizerName = TokenizerName.cl100k_32k
+    seq_len: int = 256
+    batch_size: int = 16  # micro-batch size per device
+    split_seed: int = 1234  # document split; independent of the training seed
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    val_tokens: int = 65536  # tokens scored per validation pass (non-overlapping windows)
+    test_tokens: int = 131072
+    num_workers: int = 0
+    paths: list[str] = field(default_factory=list)  # text source: files or folders
+    doc_separator: Optional[str] = None  # text source: split files into documents on this string
+    hf: HFSourceConfig = field(default_factory=HFSourceConfig)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    accelerator: Accelerator = Accelerator.cpu
+    devices: Any = 1  # int or "auto"
+    strategy: Strategy = Strategy.auto
+    precision: str = "32-true"  # one of PRECISIONS
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 600  # optimizer steps
+    max_tokens: Optional[int] = None  # if set, max_steps = max_tokens // tokens per step
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = 1.0
+    val_check_interval: int = 100  # optimizer steps between validations
+    log_every_n_steps: int = 1
+    checkpoint_every_n_steps: int = 100
+    interrupt_at_step: Optional[int] = None  # stop after this step as if preempted (resume tests)
+    deterministic: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "data"
+    output_dir: str = "outputs"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 1
+    resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
+    ckpt_path: Optional[str] = None  # explicit checkpoint to resume from
+    tags: list[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    """Register the schema so ``conf/config.yaml`` can list ``config_schema`` first."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=Config)

@@ -1,0 +1,107 @@
+"""Cross-key checks that a schema cannot express; each failure is one line naming the key and what is allowed."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from kimi_lab.config.schema import PRECISIONS
+
+MOMENTUM_OPTIMIZERS: tuple[str, ...] = ()  # optimizers that read optimizer.momentum (Muon joins here)
+
+
+class ConfigError(ValueError):
+    """An impossible config, raised before anything is built or written."""
+
+
+def _check(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"Invalid config: {key}={value!r}; allowed: {allowed}")
+
+
+def _in_unit_interval(value, closed_right: bool = False) -> bool:
+    return 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first impossible setting."""
+    _check_model(cfg)
+    _check_moe(cfg)
+    _check_optimizer(cfg)
+    _check_data_and_trainer(cfg)
+    _check(cfg.rope.theta > 0, "rope.theta", cfg.rope.theta, "> 0")
+    _check(cfg.rope.scaling.factor >= 1.0, "rope.scaling.factor", cfg.rope.scaling.factor, ">= 1")
+    _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
+
+
+def _check_model(cfg: DictConfig) -> None:
+    model, attn = cfg.model, cfg.attention
+    _check(model.d_model > 0, "model.d_model", model.d_model, "> 0")
+    _check(model.n_layers > 0, "model.n_layers", model.n_layers, "> 0")
+    _check(model.d_ff > 0, "model.d_ff", model.d_ff, "> 0")
+    _check(model.vocab_size > 0 and model.vocab_size % 64 == 0, "model.vocab_size", model.vocab_size,
+           "a positive multiple of 64")
+    _check(model.init_std > 0, "model.init_std", model.init_std, "> 0")
+    _check(_in_unit_interval(model.dropout), "model.dropout", model.dropout, "[0, 1)")
+    _check(attn.n_heads > 0 and model.d_model % attn.n_heads == 0, "attention.n_heads", attn.n_heads,
+           f"a divisor of model.d_model={model.d_model}")
+    head_dim = model.d_model // attn.n_heads
+    _check(head_dim % 2 == 0, "attention.n_heads", attn.n_heads,
+           f"a value giving an even head dim for RoPE (d_model/n_heads = {head_dim})")
+    if attn.n_kv_heads is not None:
+        _check(0 < attn.n_kv_heads <= attn.n_heads and attn.n_heads % attn.n_kv_heads == 0,
+               "attention.n_kv_heads", attn.n_kv_heads, f"null or a divisor of attention.n_heads={attn.n_heads}")
+    _check(_in_unit_interval(attn.dropout), "attention.dropout", attn.dropout, "[0, 1)")
+    _check(cfg.norm.eps > 0, "norm.eps", cfg.norm.eps, "> 0")
+
+
+def _check_moe(cfg: DictConfig) -> None:
+    moe = cfg.moe
+    _check(moe.n_routed_experts >= 1, "moe.n_routed_experts", moe.n_routed_experts, ">= 1")
+    _check(1 <= moe.num_experts_per_tok <= moe.n_routed_experts, "moe.num_experts_per_tok",
+           moe.num_experts_per_tok, f"1 .. moe.n_routed_experts={moe.n_routed_experts}")
+    _check(moe.moe_intermediate_size > 0, "moe.moe_intermediate_size", moe.moe_intermediate_size, "> 0")
+    _check(moe.n_shared_experts >= 0, "moe.n_shared_experts", moe.n_shared_experts, ">= 0")
+    _check(moe.routed_scaling_factor > 0, "moe.routed_scaling_factor", moe.routed_scaling_factor, "> 0")
+    _check(moe.aux_loss_alpha >= 0, "moe.aux_loss_alpha", moe.aux_loss_alpha, ">= 0")
+    _check(0 <= moe.first_k_dense_replace <= cfg.model.n_layers, "moe.first_k_dense_replace",
+           moe.first_k_dense_replace, f"0 .. model.n_layers={cfg.model.n_layers}")
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    opt = cfg.optimizer
+    _check(opt.lr > 0, "optimizer.lr", opt.lr, "> 0")
+    _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, ">= 0")
+    _check(len(opt.betas) == 2 and all(_in_unit_interval(b) for b in opt.betas), "optimizer.betas",
+           list(opt.betas), "two values in [0, 1)")
+    uses_momentum = getattr(opt.name, "value", opt.name) in MOMENTUM_OPTIMIZERS
+    _check((opt.momentum is not None) == uses_momentum, "optimizer.momentum", opt.momentum,
+           "null for adam/adamw (set optimizer.betas instead); a value in [0, 1) for momentum optimizers")
+    if uses_momentum:
+        _check(_in_unit_interval(opt.momentum), "optimizer.momentum", opt.momentum, "[0, 1)")
+    _check(opt.eps > 0, "optimizer.eps", opt.eps, "> 0")
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
+    _check(_in_unit_interval(opt.min_lr_ratio, closed_right=True), "optimizer.min_lr_ratio", opt.min_lr_ratio,
+           "[0, 1]")
+
+
+def _check_data_and_trainer(cfg: DictConfig) -> None:
+    data, trainer = cfg.data, cfg.trainer
+    _check(data.seq_len >= 2, "data.seq_len", data.seq_len, ">= 2")
+    _check(data.batch_size >= 1, "data.batch_size", data.batch_size, ">= 1")
+    for key in ("val_fraction", "test_fraction"):
+        _check(0 < data[key] < 0.5, f"data.{key}", data[key], "(0, 0.5)")
+    for key in ("val_tokens", "test_tokens"):
+        _check(data[key] >= data.seq_len, f"data.{key}", data[key], f">= data.seq_len={data.seq_len}")
+    _check(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    _check(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, ">= 1")
+    if trainer.max_tokens is not None:
+        _check(trainer.max_tokens > 0, "trainer.max_tokens", trainer.max_tokens, "> 0 or null")
+    _check(trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
+           trainer.accumulate_grad_batches, ">= 1")
+    for key in ("val_check_interval", "log_every_n_steps", "checkpoint_every_n_steps"):
+        _check(trainer[key] >= 1, f"trainer.{key}", trainer[key], ">= 1 (optimizer steps)")
+    if trainer.gradient_clip_val is not None:
+        _check(trainer.gradient_clip_val > 0, "trainer.gradient_clip_val", trainer.gradient_clip_val, "> 0 or null")
+    if trainer.interrupt_at_step is not None:
+        _check(trainer.interrupt_at_step >= 1, "trainer.interrupt_at_step", trainer.interrupt_at_step, ">= 1 or null")
+    _check(cfg.seed is not None and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")

@@ -1,0 +1,228 @@
+"""LightningDataModule over the token cache: prefix-stable shuffled train windows, fixed eval windows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kimi_lab.data import baseline
+from kimi_lab.data.cache import TokenCache, build_or_load_cache
+from kimi_lab.data.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _window(tokens: np.ndarray, start: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), each (seq_len,) int64, from the seq_len + 1 tokens at `start`; y is x shifted by one."""
+    chunk = torch.from_numpy(np.asarray(tokens[start:start + seq_len + 1], dtype=np.int64))
+    return chunk[:-1], chunk[1:]
+
+
+def check_split_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"data.seq_len={seq_len} is too long for the {split} split: it has "
+                         f"{len(tokens)} tokens and one window needs seq_len + 1 = {seq_len + 1}; "
+                         "lower data.seq_len or add data")
+
+
+class TrainWindows(Dataset):
+    """Item i -> a window chosen only by (seed, i, len(tokens), seq_len): epochs of shuffled,
+    non-overlapping windows, each epoch with its own random offset. Prefix-stable in `length`."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, length: int):
+        check_split_length(tokens, seq_len, "train")
+        self.tokens, self.seq_len, self.seed, self.length = tokens, seq_len, seed, length
+        full = len(tokens) // seq_len - 1  # windows that fit after any offset in [0, seq_len)
+        if full >= 1:
+            self.n_windows, self.max_offset = full, seq_len - 1
+        else:  # shorter than 2 * seq_len: a single window, offset within the slack
+            self.n_windows, self.max_offset = 1, len(tokens) - seq_len - 1
+        self._epoch: tuple[int, int, np.ndarray] | None = None  # (epoch, offset, permutation)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _epoch_plan(self, epoch: int) -> tuple[int, np.ndarray]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            offset = int(rng.integers(0, self.max_offset + 1))
+            self._epoch = (epoch, offset, rng.permutation(self.n_windows))
+        return self._epoch[1], self._epoch[2]
+
+    def window_start(self, i: int) -> int:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        offset, perm = self._epoch_plan(i // self.n_windows)
+        return offset + int(perm[i % self.n_windows]) * self.seq_len
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _window(self.tokens, self.window_start(i), self.seq_len)
+
+
+class EvalWindows(Dataset):
+    """Consecutive non-overlapping windows from the start of a split, in order."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, max_tokens: int, split: str):
+        check_split_length(tokens, seq_len, split)
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n_windows = max(1, min(max_tokens // seq_len, (len(tokens) - 1) // seq_len))
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n_windows:
+            raise IndexError(i)
+        return _window(self.tokens, i * self.seq_len, self.seq_len)
+
+    def targets(self) -> np.ndarray:
+        """All scored targets in order: (n_windows * seq_len,) uint16."""
+        return np.asarray(self.tokens[1:self.n_windows * self.seq_len + 1])
+
+
+class ResumableShardSampler(Sampler[int]):
+    """Yields start_index + k * world_size + rank; the same count on every rank.
+
+    `start_index` (global samples already consumed) is read when iteration starts, so a
+    resumed run skips exactly what was consumed before."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.length, self.rank, self.world_size = length, rank, world_size
+        self.start_index = 0
+
+    def __len__(self) -> int:
+        return max(0, self.length - self.start_index) // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        start, n = self.start_index, len(self)
+        return iter(range(start + self.rank, start + n * self.world_size, self.world_size))
+
+
+class LMDataModule(L.LightningDataModule):
+    """Token-cache backed language-modelling data: (x, y) int64 windows of data.seq_len."""
+
+    def __init__(self, data_cfg: Any, cache_dir: str, seed: int, num_train_samples: int):
+        super().__init__()
+        if num_train_samples < 1:
+            raise ValueError(f"num_train_samples must be >= 1, got {num_train_samples}")
+        self.cfg, self.cache_dir = data_cfg, str(cache_dir)
+        self.seed, self.num_train_samples = int(seed), int(num_train_samples)
+        self.seq_len = int(data_cfg.seq_len)
+        self._cache: TokenCache | None = None
+        self._train_start = 0
+        self._restored_key: str | None = None
+        self.train_set: TrainWindows | None = None
+        self.val_set: EvalWindows | None = None
+        self.test_set: EvalWindows | None = None
+        self.sampler: ResumableShardSampler | None = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return get_tokenizer(self.cfg.tokenizer)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_vocab
+
+    @property
+    def eot_id(self) -> int:
+        return self.tokenizer.eot_id
+
+    @property
+    def manifest(self) -> dict:
+        return self._require_setup().manifest
+
+    def _require_setup(self) -> TokenCache:
+        if self._cache is None:
+            raise RuntimeError("LMDataModule.setup() has not been called yet")
+        return self._cache
+
+    # ------------------------------------------------------------ lifecycle
+
+    def prepare_data(self) -> None:
+        build_or_load_cache(self.cfg, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._cache is not None:
+            return
+        cache = build_or_load_cache(self.cfg, self.cache_dir)
+        self.train_set = TrainWindows(cache.train, self.seq_len, self.seed, self.num_train_samples)
+        if len(cache.val):
+            self.val_set = EvalWindows(cache.val, self.seq_len, int(self.cfg.val_tokens), "val")
+        if len(cache.test):
+            self.test_set = EvalWindows(cache.test, self.seq_len, int(self.cfg.test_tokens), "test")
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.sampler = ResumableShardSampler(self.num_train_samples, rank, world)
+        self.sampler.start_index = self._train_start
+        self._cache = cache
+        self._check_restored_key()
+
+    def set_train_start(self, global_samples_consumed: int) -> None:
+        """Skip the first `global_samples_consumed` training samples (all ranks together)."""
+        self._train_start = int(global_samples_consumed)
+        if self.sampler is not None:
+            self.sampler.start_index = self._train_start
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        workers = int(self.cfg.num_workers)
+        return DataLoader(self.train_set, batch_size=int(self.cfg.batch_size), sampler=self.sampler,
+                          drop_last=True, num_workers=workers, pin_memory=False,
+                          persistent_workers=workers > 0)
+
+    def _eval_set(self, split: str) -> EvalWindows:
+        self._require_setup()
+        dataset = self.val_set if split == "val" else self.test_set
+        if dataset is None:
+            raise RuntimeError(f"the {split} split is empty (data.{split}_fraction=0)")
+        return dataset
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(self._eval_set(split), batch_size=int(self.cfg.batch_size), shuffle=False,
+                          drop_last=False, num_workers=0, pin_memory=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def val_targets(self) -> np.ndarray:
+        """The (n_val_windows * seq_len,) tokens scored by validation, in order."""
+        return self._eval_set("val").targets()
+
+    def test_targets(self) -> np.ndarray:
+        return self._eval_set("test").targets()
+
+    def unigram_baseline_loss(self) -> float:
+        """Add-one unigram loss (nats) of the val targets: the floor a model must beat."""
+        return baseline.unigram_baseline_loss(self._require_setup().train, self.val_targets(), self.vocab_size)
+
+    # ------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict:
+        return {"cache_key": self._cache.manifest["key"] if self._cache is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_key = state_dict.get("cache_key")
+        if self._cache is not None:
+            self._check_restored_key()
+
+    def _check_restored_key(self) -> None:
+        key = self._cache.manifest["key"] if self._cache is not None else None
+        if self._restored_key is not None and key is not None and self._restored_key != key:
+            log.warning("Resuming with different data: checkpoint cache key %s, current %s (%s)",
+                        self._restored_key, key, self._cache.path)  # type: ignore[union-attr]

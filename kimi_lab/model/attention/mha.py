@@ -1,0 +1,38 @@
+"""Multi-head causal self-attention with RoPE and grouped-query heads (Ainslie et al. 2023, GQA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kimi_lab.model.attention.kernels import KERNELS
+from kimi_lab.model.rope import apply_rotary
+
+
+class MultiHeadAttention(nn.Module):
+    """One parameter layout (q/k/v/o_proj, as in HF Llama) shared by every kernel, so checkpoints move between them."""
+
+    def __init__(self, d_model: int, attn_cfg, kernel: str):
+        super().__init__()
+        self.n_heads = int(attn_cfg.n_heads)
+        self.n_kv_heads = int(attn_cfg.n_kv_heads or attn_cfg.n_heads)
+        self.head_dim = d_model // self.n_heads
+        self.dropout = float(attn_cfg.dropout)
+        self.kernel_fn, self.kernel_name = KERNELS[kernel]
+        bias = bool(attn_cfg.bias)
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        # (B, T, H*d) -> (B, H, T, d)
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        dropout_p = self.dropout if self.training else 0.0
+        out = self.kernel_fn(q, k, v, dropout_p=dropout_p)  # (B, H, T, d)
+        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        return self.o_proj(out)

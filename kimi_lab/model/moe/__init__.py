@@ -1,0 +1,27 @@
+"""FFN registry: ``moe.name`` -> factory(d_model, d_ff, moe_cfg)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from kimi_lab.model.moe.layer import MoE, ROUTERS
+from kimi_lab.model.moe.mlp import SwiGLU
+from kimi_lab.model.moe.router import GreedyRouter, load_balance_loss
+
+FFNS: dict[str, Callable[[int, int, object], nn.Module]] = {
+    "dense": lambda d_model, d_ff, cfg: SwiGLU(d_model, d_ff),
+    "moe": lambda d_model, d_ff, cfg: MoE(d_model, cfg),
+}
+
+
+def build_ffn(d_model: int, d_ff: int, moe_cfg, layer_idx: int) -> nn.Module:
+    """Layers below ``first_k_dense_replace`` stay dense (DeepSeek-V3 layout)."""
+    name = getattr(moe_cfg.name, "value", moe_cfg.name)
+    if layer_idx < int(moe_cfg.first_k_dense_replace):
+        name = "dense"
+    return FFNS[name](d_model, d_ff, moe_cfg)
+
+
+__all__ = ["FFNS", "ROUTERS", "MoE", "SwiGLU", "GreedyRouter", "load_balance_loss", "build_ffn"]

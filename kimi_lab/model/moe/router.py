@@ -1,0 +1,53 @@
+"""Softmax top-k router with the Switch/GShard load-balance loss (Fedus et al. 2021, eq. 4: alpha * E * sum_i f_i P_i)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    expert_idx: torch.Tensor  # (N, k) int64 chosen experts per token
+    weights: torch.Tensor  # (N, k) fp32 gating weights
+    aux_loss: torch.Tensor  # scalar, already multiplied by aux_loss_alpha
+    counts: torch.Tensor  # (E,) tokens routed to each expert in this batch
+
+
+def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i with f_i = share of the N*k assignments sent to i, P_i = mean router prob of i.
+
+    Equals 1 for perfectly uniform routing and E under total collapse onto one expert.
+    """
+    n_assign = expert_idx.numel()
+    counts = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).to(probs.dtype)
+    f = counts / n_assign  # (E,) no gradient: argmax is not differentiable
+    p = probs.mean(dim=0)  # (E,)
+    return n_experts * torch.sum(f * p)
+
+
+class GreedyRouter(nn.Module):
+    """softmax(x W^T) in fp32, top-k, optional renormalisation over the k, times routed_scaling_factor."""
+
+    def __init__(self, d_model: int, moe_cfg):
+        super().__init__()
+        self.n_experts = int(moe_cfg.n_routed_experts)
+        self.top_k = int(moe_cfg.num_experts_per_tok)
+        self.norm_topk_prob = bool(moe_cfg.norm_topk_prob)
+        self.scaling = float(moe_cfg.routed_scaling_factor)
+        self.aux_loss_alpha = float(moe_cfg.aux_loss_alpha)
+        self.weight = nn.Parameter(torch.empty(self.n_experts, d_model))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)
+        weights, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.scaling
+        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_experts)
+        aux = self.aux_loss_alpha * load_balance_loss(probs, expert_idx, self.n_experts)
+        return Routing(expert_idx, weights, aux, counts)

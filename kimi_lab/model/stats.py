@@ -1,0 +1,29 @@
+"""Parameter counts and analytic FLOPs per token (Kaplan et al. 2020, C = 6N + attention term)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kimi_lab.model.moe import MoE
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """total (tied weights once), embedding, and active per token (routed experts counted k of E)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed_tokens.weight.numel()
+    inactive = 0
+    for moe in model.moe_layers():
+        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+        inactive += per_expert * (moe.n_experts - moe.top_k)
+    return {"params_total": total, "params_embedding": embedding, "params_active": total - inactive}
+
+
+def flops_per_token(model: nn.Module, seq_len: int, d_model: int, n_layers: int) -> int:
+    """Training FLOPs per token: 6 * (active non-embedding matmul params + lm_head) + 12 * L * T * D (PaLM, App. B).
+
+    The input embedding is a lookup (no FLOPs); the output head is a matmul, so it counts even when tied.
+    """
+    counts = parameter_counts(model)
+    matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
+    attention = 12 * n_layers * seq_len * d_model  # QK^T and PV, fwd + bwd, causal mask not discounted
+    return int(6 * matmul_params + attention)

@@ -1,0 +1,83 @@
+"""Decoder-only pre-norm transformer (GPT-2 layout, Radford et al. 2019) with pluggable attention, norm and FFN."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kimi_lab.model.attention import build_attention
+from kimi_lab.model.moe import MoE, build_ffn
+from kimi_lab.model.norm import build_norm
+from kimi_lab.model.rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    aux_loss: torch.Tensor  # scalar: sum of the MoE balance losses (0 for dense models)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        d_model = int(cfg.model.d_model)
+        self.input_layernorm = build_norm(cfg.norm, d_model)
+        self.self_attn = build_attention(d_model, cfg.attention)
+        self.post_attention_layernorm = build_norm(cfg.norm, d_model)
+        self.mlp = build_ffn(d_model, int(cfg.model.d_ff), cfg.moe, layer_idx)
+        self.dropout = nn.Dropout(float(cfg.model.dropout))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg, max_seq_len: int):
+        super().__init__()
+        d_model, vocab = int(cfg.model.d_model), int(cfg.model.vocab_size)
+        self.embed_tokens = nn.Embedding(vocab, d_model)
+        self.dropout = nn.Dropout(float(cfg.model.dropout))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(int(cfg.model.n_layers)))
+        self.norm = build_norm(cfg.norm, d_model)
+        self.lm_head = nn.Linear(d_model, vocab, bias=False)
+        if cfg.model.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        head_dim = d_model // int(cfg.attention.n_heads)
+        self.rotary = RotaryEmbedding(head_dim, max_seq_len, cfg.rope)
+        self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
+
+    def _init_weights(self, std: float, n_layers: int) -> None:
+        """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.dim() >= 2:
+                is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(param, 0.0, std / math.sqrt(2 * n_layers) if is_residual_out else std)
+            elif "norm" in name and name.endswith("weight"):
+                nn.init.ones_(param)
+
+    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+        _, seq_len = input_ids.shape  # (B, T)
+        cos, sin = self.rotary(seq_len)
+        x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        return CausalLMOutput(logits=logits, aux_loss=self.aux_loss(logits))
+
+    def aux_loss(self, like: torch.Tensor) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers()]
+        return torch.stack(losses).sum() if losses else like.new_zeros(())
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    def attention_kernel(self) -> str:
+        return self.layers[0].self_attn.kernel_name

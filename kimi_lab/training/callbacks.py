@@ -1,0 +1,190 @@
+"""Callbacks that record what a run did, once per *optimizer* step (never per micro-batch)."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+METRIC_FIELDS = [
+    "step", "tokens", "wall_time_s", "train_time_s", "lr", "train_loss", "aux_loss", "grad_norm",
+    "step_time_ms", "moe_cv", "moe_maxvio", "val_loss", "val_ppl", "val_acc",
+]
+
+
+def load_stats(counts: torch.Tensor) -> tuple[float, float]:
+    """(coefficient of variation, MaxVio = (max - mean) / mean) of per-expert token counts."""
+    counts = counts.double()
+    mean = counts.mean()
+    if mean <= 0:
+        return 0.0, 0.0
+    return (counts.std(unbiased=False) / mean).item(), ((counts.max() - mean) / mean).item()
+
+
+class ExpertLoadMonitor(L.Callback):
+    """Reads each MoE layer's token counts once per optimizer step, keeps run totals (summed over ranks)."""
+
+    def __init__(self):
+        self.run_counts: list[torch.Tensor] = []  # per layer (E,)
+        self.maxvio_history: list[float] = []
+        self.last_step: dict[str, float] = {}
+
+    def collect(self, trainer: L.Trainer, model) -> None:
+        layers = model.moe_layers()
+        if not layers:
+            return
+        counts = torch.stack([layer.tokens_per_expert.detach().clone() for layer in layers])  # (L_moe, E)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        for layer in layers:
+            layer.tokens_per_expert.zero_()
+        counts = counts.cpu()
+        if not self.run_counts:
+            self.run_counts = [torch.zeros_like(c, dtype=torch.float64) for c in counts]
+        stats = [load_stats(c) for c in counts]
+        for total, c in zip(self.run_counts, counts):
+            total += c.double()
+        self.last_step = {"moe_cv": sum(s[0] for s in stats) / len(stats),
+                          "moe_maxvio": sum(s[1] for s in stats) / len(stats)}
+        self.maxvio_history.append(self.last_step["moe_maxvio"])
+
+    def summary(self) -> dict:
+        if not self.run_counts:
+            return {}
+        fractions = [(c / c.sum().clamp_min(1)).tolist() for c in self.run_counts]
+        run_stats = [load_stats(c) for c in self.run_counts]
+        return {
+            "expert_load": fractions,  # per MoE layer, share of routed tokens per expert over the run
+            "expert_load_cv": [s[0] for s in run_stats],
+            "moe_maxvio_run": [s[1] for s in run_stats],
+            "moe_maxvio_batch_mean": statistics.fmean(self.maxvio_history) if self.maxvio_history else 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        return {"run_counts": self.run_counts, "maxvio_history": self.maxvio_history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_counts, self.maxvio_history = state["run_counts"], state["maxvio_history"]
+
+
+class StepMetrics(L.Callback):
+    """Aggregates micro-batches into one metrics.csv row per optimizer step, plus a row per validation."""
+
+    def __init__(self, csv_path: Path, tokens_per_micro_batch: int, expert_monitor: ExpertLoadMonitor):
+        self.csv_path = Path(csv_path)
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+        self.experts = expert_monitor
+        self.tokens = 0
+        self.train_time_s = 0.0
+        self.wall_offset_s = 0.0  # wall time of earlier (interrupted) segments
+        self.step_times_ms: list[float] = []
+        self.val_history: list[dict] = []
+        self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._grad_norm = float("nan")
+        self._step_start: float | None = None
+        self._fit_start = time.perf_counter()
+
+    # -- resume support: everything needed to continue the curve is in the checkpoint
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "train_time_s": self.train_time_s, "step_times_ms": self.step_times_ms,
+                "val_history": self.val_history, "wall_time_s": self._wall_time()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.train_time_s = state["tokens"], state["train_time_s"]
+        self.step_times_ms, self.val_history = state["step_times_ms"], state["val_history"]
+        self.wall_offset_s = state["wall_time_s"]
+
+    def _wall_time(self) -> float:
+        return self.wall_offset_s + time.perf_counter() - self._fit_start
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+        if trainer.global_rank == 0:
+            self._truncate_csv(after_step=trainer.global_step)
+
+    def _truncate_csv(self, after_step: int) -> None:
+        """Keep rows up to the checkpointed step (a resumed run rewrites what came after it)."""
+        rows = []
+        if self.csv_path.exists() and after_step > 0:
+            with self.csv_path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= after_step]
+        with self.csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _append(self, trainer, row: dict) -> None:
+        if trainer.global_rank != 0:
+            return
+        with self.csv_path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self._grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0  # before clipping
+        self.experts.collect(trainer, pl_module.model)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._micro.append((pl_module.last_train_ce, pl_module.last_aux_loss))
+        self.tokens += self.tokens_per_micro_batch * trainer.world_size
+        if len(self._micro) < trainer.accumulate_grad_batches:
+            return  # optimizer step not taken yet
+        step_ms = 1000.0 * (time.perf_counter() - self._step_start)
+        self.train_time_s += step_ms / 1000.0
+        self.step_times_ms.append(step_ms)
+        ce = torch.stack([m[0] for m in self._micro]).mean()
+        aux = torch.stack([m[1] for m in self._micro]).mean()
+        ce = trainer.strategy.reduce(ce, reduce_op="mean").item()
+        self._micro, self._step_start = [], None
+        row = {"step": trainer.global_step, "tokens": self.tokens, "wall_time_s": round(self._wall_time(), 4),
+               "train_time_s": round(self.train_time_s, 4), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "train_loss": ce, "aux_loss": aux.item(), "grad_norm": self._grad_norm,
+               "step_time_ms": round(step_ms, 3), **self.experts.last_step}
+        self._append(trainer, row)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
+            return
+        record = {"step": trainer.global_step, "tokens": self.tokens}
+        record.update({k: trainer.callback_metrics[k].item() for k in ("val_loss", "val_ppl", "val_acc")})
+        if self.val_history and self.val_history[-1]["step"] == record["step"]:
+            return  # the same step validated twice (end-of-run check): keep one row
+        self.val_history.append(record)
+        self._append(trainer, {**record, "wall_time_s": round(self._wall_time(), 4)})
+
+    def summary(self) -> dict:
+        median_ms = statistics.median(self.step_times_ms) if self.step_times_ms else float("nan")
+        return {"tokens_seen": self.tokens, "train_time_s": self.train_time_s,
+                "tokens_per_s": self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0,
+                "step_time_ms": median_ms, "wall_time_s": self._wall_time()}
+
+
+class DataPosition(L.Callback):
+    """On (re)start, tell the sampler how many samples earlier steps consumed, so a resumed run sees the same data."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.datamodule.set_train_start(trainer.global_step * self.samples_per_step)
+
+
+class InterruptAt(L.Callback):
+    """Stops after optimizer step ``step`` and writes last.ckpt, as a preempted job would (tests resume)."""
+
+    def __init__(self, step: int, last_ckpt: Path):
+        self.step, self.last_ckpt = step, last_ckpt
+        self.interrupted = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step and not self.interrupted:
+            self.interrupted = True
+            trainer.save_checkpoint(self.last_ckpt)
+            trainer.should_stop = True

@@ -1,0 +1,78 @@
+"""LightningModule: next-token cross-entropy + MoE balance loss; token-weighted eval loss, perplexity and accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from kimi_lab.model import build_model
+from kimi_lab.optim import build_optimizer, build_scheduler
+
+
+class LanguageModelModule(L.LightningModule):
+    """Wraps the plain ``nn.Module`` from ``build_model`` (compile or inspect ``self.model`` without Lightning)."""
+
+    def __init__(self, cfg, max_steps: int):
+        super().__init__()
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.model = build_model(cfg)
+        self.last_train_ce = torch.zeros(())  # mean CE of the latest micro-batch (for the step aggregator)
+        self.last_aux_loss = torch.zeros(())
+        self._eval_sums = torch.zeros(3, dtype=torch.float64)  # [sum NLL, n correct, n tokens]
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)
+
+    def training_step(self, batch, batch_idx):
+        input_ids, targets = batch  # (B, T), (B, T)
+        out = self.model(input_ids)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+        self.last_train_ce, self.last_aux_loss = ce.detach(), out.aux_loss.detach()
+        self.log("train/loss", ce, prog_bar=True)
+        self.log("train/aux_loss", out.aux_loss)
+        return ce + out.aux_loss
+
+    # ---- evaluation: sums over all tokens, so the loss is a true token mean whatever the batch split
+    def _eval_step(self, batch) -> None:
+        input_ids, targets = batch
+        logits = self.model(input_ids).logits.float().flatten(0, 1)  # (B*T, V)
+        nll = F.cross_entropy(logits, targets.flatten(), reduction="sum")
+        correct = (logits.argmax(dim=-1) == targets.flatten()).sum()
+        self._eval_sums += torch.stack([nll.double().cpu(), correct.double().cpu(),
+                                        torch.tensor(float(targets.numel()), dtype=torch.float64)])
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        sums = self.all_gather(self._eval_sums.to(self.device)).reshape(-1, 3).sum(dim=0)
+        loss = (sums[0] / sums[2]).item()
+        metrics = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)),
+                   f"{prefix}_acc": (sums[1] / sums[2]).item()}
+        self.log_dict(metrics, sync_dist=False)
+        self._eval_sums.zero_()
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_sums.zero_()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_sums.zero_()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.cfg.optimizer)
+        scheduler = build_scheduler(optimizer, self.cfg.optimizer, self.max_steps)
+        # interval="step": Lightning steps the scheduler once per optimizer step, after accumulation
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

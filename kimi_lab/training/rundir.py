@@ -1,0 +1,125 @@
+"""The run folder contract: status.json (atomic), results.json, config_resolved.yaml, versions and git commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any):
+    if hasattr(value, "value"):  # Enum
+        return value.value
+    if hasattr(value, "item"):  # numpy / torch scalar
+        return value.item()
+    return str(value)
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    """One run's output folder. ``status.json`` goes running -> completed | failed | interrupted."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_csv = self.path / "metrics.csv"
+        self.results_json = self.path / "results.json"
+        self.status_json = self.path / "status.json"
+        self.started = now_iso()
+
+    def write_status(self, status: str, **extra: Any) -> None:
+        payload = {"status": status, "started": self.started, "updated": now_iso(), **extra}
+        atomic_write_json(self.status_json, payload)
+
+    def write_failure(self, error: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        self.write_status("failed", error=f"{type(error).__name__}: {error}", traceback=tb)
+        if self.results_json.exists():  # never leave a completed-looking results.json behind
+            self.results_json.unlink()
+
+    def write_config(self, cfg: DictConfig) -> None:
+        atomic_write_text(self.path / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    def write_results(self, results: dict) -> None:
+        atomic_write_json(self.results_json, results)
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """HEAD commit of the source tree (with '+dirty' when it has uncommitted changes), or None outside git."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for package in ("torch", "lightning", "hydra-core", "omegaconf", "kimi_lab", "tiktoken", "datasets"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 50 ms while active: a per-job CPU peak even when
+    several sweep jobs share one process (ru_maxrss would only ever grow)."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak_bytes = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        if os.path.exists("/proc/self/statm"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

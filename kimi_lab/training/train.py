@@ -1,0 +1,168 @@
+"""``train(cfg) -> dict``: validate, build data/model/trainer, fit, evaluate, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.training.rundir import RunDir, git_commit, now_iso, versions
+
+log = logging.getLogger(__name__)
+
+
+def resolve_output_dir(cfg: DictConfig) -> Path:
+    """``paths.output_dir`` (Hydra's job folder by default; tests pass their own)."""
+    return Path(str(cfg.paths.output_dir))
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job; always leaves status.json saying completed, interrupted or failed."""
+    run = RunDir(resolve_output_dir(cfg))
+    run.write_status("running", pid=os.getpid())
+    try:
+        validate_config(cfg)
+        run.write_config(cfg)
+        results = _fit_and_evaluate(cfg, run)
+    except BaseException as error:  # KeyboardInterrupt too: the folder must say it did not complete
+        run.write_failure(error)
+        log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
+        raise
+    run.write_results(results)
+    run.write_status(results["status"])
+    log.info("%s: results in %s", results["status"], run.path)
+    return results
+
+
+def steps_and_tokens(cfg: DictConfig, world_size: int) -> tuple[int, int]:
+    """(max optimizer steps, tokens per optimizer step); a token budget overrides max_steps."""
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.trainer.accumulate_grad_batches * world_size
+    if cfg.trainer.max_tokens is None:
+        return int(cfg.trainer.max_steps), tokens_per_step
+    max_steps = int(cfg.trainer.max_tokens) // tokens_per_step
+    if max_steps < 1:
+        raise ConfigError(f"Invalid config: trainer.max_tokens={cfg.trainer.max_tokens}; allowed: >= one step "
+                          f"of {tokens_per_step} tokens (batch_size * seq_len * accumulate * devices)")
+    return max_steps, tokens_per_step
+
+
+def _resume_checkpoint(cfg: DictConfig, run: RunDir) -> str | None:
+    if cfg.ckpt_path is not None:
+        path = Path(cfg.ckpt_path)
+    elif cfg.resume:
+        path = run.checkpoints / "last.ckpt"
+    else:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"Invalid config: resume=true but no checkpoint at {path}; allowed: "
+                          "hydra.run.dir=<the interrupted run's folder> or ckpt_path=<file.ckpt>")
+    return str(path)
+
+
+def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
+    import lightning as L
+    import torch
+
+    from kimi_lab.data import LMDataModule
+    from kimi_lab.training.trainer import build_trainer
+
+    if cfg.hardware.num_threads is not None:
+        torch.set_num_threads(int(cfg.hardware.num_threads))
+    ckpt_path = _resume_checkpoint(cfg, run)
+    trainer, callbacks = build_trainer(cfg, run)
+    max_steps, tokens_per_step = steps_and_tokens(cfg, trainer.world_size)
+    samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    datamodule = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
+                              num_train_samples=max_steps * samples_per_step)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    _check_vocab(cfg, datamodule.vocab_size)
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # seed 0 is a valid seed
+    from kimi_lab.training.module import LanguageModelModule
+
+    module = LanguageModelModule(cfg, max_steps=max_steps)
+    kernel = module.model.attention_kernel()
+    log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
+    trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
+    callbacks.data_position.samples_per_step = samples_per_step
+
+    from kimi_lab.training.rundir import PeakRSS
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if callbacks.interrupt is not None and callbacks.interrupt.interrupted:
+            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="interrupted")
+        if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # final-step validation
+        trainer.save_checkpoint(run.checkpoints / "last.ckpt")
+        test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="completed")
+    results.update({k: float(v) for k, v in test_metrics.items()})
+    return results
+
+
+def _check_vocab(cfg: DictConfig, tokenizer_vocab: int) -> None:
+    if cfg.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(f"Invalid config: model.vocab_size={cfg.model.vocab_size}; allowed: a multiple of 64 "
+                          f">= the tokenizer's {tokenizer_vocab} ids")
+
+
+def _peak_mem_mb(rss) -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    return rss.peak_bytes / 2**20, "cpu_peak_rss"
+
+
+def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) -> dict:
+    from kimi_lab.model import flops_per_token, parameter_counts
+
+    vals = callbacks.metrics.val_history
+    final = vals[-1] if vals else {}
+    best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
+    peak_mb, peak_kind = _peak_mem_mb(rss)
+    choices = {g: _choice(cfg, g) for g in ("model", "attention", "norm", "moe", "optimizer", "data", "hardware")}
+    return {
+        "status": status,
+        "seed": int(cfg.seed),
+        "overrides": _overrides(),
+        "choices": choices,
+        "tags": list(cfg.tags),
+        "output_dir": str(run.path),
+        "val_loss": final.get("val_loss"), "val_ppl": final.get("val_ppl"), "val_acc": final.get("val_acc"),
+        "best_val_loss": best.get("val_loss"), "best_val_ppl": best.get("val_ppl"),
+        "best_val_acc": best.get("val_acc"), "best_val_step": best.get("step"),
+        "baseline_unigram_loss": datamodule.unigram_baseline_loss(),
+        **callbacks.metrics.summary(),
+        "steps": int(module.trainer.global_step),
+        "max_steps": int(module.max_steps),
+        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
+        **parameter_counts(module.model),
+        "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
+        "attention_kernel": kernel,
+        **callbacks.experts.summary(),
+        "data_manifest_key": datamodule.manifest.get("key"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "finished": now_iso(),
+    }
+
+
+def _choice(cfg: DictConfig, group: str):
+    name = OmegaConf.select(cfg, f"{group}.name")
+    return getattr(name, "value", name)
+
+
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []

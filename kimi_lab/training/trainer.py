@@ -1,0 +1,77 @@
+"""Builds the Lightning Trainer: loggers, checkpoints and our step-level callbacks, from ``hardware`` and ``trainer``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, InterruptAt, StepMetrics
+from kimi_lab.training.rundir import RunDir
+
+
+@dataclass
+class RunCallbacks:
+    metrics: StepMetrics
+    experts: ExpertLoadMonitor
+    data_position: DataPosition
+    interrupt: InterruptAt | None
+
+
+def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
+    accumulate = int(cfg.trainer.accumulate_grad_batches)
+    experts = ExpertLoadMonitor()
+    ours = RunCallbacks(
+        metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts),
+        experts=experts,
+        data_position=DataPosition(samples_per_step=cfg.data.batch_size * accumulate),
+        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt")
+                   if cfg.trainer.interrupt_at_step is not None else None),
+    )
+    callbacks: list[L.Callback] = [
+        experts,
+        ours.metrics,
+        ours.data_position,
+        # best weights by val_loss, saved after each validation
+        ModelCheckpoint(dirpath=run.checkpoints, filename="best-step{step}", monitor="val_loss", mode="min",
+                        save_top_k=1, auto_insert_metric_name=False),
+        # last.ckpt for resume, every checkpoint_every_n_steps optimizer steps
+        ModelCheckpoint(dirpath=run.checkpoints, save_last=True, save_top_k=0,
+                        every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps)),
+    ]
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version=""))
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if ours.interrupt is not None:
+        callbacks.append(ours.interrupt)  # last: sees the step's metrics row already written
+    trainer = L.Trainer(
+        accelerator=_value(cfg.hardware.accelerator),
+        devices=cfg.hardware.devices,
+        strategy=_value(cfg.hardware.strategy),
+        precision=cfg.hardware.precision,
+        max_steps=int(cfg.trainer.max_steps),
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        # Lightning counts val_check_interval in micro-batches; ours is in optimizer steps
+        val_check_interval=int(cfg.trainer.val_check_interval) * accumulate,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+        deterministic=bool(cfg.trainer.deterministic),
+        use_distributed_sampler=False,  # our sampler shards by rank and resumes mid-run
+        logger=loggers or False,
+        callbacks=callbacks,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        default_root_dir=str(run.path),
+    )
+    return trainer, ours
+
+
+def _value(option):
+    return getattr(option, "value", option)

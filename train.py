@@ -1,0 +1,24 @@
+"""Entry point: compose the config with Hydra and call ``kimi_lab.train(cfg)``.
+
+    python train.py attention=standard norm=layernorm seed=3 trainer.max_steps=50
+    python train.py -m seed=1,2,3 moe=greedy,dense
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from kimi_lab.config import register_configs
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from kimi_lab.training import train  # heavy imports (torch, lightning) only when training
+
+    results = train(cfg)
+    return results.get("val_loss")  # the value a sweeper minimises
+
+
+if __name__ == "__main__":
+    main()
