@@ -4,10 +4,15 @@
     python train.py -m seed=1,2,3 moe=greedy,dense
 """
 
+import logging
+import sys
+
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kimi_lab.config import register_configs
+from kimi_lab.config import ConfigError, register_configs
 
 register_configs()
 
@@ -16,7 +21,14 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from kimi_lab.training import train  # heavy imports (torch, lightning) only when training
 
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except ConfigError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job and the sweep goes on
+        logging.shutdown()
+        print(f"error: {error}", file=sys.stderr)  # one line, no traceback: the config is wrong, not the code
+        sys.exit(2)
     return results.get("val_loss")  # the value a sweeper minimises
 
 

@@ -46,7 +46,7 @@ class ScheduleName(str, Enum):
 
 
 class RopeScalingType(str, Enum):
-    none = "none"
+    linear = "linear"  # position interpolation (Chen et al. 2023): inv_freq / factor
 
 
 class DataName(str, Enum):
@@ -130,14 +130,15 @@ class OptimizerConfig:
 
 @dataclass
 class RopeScalingConfig:
-    type: RopeScalingType = RopeScalingType.none
+    type: RopeScalingType = RopeScalingType.linear
     factor: float = 1.0
 
 
 @dataclass
 class RopeConfig:
+    name: str = "default"  # label of the option (recorded in results.json)
     theta: float = 10000.0
-    scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    scaling: Optional[RopeScalingConfig] = None  # null = plain RoPE
 
 
 @dataclass

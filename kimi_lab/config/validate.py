@@ -29,7 +29,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check_optimizer(cfg)
     _check_data_and_trainer(cfg)
     _check(cfg.rope.theta > 0, "rope.theta", cfg.rope.theta, "> 0")
-    _check(cfg.rope.scaling.factor >= 1.0, "rope.scaling.factor", cfg.rope.scaling.factor, ">= 1")
+    if cfg.rope.scaling is not None:
+        _check(cfg.rope.scaling.factor >= 1.0, "rope.scaling.factor", cfg.rope.scaling.factor, ">= 1")
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
 
 

@@ -8,14 +8,19 @@ import torch
 from torch import nn
 
 
-def default_inv_freq(head_dim: int, theta: float, scaling_cfg) -> torch.Tensor:
+def default_inv_freq(head_dim: int, theta: float, scaling_cfg=None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/d), i = 0 .. d/2-1 (no length scaling)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     return 1.0 / (theta**exponents)
 
 
+def linear_inv_freq(head_dim: int, theta: float, scaling_cfg) -> torch.Tensor:
+    """Position interpolation (Chen et al. 2023): positions divided by factor == inv_freq / factor (HF 'linear')."""
+    return default_inv_freq(head_dim, theta) / float(scaling_cfg.factor)
+
+
 # registry: rope.scaling.type -> inv_freq builder (head_dim, theta, scaling_cfg) -> (head_dim/2,)
-ROPE_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {"none": default_inv_freq}
+ROPE_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {"none": default_inv_freq, "linear": linear_inv_freq}
 
 
 class RotaryEmbedding(nn.Module):
@@ -25,8 +30,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
-        scaling_type = getattr(rope_cfg.scaling.type, "value", rope_cfg.scaling.type)
-        inv_freq = ROPE_INV_FREQ[scaling_type](head_dim, float(rope_cfg.theta), rope_cfg.scaling)
+        scaling = rope_cfg.scaling
+        scaling_type = "none" if scaling is None else getattr(scaling.type, "value", scaling.type)
+        inv_freq = ROPE_INV_FREQ[scaling_type](head_dim, float(rope_cfg.theta), scaling)
         positions = torch.arange(max_seq_len, dtype=torch.float64)
         freqs = torch.outer(positions, inv_freq)  # (T, d/2)
         angles = torch.cat([freqs, freqs], dim=-1)  # (T, d)

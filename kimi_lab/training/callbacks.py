@@ -102,6 +102,8 @@ class StepMetrics(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning restored global_step on resume
         if trainer.global_rank == 0:
             self._truncate_csv(after_step=trainer.global_step)
 
@@ -176,15 +178,21 @@ class DataPosition(L.Callback):
         trainer.datamodule.set_train_start(trainer.global_step * self.samples_per_step)
 
 
+class RunInterrupted(Exception):
+    """Raised by InterruptAt: the job stops abruptly after writing last.ckpt (a simulated preemption)."""
+
+
 class InterruptAt(L.Callback):
-    """Stops after optimizer step ``step`` and writes last.ckpt, as a preempted job would (tests resume)."""
+    """After optimizer step ``step``: write last.ckpt and stop abruptly, as a preempted job would (tests resume).
+
+    Raising, rather than setting ``trainer.should_stop``, matters: a requested stop makes Lightning run one
+    extra validation, which a real preemption never does.
+    """
 
     def __init__(self, step: int, last_ckpt: Path):
         self.step, self.last_ckpt = step, last_ckpt
-        self.interrupted = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step and not self.interrupted:
-            self.interrupted = True
+        if trainer.global_step >= self.step:
             trainer.save_checkpoint(self.last_ckpt)
-            trainer.should_stop = True
+            raise RunInterrupted(f"interrupted after step {trainer.global_step} (trainer.interrupt_at_step)")

@@ -90,13 +90,16 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
     callbacks.data_position.samples_per_step = samples_per_step
 
+    from kimi_lab.training.callbacks import RunInterrupted
     from kimi_lab.training.rundir import PeakRSS
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with PeakRSS() as rss:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if callbacks.interrupt is not None and callbacks.interrupt.interrupted:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except RunInterrupted as stop:
+            log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run.path)
             return _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="interrupted")
         if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final-step validation
@@ -128,7 +131,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
     final = vals[-1] if vals else {}
     best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
     peak_mb, peak_kind = _peak_mem_mb(rss)
-    choices = {g: _choice(cfg, g) for g in ("model", "attention", "norm", "moe", "optimizer", "data", "hardware")}
+    choices = {g: _choice(cfg, g) for g in ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")}
     return {
         "status": status,
         "seed": int(cfg.seed),

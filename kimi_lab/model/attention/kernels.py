@@ -23,7 +23,7 @@ def standard_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None =
     seq_len = q.shape[-2]
     future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)  # (B, H, T, d_v)

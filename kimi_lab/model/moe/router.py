@@ -42,7 +42,8 @@ class GreedyRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, d_model))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
+            logits = F.linear(x.float(), self.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)
         weights, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob and self.top_k > 1:

@@ -1,0 +1,34 @@
+"""Test helpers: compose configs with Hydra's compose API at the tiny size, shared data cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from kimi_lab.config import register_configs
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+# the default corpus is built once per machine and shared by all tests (and `make demo`)
+DATA_DIR = Path(os.environ.get("KIMI_LAB_DATA_DIR", REPO_ROOT / "data"))
+
+register_configs()
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | None = None):
+    """Compose conf/config.yaml as train.py would, at the tiny test size, outputs in ``output_dir``."""
+    GlobalHydra.instance().clear()
+    base = ["model=tiny", f"paths.data_dir={DATA_DIR}"]
+    if output_dir is not None:
+        base.append(f"paths.output_dir={output_dir}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*base, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))

@@ -1,0 +1,127 @@
+"""Config composition for every option of every group, schema errors, and cross-key validation."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
+
+from kimi_lab.config import ConfigError, validate_config
+from tests.helpers import CONF_DIR, compose_config, group_options
+
+GROUPS = ["model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware"]
+ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize(("group", "option"), ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "text":
+        overrides.append(f"data.paths=[{tmp_path}]")
+    cfg = compose_config(overrides, output_dir=tmp_path)
+    validate_config(cfg)
+    value = OmegaConf.select(cfg, f"{group}.name")
+    expected = "moe" if (group, option) == ("moe", "greedy") else option  # greedy = routed FFN + greedy router
+    assert getattr(value, "value", value) == expected
+
+
+@pytest.mark.parametrize("option", group_options("model"))
+def test_every_option_builds_a_model(option, tmp_path):
+    import torch
+
+    from kimi_lab.model import build_model
+
+    cfg = compose_config([f"model={option}", "data.seq_len=16"], output_dir=tmp_path)
+    model = build_model(cfg)
+    logits = model(torch.zeros(1, 16, dtype=torch.long)).logits
+    assert logits.shape == (1, 16, cfg.model.vocab_size)
+
+
+def test_model_presets_match_the_issue():
+    small = compose_config(["model=small"])
+    assert (small.model.d_model, small.model.n_layers, small.attention.n_heads) == (256, 3, 4)
+    assert (small.moe.n_routed_experts, small.moe.num_experts_per_tok, small.data.seq_len) == (8, 2, 256)
+    base = compose_config(["model=base"])
+    assert (base.model.d_model, base.model.n_layers, base.attention.n_heads, base.model.d_ff) == (384, 6, 8, 1536)
+    assert (base.moe.n_routed_experts, base.moe.num_experts_per_tok) == (8, 2)
+    assert (base.data.seq_len, base.data.batch_size) == (512, 24)
+    tiny = compose_config(["model=tiny", "data=default"])
+    assert (tiny.data.seq_len, tiny.data.val_tokens) == (32, 2048)  # later groups must not reset preset sizes
+
+
+def test_experiment_files_only_override():
+    for path in (CONF_DIR / "experiment").glob("*.yaml"):
+        assert path.read_text().startswith("# @package _global_"), path
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "allowed"),
+    [
+        ("attention.name=flashy", "attention.name", "standard, sdpa"),
+        ("norm.name=batchnorm", "norm.name", "layernorm, rmsnorm"),
+        ("moe.topk_method=noaux", "moe.topk_method", "greedy"),
+        ("optimizer.name=lion", "optimizer.name", "adam, adamw"),
+        ("data.name=web", "data.name", "default, text, hf"),
+    ],
+)
+def test_bad_enum_value_names_key_and_choices(override, key, allowed):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config([override])
+    message = str(info.value.__cause__ or info.value)
+    assert f"full_key: {key}" in message
+    assert allowed in message
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["attention.n_head=4"])  # typo of n_heads
+
+
+def test_wrong_type_is_rejected():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["model.d_model=big"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.d_model=66"], "attention.n_heads"),  # 66 not divisible by 4 heads
+        (["attention.n_heads=3", "model.d_model=66"], "attention.n_heads"),  # head dim 22... odd? no: 22 even -> ok
+        (["attention.n_kv_heads=3"], "attention.n_kv_heads"),
+        (["moe.num_experts_per_tok=5"], "moe.num_experts_per_tok"),  # tiny has 4 experts
+        (["moe.first_k_dense_replace=3"], "moe.first_k_dense_replace"),  # tiny has 2 layers
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.lr=-1e-3"], "optimizer.lr"),
+        (["optimizer.momentum=0.9"], "optimizer.momentum"),  # adamw uses betas
+        (["optimizer.betas=[0.9,1.5]"], "optimizer.betas"),
+        (["model.vocab_size=1000"], "model.vocab_size"),
+        (["norm.eps=0"], "norm.eps"),
+        (["data.val_fraction=0.7"], "data.val_fraction"),
+        (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["hardware.precision=fp8"], "hardware.precision"),
+        (["rope.theta=-1"], "rope.theta"),
+        (["seed=-1"], "seed"),
+    ],
+)
+def test_impossible_configs_fail_with_the_key(overrides, key):
+    cfg = compose_config(overrides)
+    if overrides == ["attention.n_heads=3", "model.d_model=66"]:
+        validate_config(cfg)  # 66 / 3 = 22: a valid even head dim, no error
+        return
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    message = str(info.value)
+    assert f"{key}=" in message and "allowed:" in message
+    assert "\n" not in message
+
+
+def test_seed_zero_is_valid():
+    cfg = compose_config(["seed=0"])
+    validate_config(cfg)
+    assert cfg.seed == 0

@@ -1,0 +1,286 @@
+"""Every config key is used: perturbing any model/attention/norm/moe/optimizer/rope key changes a short run.
+
+The classic ablation bug is a key that nothing reads, so two "different" arms are the same run. Keys are
+discovered from the composed config, so keys added later are covered automatically; a key of a type without a
+generic perturbation (str, list, dict) fails until it gets an entry in PERTURBATIONS or SKIP.
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import Enum
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.nodes import EnumNode
+
+from kimi_lab.config import validate_config
+from kimi_lab.model import build_model
+from kimi_lab.optim import build_optimizer, build_scheduler, lr_multiplier
+from tests.helpers import compose_config
+
+GROUPS = ("model", "attention", "norm", "moe", "optimizer", "rope")
+MAX_STEPS = 20
+TRAIN_STEPS = 3
+# warmup 2 (instead of 50 > MAX_STEPS) so the schedule, min_lr_ratio and warmup_steps all shape the recorded lrs;
+# vocab 1024 (>= the batch ids < 1000) keeps a fingerprint ~6x cheaper than the tiny preset's 32768
+COMMON = ["optimizer.warmup_steps=2", "model.vocab_size=1024"]
+
+# base arm -> (overrides, groups whose keys are perturbed)
+BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "moe": ([], GROUPS),
+    "dense": (["moe=dense"], GROUPS),  # covers dense-only keys (model.d_ff)
+    "adam": (["optimizer=adam"], GROUPS),
+    "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
+}
+
+# perturbations where the generic rule (int x2 or 0->1, float x2 or 0->0.1, bool flip, next Enum member) does not
+# give a valid or informative value; callables get the current value
+PERTURBATIONS = {
+    "model.d_model": 128,
+    "model.vocab_size": lambda v: v + 64,  # stays a multiple of 64
+    "attention.n_heads": 2,  # 4 -> 2 keeps d_model divisible and head_dim even
+    "attention.n_kv_heads": 2,  # null (= n_heads) -> GQA with 2 kv heads
+    "moe.num_experts_per_tok": 1,  # 2 -> 1 (<= n_routed_experts)
+    "optimizer.betas": [0.8, 0.99],
+    "optimizer.eps": 1e-6,
+    "norm.eps": 1e-1,
+    "rope.scaling": {"type": "linear", "factor": 2.0},  # null -> linear position interpolation
+}
+
+# never perturbed, with the reason
+SKIP = {
+    "model.name": "label string of the size preset",
+    "rope.name": "label string of the RoPE option",
+    # validate_config rejects a non-null momentum for adam/adamw (their momentum is optimizer.betas)
+    "optimizer.momentum": "must stay null for adam/adamw",
+}
+
+# keys that a base arm does not read by design (covered in another base)
+INERT = {
+    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base"},
+    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters"},
+    # torch's Adam and AdamW run the same update when weight_decay=0 (adam.yaml): identical runs are correct.
+    # optimizer.name is covered in the moe base (adamw, weight_decay=0.1 -> adam).
+    "adam": {
+        "model.d_ff": "every layer is MoE; covered by the dense base",
+        "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
+    },
+    "rope_linear": {},
+}
+
+
+def _is_inert(base: str, key: str) -> bool:
+    inert, group = INERT[base], key.split(".")[0]
+    return key in inert or (f"{group}.*" in inert and key != f"{group}.name")
+
+
+_BASE_CFGS: dict[str, DictConfig] = {}
+
+
+def _base_cfg(base: str) -> DictConfig:
+    if base not in _BASE_CFGS:
+        _BASE_CFGS[base] = compose_config([*COMMON, *BASES[base][0]])
+    return copy.deepcopy(_BASE_CFGS[base])
+
+
+def _leaves(node: DictConfig, prefix: str):
+    """(dotted key, value node) for every leaf; non-null dict values are recursed into."""
+    for key in node:
+        child = node._get_node(key)
+        full = f"{prefix}.{key}"
+        if isinstance(child, DictConfig) and not child._is_none():
+            yield from _leaves(child, full)
+        else:
+            yield full, child
+
+
+def _perturbation(key: str, child):
+    """The new value for ``key``, or None when the key is not perturbed (single-choice Enum, null)."""
+    if key in PERTURBATIONS:
+        value = PERTURBATIONS[key]
+        return value(child._value()) if callable(value) else value
+    if isinstance(child, EnumNode):
+        current = child._value()
+        others = [m.value for m in child.enum_type if m != current]
+        return others[0] if others else None  # single allowed value: nothing to ablate
+    value = child._value()
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 if value else 1
+    if isinstance(value, float):
+        return value * 2 if value else 0.1
+    return _NO_RULE
+
+
+_NO_RULE = object()
+
+
+def _cases():
+    cases = []
+    for base, (_, groups) in BASES.items():
+        cfg = _base_cfg(base)
+        for group in groups:
+            for key, child in _leaves(cfg[group], group):
+                if key in SKIP or _is_inert(base, key):
+                    continue
+                new = _perturbation(key, child)
+                if new is not None:
+                    cases.append(pytest.param(base, key, new, id=f"{base}:{key}"))
+    return cases
+
+
+CASES = _cases()
+
+
+def _nested(key: str, value) -> dict:
+    out: dict = {}
+    cursor = out
+    *parents, last = key.split(".")
+    for part in parents:
+        cursor = cursor.setdefault(part, {})
+    cursor[last] = value
+    return out
+
+
+def _fingerprint(cfg: DictConfig):
+    """(losses, lrs, final eval logits) of a seeded 3-step run on a fixed batch."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, max_steps=MAX_STEPS)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1234))
+    losses, lrs = [], []
+    for _ in range(TRAIN_STEPS):
+        out = model(ids)
+        vocab = out.logits.shape[-1]
+        loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1)) + out.aux_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach())
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+    for _ in range(TRAIN_STEPS, MAX_STEPS):  # the rest of the schedule, without training
+        scheduler.step()
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    return torch.stack(losses), torch.tensor(lrs, dtype=torch.float64), logits
+
+
+def _same(a, b) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+_BASELINES: dict[str, tuple] = {}
+
+
+def _baseline(base: str):
+    if base not in _BASELINES:
+        cfg = _base_cfg(base)
+        validate_config(cfg)
+        _BASELINES[base] = _fingerprint(cfg)
+    return _BASELINES[base]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and avoids OpenMP stalls on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_cases_cover_the_known_keys():
+    """Guard the discovery: the keys that matter most for the ablations are all exercised."""
+    ids = {case.id for case in CASES}
+    for key in ["model.d_ff", "moe.name"]:
+        assert f"dense:{key}" in ids
+    for key in ["model.d_model", "model.n_layers", "model.vocab_size", "model.tie_embeddings", "model.init_std",
+                "model.dropout", "attention.name", "attention.n_heads", "attention.n_kv_heads", "attention.dropout",
+                "attention.bias", "norm.name", "norm.eps", "moe.name", "moe.n_routed_experts",
+                "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
+                "moe.norm_topk_prob", "moe.routed_scaling_factor", "moe.aux_loss_alpha", "moe.first_k_dense_replace",
+                "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
+                "optimizer.schedule", "optimizer.warmup_steps", "optimizer.min_lr_ratio", "rope.theta",
+                "rope.scaling"]:
+        assert f"moe:{key}" in ids, key
+    assert "adam:optimizer.weight_decay" in ids and "rope_linear:rope.scaling.factor" in ids
+    # single-choice Enums, label strings and the adam/adamw-only-null momentum are never perturbed
+    never = ("moe.topk_method", "moe.scoring_func", "optimizer.momentum", "model.name", "rope.name")
+    assert not any(i.split(":")[1] in never for i in ids)
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+def test_fingerprint_is_deterministic(base):
+    """Without this, 'the fingerprint differs' would prove nothing."""
+    cfg = _base_cfg(base)
+    assert _same(_fingerprint(cfg), _baseline(base))
+
+
+@pytest.mark.parametrize(("base", "key", "new"), CASES)
+def test_every_key_changes_the_run(base, key, new):
+    assert new is not _NO_RULE, f"{key}: no generic perturbation for this type; add it to PERTURBATIONS or SKIP"
+    cfg = OmegaConf.merge(_base_cfg(base), _nested(key, new))
+    old = OmegaConf.select(_base_cfg(base), key)
+    got = OmegaConf.select(cfg, key)
+    got = OmegaConf.to_container(got) if isinstance(got, DictConfig) else got
+    assert getattr(got, "value", got) == (new.value if isinstance(new, Enum) else new) and got != old
+    validate_config(cfg)
+    assert not _same(_fingerprint(cfg), _baseline(base)), f"{base}: {key} {old!r} -> {new!r} changed nothing"
+
+
+# ----------------------------------------------------------------------------------------------- LR schedule
+
+
+@pytest.mark.parametrize(("warmup", "max_steps", "min_ratio"), [(5, 30, 0.1), (0, 10, 0.0), (1, 3, 0.5), (10, 12, 0.2)])
+def test_lr_multiplier_shape(warmup, max_steps, min_ratio):
+    kw = dict(warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=min_ratio)
+    cosine = [lr_multiplier(s, schedule="cosine", **kw) for s in range(max_steps + 3)]
+    constant = [lr_multiplier(s, schedule="constant", **kw) for s in range(max_steps + 3)]
+    if warmup:
+        assert cosine[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+        assert cosine[warmup - 1] == 1.0  # peak reached on the last warmup step
+        assert cosine[:warmup] == constant[:warmup]
+    assert cosine[warmup] == 1.0  # decay starts from the peak
+    assert cosine[max_steps - 1] == min_ratio  # exactly, on the last optimizer step
+    decay = cosine[warmup:max_steps]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    if len(decay) > 2:
+        assert all(a > b for a, b in zip(decay, decay[1:]))
+        mid = warmup + (max_steps - 1 - warmup) / 2
+        if mid.is_integer():
+            assert cosine[int(mid)] == pytest.approx(min_ratio + (1 - min_ratio) / 2)
+    assert cosine[max_steps:] == [min_ratio] * 3  # clamped after the end
+    assert constant[warmup:] == [1.0] * (max_steps + 3 - warmup)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_scheduler_counts_optimizer_steps(schedule):
+    cfg = compose_config([f"optimizer.schedule={schedule}", "optimizer.warmup_steps=4", "optimizer.min_lr_ratio=0.25",
+                          "optimizer.lr=0.01"])
+    model = torch.nn.Linear(3, 3)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, max_steps=12)
+    seen = []
+    for _ in range(12):
+        seen.append(optimizer.param_groups[0]["lr"])  # lr used by this optimizer step
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    want = [0.01 * lr_multiplier(s, warmup_steps=4, max_steps=12, min_lr_ratio=0.25, schedule=schedule)
+            for s in range(12)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    assert seen[0] == pytest.approx(0.01 / 4) and seen[3] == pytest.approx(0.01)
+    assert seen[-1] == pytest.approx(0.0025 if schedule == "cosine" else 0.01)
+    assert all(group["lr"] == optimizer.param_groups[0]["lr"] for group in optimizer.param_groups)

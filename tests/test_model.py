@@ -1,0 +1,549 @@
+"""Model-level tests: causality, kernel parity, norms, RoPE, router, MoE dispatch, parameter counts, init, learning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi_lab.model import build_model, parameter_counts
+from kimi_lab.model.attention.kernels import sdpa_attention, standard_attention
+from kimi_lab.model.moe import MoE, SwiGLU
+from kimi_lab.model.moe.router import GreedyRouter, load_balance_loss
+from kimi_lab.model.norm import build_norm
+from kimi_lab.model.rope import RotaryEmbedding, apply_rotary, default_inv_freq, linear_inv_freq
+from kimi_lab.optim import build_optimizer
+from tests.helpers import compose_config, group_options
+
+ATTENTIONS = group_options("attention")
+KERNELS = {"standard": standard_attention, "sdpa": sdpa_attention}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is fastest and avoids OpenMP stalls on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _model(overrides=(), seed: int = 0):
+    cfg = compose_config(list(overrides))
+    torch.manual_seed(seed)
+    return build_model(cfg), cfg
+
+
+def _init_(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Standalone MoE / router modules hold torch.empty weights (the Transformer initialises them)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+# ----------------------------------------------------------------------------------------------- causality
+
+
+@pytest.mark.parametrize("moe", ["greedy", "dense"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causality(attention, moe):
+    model, cfg = _model([f"attention={attention}", f"moe={moe}"])
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    seq_len, p = cfg.data.seq_len, 11
+    ids = torch.randint(0, 1000, (2, seq_len), generator=gen)
+    changed = ids.clone()
+    changed[:, p + 1 :] = torch.randint(1000, 2000, (2, seq_len - p - 1), generator=gen)
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a[:, : p + 1], b[:, : p + 1], rtol=0, atol=1e-6)
+    assert (a[:, p + 1 :] - b[:, p + 1 :]).abs().amax() > 1e-3  # the future positions do see the change
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+def _reference_attention(q, k, v, scale=None):
+    """float64 loop reference: softmax over keys j <= i of q_i.k_j * scale, kv heads repeated for GQA."""
+    q, k, v = q.double(), k.double(), v.double()
+    n_rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(n_rep, dim=1)  # kv head h // n_rep serves query head h
+    v = v.repeat_interleave(n_rep, dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    seq_len = q.shape[2]
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float64)
+    for i in range(seq_len):
+        scores = torch.einsum("bhd,bhjd->bhj", q[:, :, i], k[:, :, : i + 1]) * scale
+        out[:, :, i] = torch.einsum("bhj,bhjd->bhd", scores.softmax(dim=-1), v[:, :, : i + 1])
+    return out
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_matches_float64_reference(kernel, n_kv_heads, scale):
+    gen = torch.Generator().manual_seed(n_kv_heads)
+    batch, n_heads, seq_len, head_dim = 2, 4, 9, 8
+    q = torch.randn(batch, n_heads, seq_len, head_dim, generator=gen)
+    k = torch.randn(batch, n_kv_heads, seq_len, head_dim, generator=gen)
+    v = torch.randn(batch, n_kv_heads, seq_len, head_dim, generator=gen)
+    grad_out = torch.randn(batch, n_heads, seq_len, head_dim, generator=gen)
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = KERNELS[kernel](*inputs, scale=scale)
+    (out * grad_out).sum().backward()
+
+    ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _reference_attention(*ref_inputs, scale=scale)
+    (ref * grad_out.double()).sum().backward()
+
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip("qkv", inputs, ref_inputs):
+        assert got.grad.shape == want.grad.shape, name
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 4])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernel_float64_is_float64(kernel, n_kv_heads):
+    """The kernels must not round through float32 when given float64 (the reference role of `standard`)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, n_kv_heads, 6, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    out = KERNELS[kernel](q, k, v)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _reference_attention(q, k, v), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_is_causal_and_not_trivial():
+    """Guard the guard: the reference differs from a non-causal softmax, so the parity test can fail."""
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    full = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1) @ v
+    ref = _reference_attention(q, k, v)
+    torch.testing.assert_close(ref[:, :, -1], full[:, :, -1])  # last row sees every key
+    assert (ref[:, :, 0] - full[:, :, 0]).abs().amax() > 1e-3
+    torch.testing.assert_close(ref[:, :, 0], v[:, :, 0])  # first position attends to itself only
+
+
+@pytest.mark.parametrize("n_kv_heads", ["null", 2])
+def test_model_standard_vs_sdpa_parity(n_kv_heads):
+    common = [f"attention.n_kv_heads={n_kv_heads}"]
+    standard, _ = _model(["attention=standard", *common], seed=3)
+    sdpa, _ = _model(["attention=sdpa", *common], seed=4)  # different seed: the weights must come from the load
+    assert standard.attention_kernel() != sdpa.attention_kernel()
+    sdpa.load_state_dict(standard.state_dict(), strict=True)
+    standard.eval(), sdpa.eval()
+    ids = torch.randint(0, 32768, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(ids).logits, standard(ids).logits, rtol=0, atol=1e-5)
+        standard.double(), sdpa.double()
+        a, b = standard(ids), sdpa(ids)
+    assert a.logits.dtype == torch.float64
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(b.aux_loss, a.aux_loss, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_gqa_in_model(n_kv_heads):
+    model, cfg = _model([f"attention.n_kv_heads={n_kv_heads}"])
+    head_dim = cfg.model.d_model // cfg.attention.n_heads
+    for layer in model.layers:
+        attn = layer.self_attn
+        assert attn.n_kv_heads == n_kv_heads
+        assert attn.q_proj.out_features == cfg.attention.n_heads * head_dim
+        assert attn.k_proj.out_features == attn.v_proj.out_features == n_kv_heads * head_dim
+    out = model(torch.randint(0, 100, (2, 16)))
+    assert out.logits.shape == (2, 16, cfg.model.vocab_size) and torch.isfinite(out.logits).all()
+
+
+# ----------------------------------------------------------------------------------------------- norms
+
+
+def test_rmsnorm_formula():
+    cfg = compose_config(["norm=rmsnorm", "norm.eps=0.01"])
+    norm = build_norm(cfg.norm, 16).double()
+    assert norm.eps == 0.01
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16, dtype=torch.float64))
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 0.1  # small: eps matters
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 0.01) * norm.weight
+    torch.testing.assert_close(norm(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_layernorm_formula():
+    cfg = compose_config(["norm=layernorm", "norm.eps=0.01"])
+    norm = build_norm(cfg.norm, 16).double()
+    assert norm.eps == 0.01
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 16, dtype=torch.float64))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, 16, dtype=torch.float64))
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * 0.1
+    want = F.layer_norm(x, (16,), norm.weight, norm.bias, eps=0.01)
+    torch.testing.assert_close(norm(x), want, rtol=1e-12, atol=1e-12)
+    assert (norm(x) - F.layer_norm(x, (16,), norm.weight, norm.bias, eps=1e-5)).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("norm", group_options("norm"))
+def test_norm_eps_reaches_every_model_norm(norm):
+    model, _ = _model([f"norm={norm}", "norm.eps=0.125"])
+    norms = [m for name, m in model.named_modules() if name.endswith("norm") or name.endswith("layernorm")]
+    assert len(norms) == 2 * 2 + 1  # two per block + final
+    assert all(m.eps == 0.125 for m in norms)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+
+
+def _rope(overrides=(), head_dim=16, max_len=64):
+    cfg = compose_config(list(overrides))
+    return RotaryEmbedding(head_dim, max_len, cfg.rope)
+
+
+def test_rope_preserves_norms():
+    rope = _rope()
+    cos, sin = rope(64)
+    x = torch.randn(2, 3, 64, 16, dtype=torch.float64)
+    rotated = apply_rotary(x, cos, sin)
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), rtol=1e-6, atol=1e-6)
+    assert (rotated[:, :, 1:] - x[:, :, 1:]).abs().amax() > 1e-2  # position 0 is the identity, others rotate
+    torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])
+
+
+def test_rope_dot_product_depends_on_relative_offset_only():
+    rope = _rope()
+    cos, sin = rope(64)
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    q_rot = apply_rotary(q.expand(1, 1, 64, 16), cos, sin)[0, 0]  # q at every position
+    k_rot = apply_rotary(k.expand(1, 1, 64, 16), cos, sin)[0, 0]
+    scores = q_rot @ k_rot.T  # scores[m, n] = <R_m q, R_n k>
+    for m, n in [(5, 2), (3, 9), (0, 0), (10, 1)]:
+        for shift in (1, 7, 30):
+            torch.testing.assert_close(scores[m + shift, n + shift], scores[m, n], rtol=1e-5, atol=1e-5)
+    assert (scores[5, 2] - scores[5, 3]).abs() > 1e-3  # but it does depend on the offset
+
+
+def test_rope_linear_scaling_is_position_interpolation():
+    factor = 2.0
+    cfg = compose_config(["rope=linear"])
+    assert cfg.rope.scaling.factor == factor
+    torch.testing.assert_close(linear_inv_freq(16, 10000.0, cfg.rope.scaling), default_inv_freq(16, 10000.0) / factor)
+    model, _ = _model(["rope=linear"])  # wired through build_model, table length = data.seq_len
+    plain, _ = _model(["rope=default"])
+    assert model.rotary.cos.shape == plain.rotary.cos.shape == (32, 16)
+    t = torch.arange(16)
+    torch.testing.assert_close(model.rotary.cos[(factor * t).long()], plain.rotary.cos[t], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.rotary.sin[(factor * t).long()], plain.rotary.sin[t], rtol=0, atol=1e-6)
+    assert (model.rotary.cos[1:] - plain.rotary.cos[1:]).abs().amax() > 1e-2
+
+
+def test_rope_theta_changes_the_table():
+    a, b = _rope(["rope.theta=10000"]), _rope(["rope.theta=500000"])
+    torch.testing.assert_close(a.cos[0], b.cos[0])  # position 0: no rotation
+    assert (a.cos[1:] - b.cos[1:]).abs().amax() > 1e-2
+    # the first pair always rotates at 1 rad / position; the last pair is slower with the larger base
+    torch.testing.assert_close(a.cos[:, 0], b.cos[:, 0])
+    assert torch.all(b.cos[1:, 7] > a.cos[1:, 7])
+
+
+def test_rope_rejects_too_long_sequences():
+    with pytest.raises(ValueError, match="RoPE table length"):
+        _rope(max_len=8)(9)
+
+
+# ----------------------------------------------------------------------------------------------- router
+
+
+def _router(overrides=(), d_model=8):
+    cfg = compose_config(list(overrides))
+    router = GreedyRouter(d_model, cfg.moe)
+    _init_(router, std=1.0)
+    return router, cfg
+
+
+def _reference_probs(router, x):
+    return torch.softmax(x.double() @ router.weight.double().T, dim=-1)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_router_normalised_weights_sum_to_scaling_factor(top_k):
+    router, _ = _router([f"moe.num_experts_per_tok={top_k}", "moe.routed_scaling_factor=2.5"])
+    x = torch.randn(50, 8, dtype=torch.bfloat16)
+    routing = router(x)
+    assert routing.weights.dtype == torch.float32 and routing.expert_idx.shape == (50, top_k)
+    torch.testing.assert_close(routing.weights.sum(-1), torch.full((50,), 2.5))
+    probs = _reference_probs(router, x.float())
+    top = probs.topk(top_k, dim=-1)
+    assert torch.equal(routing.expert_idx, top.indices)  # the k largest softmax probabilities, in order
+    want = top.values / top.values.sum(-1, keepdim=True) * 2.5
+    torch.testing.assert_close(routing.weights.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_router_raw_weights_without_normalisation():
+    router, _ = _router(["moe.norm_topk_prob=false", "moe.routed_scaling_factor=1.5"])
+    x = torch.randn(40, 8)
+    routing = router(x)
+    top = _reference_probs(router, x).topk(2, dim=-1)
+    assert torch.equal(routing.expert_idx, top.indices)
+    torch.testing.assert_close(routing.weights.double(), top.values * 1.5, rtol=1e-5, atol=1e-6)
+    assert (routing.weights.sum(-1) < 1.5 - 1e-2).any()  # raw top-2 probs are not renormalised
+
+
+def test_router_computes_in_float32():
+    router, _ = _router()
+    router.double()
+    x64 = torch.randn(20, 8, dtype=torch.float64)
+    routing = router(x64)
+    assert routing.weights.dtype == torch.float32  # float64 input and weight are cast down
+    routing16 = router(x64.to(torch.bfloat16))
+    assert routing16.weights.dtype == torch.float32
+    assert routing.aux_loss.dtype == torch.float32
+    assert routing.counts.sum() == 20 * 2 and torch.equal(routing.counts, torch.bincount(routing.expert_idx.flatten(), minlength=4))
+
+
+def test_router_stays_float32_under_autocast():
+    router, _ = _router(d_model=64)
+    with torch.no_grad():
+        router.weight.mul_(0.02)  # init_std-sized gate, as in the model
+    x = torch.randn(2048, 64)
+    want = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got.weights.dtype == torch.float32
+    assert torch.equal(got.expert_idx, want.expert_idx)
+    torch.testing.assert_close(got.weights, want.weights)
+
+
+# ----------------------------------------------------------------------------------------------- balance loss
+
+
+def test_load_balance_loss_hand_computed():
+    # E=4, N=3 tokens, k=2 -> 6 assignments
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    expert_idx = torch.tensor([[0, 1], [1, 2], [0, 3]])
+    # f = counts/6 = [2, 2, 1, 1]/6;  P = column means = [0.75, 1.15, 0.65, 0.45]/3
+    # E * sum f_i P_i = 4 * (2*0.75 + 2*1.15 + 0.65 + 0.45) / 18 = 4 * 4.9 / 18
+    got = load_balance_loss(probs, expert_idx, 4)
+    assert got.item() == pytest.approx(4 * 4.9 / 18, rel=1e-12)
+
+
+def test_load_balance_loss_uniform_and_collapse():
+    n_experts, n_tokens = 4, 8
+    uniform = torch.full((n_tokens, n_experts), 1.0 / n_experts)
+    balanced = torch.arange(n_tokens * 2).reshape(n_tokens, 2) % n_experts
+    assert load_balance_loss(uniform, balanced, n_experts).item() == pytest.approx(1.0)
+    collapsed_probs = F.one_hot(torch.zeros(n_tokens, dtype=torch.long), n_experts).float()
+    collapsed_idx = torch.zeros(n_tokens, 1, dtype=torch.long)
+    assert load_balance_loss(collapsed_probs, collapsed_idx, n_experts).item() == pytest.approx(n_experts)
+
+
+def test_router_aux_loss_is_alpha_times_balance_loss():
+    router, cfg = _router(["moe.aux_loss_alpha=0.3"])
+    x = torch.randn(30, 8)
+    routing = router(x)
+    probs = torch.softmax(x @ router.weight.T, dim=-1)
+    want = 0.3 * load_balance_loss(probs, routing.expert_idx, 4)
+    torch.testing.assert_close(routing.aux_loss, want)
+    routing.aux_loss.backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0  # gradient through P_i
+
+
+# ----------------------------------------------------------------------------------------------- MoE dispatch
+
+
+def _moe(overrides=(), d_model=16):
+    cfg = compose_config(["moe.moe_intermediate_size=24", *overrides])
+    moe = MoE(d_model, cfg.moe)
+    _init_(moe, std=0.3)
+    return moe
+
+
+def _loop_reference(moe, x):
+    """Naive per-token loop: sum_k w_k * expert_{idx_k}(x_t) (+ shared experts)."""
+    flat = x.reshape(-1, x.shape[-1])
+    routing = moe.gate(flat)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for k in range(moe.top_k):
+            expert = moe.experts[int(routing.expert_idx[t, k])]
+            out[t] += routing.weights[t, k].to(flat.dtype) * expert(flat[t : t + 1])[0]
+        if moe.shared_experts is not None:
+            out[t] += moe.shared_experts(flat[t : t + 1])[0]
+    return out.view_as(x), routing
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_moe_dispatch_matches_token_loop(n_shared):
+    moe = _moe([f"moe.n_shared_experts={n_shared}"])
+    assert (moe.shared_experts is not None) == (n_shared > 0)
+    x = torch.randn(3, 10, 16)
+    with torch.no_grad():
+        want, routing = _loop_reference(moe, x)
+        got = moe(x)
+    assert (routing.counts > 0).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_gradients_reach_experts_and_gate():
+    moe = _moe()
+    x = torch.randn(4, 16, 16)
+    out = moe(x)
+    counts = moe.gate(x.reshape(-1, 16)).counts
+    assert (counts > 0).all()
+    (out * torch.randn_like(out)).sum().backward()  # no aux loss: the gate gradient must come via the weights
+    for i, expert in enumerate(moe.experts):
+        for name, param in expert.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"expert {i} {name}"
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_tokens_per_expert_counts_training_only():
+    moe = _moe()
+    x = torch.randn(2, 12, 16)
+    counts = moe.gate(x.reshape(-1, 16)).counts
+    moe.train()
+    moe(x)
+    moe(x)
+    assert torch.equal(moe.tokens_per_expert, 2 * counts.float())
+    assert moe.tokens_per_expert.sum() == 2 * 24 * 2  # 2 passes * N * k
+    moe.eval()
+    moe(x)
+    assert torch.equal(moe.tokens_per_expert, 2 * counts.float())
+    assert "tokens_per_expert" not in moe.state_dict()
+
+
+def test_moe_is_dropless_under_collapse():
+    moe = _moe()
+    n_tokens = 40
+    x = torch.randn(1, n_tokens, 16) * 0.1
+    x[..., 0] = 5.0  # shared positive feature the gate keys on
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[0, 0], moe.gate.weight[1, 0], moe.gate.weight[2:, 0] = 4.0, 2.0, -4.0
+        want, routing = _loop_reference(moe, x)
+        got = moe(x)
+    assert routing.counts.tolist() == [n_tokens, n_tokens, 0, 0]  # every token on experts 0 and 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.abs().amax() > 1e-3
+
+
+def test_first_k_dense_replace():
+    model, cfg = _model(["moe.first_k_dense_replace=1"])
+    assert isinstance(model.layers[0].mlp, SwiGLU) and model.layers[0].mlp.up_proj.out_features == cfg.model.d_ff
+    assert isinstance(model.layers[1].mlp, MoE)
+    assert model.moe_layers() == [model.layers[1].mlp]
+    out = model(torch.randint(0, 100, (2, 8)))
+    assert out.aux_loss.item() > 0
+    torch.testing.assert_close(out.aux_loss, model.layers[1].mlp.aux_loss)
+
+    dense, _ = _model(["moe=dense"])
+    assert dense.moe_layers() == [] and all(isinstance(layer.mlp, SwiGLU) for layer in dense.layers)
+    out = dense(torch.randint(0, 100, (2, 8)))
+    assert out.aux_loss.shape == () and out.aux_loss.item() == 0.0
+
+    moe, _ = _model([])
+    assert len(moe.moe_layers()) == 2
+    aux = moe(torch.randint(0, 100, (2, 8))).aux_loss
+    torch.testing.assert_close(aux, sum(m.aux_loss for m in moe.moe_layers()))
+
+
+# ----------------------------------------------------------------------------------------------- parameter counts
+
+
+def test_parameter_counts_by_hand():
+    model, cfg = _model([])
+    d, vocab, n_layers = cfg.model.d_model, cfg.model.vocab_size, cfg.model.n_layers
+    n_exp, top_k, hidden = cfg.moe.n_routed_experts, cfg.moe.num_experts_per_tok, cfg.moe.moe_intermediate_size
+    per_expert = 3 * d * hidden
+    per_layer = 4 * d * d + 2 * d + n_exp * d + n_exp * per_expert  # attn, 2 rmsnorm gains, router, experts
+    total = vocab * d + n_layers * per_layer + d
+    counts = parameter_counts(model)
+    assert counts["params_total"] == total  # tied lm_head counted once
+    assert counts["params_embedding"] == vocab * d
+    assert counts["params_active"] == total - n_layers * (n_exp - top_k) * per_expert
+
+    untied, _ = _model(["model.tie_embeddings=false"])
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+    assert parameter_counts(untied)["params_total"] == total + vocab * d
+
+
+def test_dense_arm_matches_top2_active_ffn_params():
+    moe, cfg = _model(["model=small", "data.seq_len=8"])
+    dense, dense_cfg = _model(["model=small", "moe=dense", "data.seq_len=8"])
+    assert dense_cfg.model.d_ff == 2 * cfg.moe.moe_intermediate_size and cfg.moe.num_experts_per_tok == 2
+    router = sum(m.gate.weight.numel() for m in moe.moe_layers())
+    assert router == cfg.model.n_layers * cfg.moe.n_routed_experts * cfg.model.d_model
+    assert parameter_counts(moe)["params_active"] - router == parameter_counts(dense)["params_active"]
+    assert parameter_counts(moe)["params_total"] > parameter_counts(dense)["params_total"]
+
+
+# ----------------------------------------------------------------------------------------------- init
+
+
+def test_init_scales():
+    model, cfg = _model(["model=small", "data.seq_len=8", "attention.bias=true"])
+    std, n_layers = cfg.model.init_std, cfg.model.n_layers
+    residual_std = std / math.sqrt(2 * n_layers)
+    checked = {"residual": 0, "other": 0}
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.all(param == 0), name
+        elif param.dim() == 1:
+            assert torch.all(param == 1), name  # norm gains
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert param.std().item() == pytest.approx(residual_std, rel=0.05), name
+            checked["residual"] += 1
+        else:
+            assert param.std().item() == pytest.approx(std, rel=0.05), name
+            assert param.mean().abs().item() < std / 10, name
+            checked["other"] += 1
+    assert checked["residual"] == n_layers * (1 + cfg.moe.n_routed_experts)
+    assert checked["other"] > checked["residual"]
+
+
+def test_init_is_seeded():
+    a, _ = _model([], seed=5)
+    b, _ = _model([], seed=5)
+    c, _ = _model([], seed=6)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sa.keys() == sb.keys() == sc.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    weights = [k for k in sa if sa[k].dim() >= 2]
+    assert weights and all(not torch.equal(sa[k], sc[k]) for k in weights)
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_loss_falls_on_repeating_pattern(attention):
+    cfg = compose_config([f"attention={attention}", "model.vocab_size=64", "optimizer.lr=3e-3"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    optimizer = build_optimizer(model, cfg.optimizer)
+    pattern = torch.randperm(64)[:8]  # period-8 sequence of distinct random ids in [0, 64)
+    offsets = torch.arange(8)
+    batch = pattern[(offsets[:, None] + torch.arange(cfg.data.seq_len + 1)[None]) % 8]  # (8, T+1), every phase
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def loss_fn():
+        out = model(inputs)
+        return F.cross_entropy(out.logits.reshape(-1, 64), targets.reshape(-1)), out.aux_loss
+
+    first = None
+    for _ in range(60):
+        ce, aux = loss_fn()
+        first = ce.item() if first is None else first
+        optimizer.zero_grad()
+        (ce + aux).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        final = loss_fn()[0].item()
+    assert first == pytest.approx(math.log(64), abs=0.3)  # starts at chance
+    assert final < 1.0, f"cross-entropy {first:.3f} -> {final:.3f}"
