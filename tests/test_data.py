@@ -219,6 +219,12 @@ def test_datamodule_resume_and_ranks(text_cfg, tmp_path):
     everything = torch.cat(full)
     assert torch.equal(shards[0], everything[0::2]) and torch.equal(shards[1], everything[1::2])
 
+    # set up once before the Trainer exists (as train() does), then again under a 2-rank trainer
+    early = datamodule()
+    early.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    early.setup("fit")
+    assert torch.equal(torch.cat([x for x, _ in early.train_dataloader()]), shards[1])
+
 
 def test_eval_windows_and_baseline(text_cfg, tmp_path):
     dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)

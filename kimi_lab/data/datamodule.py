@@ -153,20 +153,20 @@ class LMDataModule(L.LightningDataModule):
         build_or_load_cache(self.cfg, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._cache is not None:
-            return
-        cache = build_or_load_cache(self.cfg, self.cache_dir)
-        self.train_set = TrainWindows(cache.train, self.seq_len, self.seed, self.num_train_samples)
-        if len(cache.val):
-            self.val_set = EvalWindows(cache.val, self.seq_len, int(self.cfg.val_tokens), "val")
-        if len(cache.test):
-            self.test_set = EvalWindows(cache.test, self.seq_len, int(self.cfg.test_tokens), "test")
+        if self._cache is None:
+            cache = build_or_load_cache(self.cfg, self.cache_dir)
+            self.train_set = TrainWindows(cache.train, self.seq_len, self.seed, self.num_train_samples)
+            if len(cache.val):
+                self.val_set = EvalWindows(cache.val, self.seq_len, int(self.cfg.val_tokens), "val")
+            if len(cache.test):
+                self.test_set = EvalWindows(cache.test, self.seq_len, int(self.cfg.test_tokens), "test")
+            self._cache = cache
+            self._check_restored_key()
+        # (re)shard on every setup: a call made before the Trainer (and its ranks) existed must not stick
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self.sampler = ResumableShardSampler(self.num_train_samples, rank, world)
         self.sampler.start_index = self._train_start
-        self._cache = cache
-        self._check_restored_key()
 
     def set_train_start(self, global_samples_consumed: int) -> None:
         """Skip the first `global_samples_consumed` training samples (all ranks together)."""
