@@ -5,7 +5,6 @@ BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 # torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
 TORCH ?= torch==2.13.0
-DEMO_STEPS ?= 400
 
 .PHONY: help install demo test test-all data clean
 
@@ -28,8 +27,11 @@ data: install
 	$(PYTHON) -m kimi_lab.data.prepare --data default
 
 demo: install
-	$(PYTHON) train.py trainer.max_steps=$(DEMO_STEPS) hydra.run.dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S)
-	@echo "outputs: $$(ls -dt outputs/demo/* | head -1)  (results.json, metrics.csv, tensorboard/, checkpoints/)"
+	$(PYTHON) -m kimi_lab.data.prepare --data default
+	$(PYTHON) train.py experiment=demo hydra.run.dir=outputs/demo/$$(date +%Y-%m-%d_%H-%M-%S)
+	@run=$$(ls -dt outputs/demo/* | head -1); \
+	echo "outputs: $$run  (results.json, metrics.csv, tensorboard/, checkpoints/, status.json)"; \
+	$(PYTHON) -c "import json,sys; r=json.load(open(sys.argv[1])); print('val_loss %.3f  unigram baseline %.3f  test_loss %.3f  %.0f tokens/s' % (r['val_loss'], r['baseline_unigram_loss'], r['test_loss'], r['tokens_per_s']))" $$run/results.json
 
 test: install
 	$(BIN)/pytest -m "not slow and not gpu" -q
