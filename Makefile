@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 # torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
 TORCH ?= torch==2.13.0
 
-.PHONY: help install demo test test-all data clean
+.PHONY: help install demo test test-all data bench clean
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
@@ -14,6 +14,7 @@ help:
 	@echo "make test     - the test suite (not slow, not gpu)"
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
+	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -38,6 +39,13 @@ test: install
 
 test-all: install
 	$(BIN)/pytest -q
+
+bench: install
+	@for name in $$($(PYTHON) -c "from kimi_lab.bench.__main__ import available; print(' '.join(available()))"); do \
+		$(PYTHON) -m kimi_lab.bench $$name || exit 1; done
+
+bench-%: install
+	$(PYTHON) -m kimi_lab.bench $*
 
 clean:
 	rm -rf outputs multirun/2* .pytest_cache

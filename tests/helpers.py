@@ -18,10 +18,12 @@ DATA_DIR = Path(os.environ.get("KIMI_LAB_DATA_DIR", REPO_ROOT / "data"))
 register_configs()
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | None = None):
-    """Compose conf/config.yaml as train.py would, at the tiny test size, outputs in ``output_dir``."""
+def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | None = None,
+                   model: str | None = "tiny"):
+    """Compose conf/config.yaml as train.py would, at the ``model`` size (None: the config's own), outputs in
+    ``output_dir``."""
     GlobalHydra.instance().clear()
-    base = ["model=tiny", f"paths.data_dir={DATA_DIR}"]
+    base = [f"paths.data_dir={DATA_DIR}"] + ([f"model={model}"] if model else [])
     if output_dir is not None:
         base.append(f"paths.output_dir={output_dir}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -55,9 +55,16 @@ def test_model_presets_match_the_issue():
     assert (tiny.data.seq_len, tiny.data.val_tokens) == (32, 2048)  # later groups must not reset preset sizes
 
 
-def test_experiment_files_only_override():
-    for path in (CONF_DIR / "experiment").glob("*.yaml"):
-        assert path.read_text().startswith("# @package _global_"), path
+@pytest.mark.parametrize("option", group_options("experiment"))
+def test_experiments_only_override_and_compose(option, tmp_path):
+    assert (CONF_DIR / "experiment" / f"{option}.yaml").read_text().startswith("# @package _global_")
+    cfg = compose_config([f"experiment={option}"], output_dir=tmp_path)
+    validate_config(cfg)
+
+
+def test_demo_experiment_trains_the_small_model():
+    cfg = compose_config(["experiment=demo"], model=None)
+    assert cfg.model.name == "small" and cfg.data.seq_len == 256 and "demo" in cfg.tags
 
 
 @pytest.mark.parametrize(

@@ -21,13 +21,7 @@ ATTENTIONS = group_options("attention")
 KERNELS = {"standard": standard_attention, "sdpa": sdpa_attention}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is fastest and avoids OpenMP stalls on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(overrides=(), seed: int = 0):

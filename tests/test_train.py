@@ -113,9 +113,11 @@ def test_schedule_counts_optimizer_steps_under_accumulation(tmp_path):
     results = train(compose_config(overrides, output_dir=tmp_path / "acc"))
     train_rows, val_rows = read_metrics(tmp_path / "acc")
     assert [int(r["step"]) for r in train_rows] == list(range(1, 7))  # one row per optimizer step
-    lrs = [float(r["lr"]) for r in train_rows]  # lr logged after each step is the next step's lr
-    assert math.isclose(lrs[0], 1e-3, rel_tol=1e-9)  # warmup ends after 2 optimizer steps, not 2 micro-batches
-    assert math.isclose(lrs[-2], 1e-4, rel_tol=1e-9)  # cosine reaches min_lr at the last step (index 5)
+    lrs = [float(r["lr"]) for r in train_rows]  # the lr each optimizer step used
+    assert math.isclose(lrs[0], 0.5e-3, rel_tol=1e-9) and math.isclose(lrs[1], 1e-3, rel_tol=1e-9)  # 2 warmup steps
+    assert math.isclose(lrs[2], 1e-3, rel_tol=1e-9)  # cosine starts at the peak right after warmup
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # then decays once per optimizer step
+    assert math.isclose(lrs[-1], 1e-4, rel_tol=1e-9)  # reaches min_lr_ratio * lr exactly at the last step
     assert [int(r["step"]) for r in val_rows] == [3, 6]  # val interval in optimizer steps
     assert results["tokens_seen"] == 6 * 3 * 4 * 32
 

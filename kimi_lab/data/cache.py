@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from kimi_lab.config.validate import ConfigError
 from kimi_lab.config.schema import DataConfig
 from kimi_lab.data.corpus import sha256_file
 from kimi_lab.data.documents import Document
@@ -108,7 +109,7 @@ def split_documents(docs: list[Document], split_seed: int, val_fraction: float,
                     test_fraction: float) -> dict[str, list[Document]]:
     """Deterministic document-level split, stratified per source; each split in hash order."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
+        raise ConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} "
                          "must be in [0, 1) and sum to less than 1")
     by_source: dict[str, list[Document]] = {}
     for doc in docs:
@@ -264,6 +265,8 @@ def build_or_load_cache(data_cfg: Any, cache_dir: str | os.PathLike, force: bool
                 shutil.rmtree(stale, ignore_errors=True)
             try:
                 build_cache(data_cfg, final)
+            except ConfigError:
+                raise  # a wrong setting, not a broken cache: the message already names the key
             except Exception as e:
                 raise CacheError(
                     f"Could not build the token cache {final} ({problem}): {e}\n"

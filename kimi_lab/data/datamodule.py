@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import baseline
 from kimi_lab.data.cache import TokenCache, build_or_load_cache
 from kimi_lab.data.tokenizer import Tokenizer, get_tokenizer
@@ -26,7 +27,7 @@ def _window(tokens: np.ndarray, start: int, seq_len: int) -> tuple[torch.Tensor,
 
 def check_split_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"data.seq_len={seq_len} is too long for the {split} split: it has "
+        raise ConfigError(f"data.seq_len={seq_len} is too long for the {split} split: it has "
                          f"{len(tokens)} tokens and one window needs seq_len + 1 = {seq_len + 1}; "
                          "lower data.seq_len or add data")
 

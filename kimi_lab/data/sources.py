@@ -9,6 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import corpus
 from kimi_lab.data.documents import Document
 
@@ -34,7 +35,7 @@ def _plain(x: Any) -> Any:
 def text_files(paths: list[str]) -> list[tuple[str, Path]]:
     """(doc id, file) for each file in `paths`; folders are walked for *.txt / *.md, sorted."""
     if not paths:
-        raise ValueError("data.name=text needs data.paths: a list of text files or folders (got none)")
+        raise ConfigError("data.name=text needs data.paths: a list of text files or folders (got none)")
     found: list[tuple[str, Path]] = []
     for given in paths:
         path = Path(given).expanduser()
@@ -47,7 +48,7 @@ def text_files(paths: list[str]) -> list[tuple[str, Path]]:
         else:
             raise FileNotFoundError(f"data.paths entry {given!r} is neither a file nor a folder")
     if not found:
-        raise ValueError(f"data.paths {list(paths)} contain no *.txt or *.md files")
+        raise ConfigError(f"data.paths {list(paths)} contain no *.txt or *.md files")
     return found
 
 
@@ -61,7 +62,7 @@ def text_documents(paths: list[str], doc_separator: str | None) -> list[Document
             if piece.strip():
                 docs.append(Document("text", f"{doc_id}#{k}" if doc_separator else doc_id, piece))
     if not docs:
-        raise ValueError(f"data.paths {list(paths)}: all files are empty")
+        raise ConfigError(f"data.paths {list(paths)}: all files are empty")
     return docs
 
 

@@ -84,6 +84,7 @@ class StepMetrics(L.Callback):
         self.val_history: list[dict] = []
         self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_norm = float("nan")
+        self._lr = float("nan")
         self._step_start: float | None = None
         self._fit_start = time.perf_counter()
 
@@ -131,6 +132,7 @@ class StepMetrics(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self._grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0  # before clipping
+        self._lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps after it)
         self.experts.collect(trainer, pl_module.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -146,7 +148,7 @@ class StepMetrics(L.Callback):
         ce = trainer.strategy.reduce(ce, reduce_op="mean").item()
         self._micro, self._step_start = [], None
         row = {"step": trainer.global_step, "tokens": self.tokens, "wall_time_s": round(self._wall_time(), 4),
-               "train_time_s": round(self.train_time_s, 4), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+               "train_time_s": round(self.train_time_s, 4), "lr": self._lr,
                "train_loss": ce, "aux_loss": aux.item(), "grad_norm": self._grad_norm,
                "step_time_ms": round(step_ms, 3), **self.experts.last_step}
         self._append(trainer, row)

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from kimi_lab.model import build_model
 from kimi_lab.optim import build_optimizer, build_scheduler
@@ -17,6 +18,8 @@ class LanguageModelModule(L.LightningModule):
 
     def __init__(self, cfg, max_steps: int):
         super().__init__()
+        # the resolved config travels in every checkpoint (and TensorBoard's hparams)
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
         self.cfg = cfg
         self.max_steps = max_steps
         self.model = build_model(cfg)

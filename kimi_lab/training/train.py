@@ -63,14 +63,24 @@ def _resume_checkpoint(cfg: DictConfig, run: RunDir) -> str | None:
 
 
 def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
+    import torch
+
+    threads_before = torch.get_num_threads()  # sweep jobs share a process: never leak a job's setting
+    if cfg.hardware.num_threads is not None:
+        torch.set_num_threads(int(cfg.hardware.num_threads))
+    try:
+        return _run_trainer(cfg, run)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     import lightning as L
     import torch
 
     from kimi_lab.data import LMDataModule
     from kimi_lab.training.trainer import build_trainer
 
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(int(cfg.hardware.num_threads))
     ckpt_path = _resume_checkpoint(cfg, run)
     trainer, callbacks = build_trainer(cfg, run)
     max_steps, tokens_per_step = steps_and_tokens(cfg, trainer.world_size)

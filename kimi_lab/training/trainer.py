@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -21,7 +22,15 @@ class RunCallbacks:
     interrupt: InterruptAt | None
 
 
+def _single_lightning_log() -> None:
+    """`import lightning` gives its logger a console handler *and* lets records propagate to the root logger:
+    under Hydra (root already configured) every Lightning message would print twice."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+
+
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
+    _single_lightning_log()
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
