@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -31,6 +32,8 @@ def _single_lightning_log() -> None:
 
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     _single_lightning_log()
+    # Lightning cannot see that DataPosition restores the sampler position on resume; its warning is wrong here
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
