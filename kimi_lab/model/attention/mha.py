@@ -38,6 +38,10 @@ class MultiHeadAttention(nn.Module):
         return planned_label(self.kernel.name, device_type or param.device.type, param.dtype, self.head_dim,
                              self.head_dim, self.dropout)
 
+    def kv_cache_values_per_token(self) -> int:
+        """Values an inference KV cache holds per token and layer: k and v of every kv head."""
+        return 2 * self.n_kv_heads * self.head_dim
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # (B, T, H*d) -> (B, H, T, d)

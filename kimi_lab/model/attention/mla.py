@@ -86,6 +86,10 @@ class MultiHeadLatentAttention(nn.Module):
                                   self.qk_head_dim, v_dim, self.dropout)
         return f"{label}+pad_v" if self.pads_v else label
 
+    def kv_cache_values_per_token(self) -> int:
+        """MLA caches the normed latent and the one shared rope key per token and layer (DeepSeek-V2, sec. 2.1.2)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         if self.rope_mscale != 1.0:  # the rotary module scaled cos/sin by mscale for MHA; MLA wants them plain
