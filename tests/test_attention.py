@@ -341,3 +341,26 @@ def test_gpu_training_records_the_flash_kernel(tmp_path):
                  "optimizer.warmup_steps=1"]
     results = train(compose_config(overrides, output_dir=tmp_path / "run"))
     assert results["attention_kernel"].startswith(("flash_attn_", "sdpa_flash_cuda"))
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+
+def test_attention_bench_writes_every_option(tmp_path):
+    import csv
+
+    from kimi_lab.bench.attention import main, mla_check
+
+    args = ["--seq-lens", "32", "64", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "attention.csv")))
+    assert len(rows) == 12 and {r["option"] for r in rows} == {"standard", "sdpa", "flash", "mla:standard",
+                                                               "mla:sdpa", "mla:flash"}
+    kernels = {r["option"]: r["kernel"] for r in rows}
+    assert kernels["flash"] == "sdpa_flash_cpu" and kernels["mla:flash"] == "sdpa_flash_cpu+pad_v"
+    mla = next(r for r in rows if r["option"] == "mla:sdpa")
+    assert (int(mla["qk_head_dim"]), int(mla["v_head_dim"])) == (24, 16)
+    assert int(mla["kv_cache_bytes_per_token"]) == (4 * 16 + 8) * 4  # fp32 latent + rope key
+    assert all(float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0 for r in rows)
+    fake = [{"option": o, "seq_len": 1024, "fwd_bwd_ms": t, "kernel": o} for o, t in (("standard", 10), ("mla:standard", 12))]
+    assert "1.20x" in mla_check(fake, "cpu")[0] and "PASS" in mla_check(fake, "cpu")[0]

@@ -49,7 +49,10 @@ class MultiHeadAttention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
-        out = self.kernel(q, k, v, dropout_p=dropout_p, scale=None, training=self.training)  # (B, H, T, d)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        out = self.attend(q, k, v).transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core: q (B, H, T, d), k/v (B, Hkv, T, d) -> (B, H, T, d)."""
+        dropout_p = self.dropout if self.training else 0.0
+        return self.kernel(q, k, v, dropout_p=dropout_p, scale=None, training=self.training)

@@ -108,10 +108,14 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat([q_nope, q_rot], dim=-1)  # (B, H, T, dqk)
         k = torch.cat([k_nope, k_rot.expand(-1, self.n_heads, -1, -1)], dim=-1)  # one rope key for all heads
 
+        out = self.attend(q, k, v).transpose(1, 2)  # (B, T, H, dv)
+        return self.o_proj(out.reshape(batch, seq_len, self.n_heads * self.v_head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core: q, k (B, H, T, dqk), v (B, H, T, dv) -> (B, H, T, dv). standard and sdpa take
+        dv != dqk as is (SDPA's math/efficient/cuDNN backends allow it); flash gets v zero-padded, then sliced."""
         if self.pads_v:  # (B, H, T, dv) -> (B, H, T, dqk)
             v = nn.functional.pad(v, (0, self.qk_head_dim - self.v_head_dim))
         dropout_p = self.dropout if self.training else 0.0
         out = self.kernel(q, k, v, dropout_p=dropout_p, scale=self.softmax_scale, training=self.training)
-        out = out[..., : self.v_head_dim]  # (B, H, T, dv)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.v_head_dim)
-        return self.o_proj(out)
+        return out[..., : self.v_head_dim]
