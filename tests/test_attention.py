@@ -364,3 +364,36 @@ def test_attention_bench_writes_every_option(tmp_path):
     assert all(float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0 for r in rows)
     fake = [{"option": o, "seq_len": 1024, "fwd_bwd_ms": t, "kernel": o} for o, t in (("standard", 10), ("mla:standard", 12))]
     assert "1.20x" in mla_check(fake, "cpu")[0] and "PASS" in mla_check(fake, "cpu")[0]
+
+
+# ------------------------------------------------------------------------------------- study configs
+
+
+@pytest.mark.parametrize("experiment", ["attention", "attention_cpu"])
+def test_attention_study_grid_composes(experiment):
+    """Every point of the sweep grid (hydra.sweeper.params) composes, validates and builds its attention."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.helpers import CONF_DIR, DATA_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        full = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = {key: str(value).split(",") for key, value in full.hydra.sweeper.params.items()}
+    assert params["attention"] == ["standard", "flash", "mla"] and params["seed"] == ["1", "2", "3"]
+    assert len(params["data.seq_len"]) == 3 and len(params["data.batch_size"]) == 3
+    for attention, seq_len in itertools.product(params["attention"], params["data.seq_len"]):
+        overrides = [f"experiment={experiment}", f"attention={attention}", f"data.seq_len={seq_len}",
+                     f"data.batch_size={params['data.batch_size'][-1]}", f"paths.data_dir={DATA_DIR}"]
+        cfg = compose_config(overrides, model=None)
+        validate_config(cfg)
+        assert cfg.model.name == ("base" if experiment == "attention" else "small")
+        assert getattr(cfg.attention.name, "value", cfg.attention.name) == attention
+        module = build_attention(int(cfg.model.d_model), cfg.attention)
+        if attention == "mla":  # equal heads, nope = v = MHA head dim, rope = half of it
+            head_dim = cfg.model.d_model // cfg.attention.n_heads
+            assert (module.qk_nope_head_dim, module.v_head_dim, module.rope_head_dim) == (head_dim, head_dim,
+                                                                                          head_dim // 2)
