@@ -69,7 +69,11 @@ def _flash_attn_module():
     """The `flash` extra (flash-attn), imported lazily; None when it is not installed."""
     if importlib.util.find_spec("flash_attn") is None:
         return None
-    return importlib.import_module("flash_attn")
+    try:
+        return importlib.import_module("flash_attn")
+    except ImportError as err:  # installed but broken (e.g. built for another torch/CUDA): say so, never reroute
+        raise FlashUnavailable(f"flash-attn is installed but does not import ({err}); reinstall it for this torch, "
+                               "or uninstall it to use SDPA's FLASH_ATTENTION backend, or set attention=sdpa") from err
 
 
 def flash_route(device_type: str) -> str:
