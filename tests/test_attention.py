@@ -349,7 +349,7 @@ def test_gpu_training_records_the_flash_kernel(tmp_path):
 def test_attention_bench_writes_every_option(tmp_path):
     import csv
 
-    from kimi_lab.bench.attention import main, mla_check
+    from kimi_lab.bench.attention import HeapPeak, _parse, main, paired_mla_check
 
     args = ["--seq-lens", "32", "64", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(tmp_path)]
     assert main(args) == 0
@@ -362,8 +362,13 @@ def test_attention_bench_writes_every_option(tmp_path):
     assert (int(mla["qk_head_dim"]), int(mla["v_head_dim"])) == (24, 16)
     assert int(mla["kv_cache_bytes_per_token"]) == (4 * 16 + 8) * 4  # fp32 latent + rope key
     assert all(float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0 for r in rows)
-    fake = [{"option": o, "seq_len": 1024, "fwd_bwd_ms": t, "kernel": o} for o, t in (("standard", 10), ("mla:standard", 12))]
-    assert "1.20x" in mla_check(fake, "cpu")[0] and "PASS" in mla_check(fake, "cpu")[0]
+    assert all(float(r["peak_mem_mb"]) >= 0 for r in rows) and rows[0]["peak_mem_kind"] == "cpu_malloc_sampled"
+    with HeapPeak() as heap:
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB
+    assert heap.peak - heap.base >= 16 * 2**20 and block.sum() > 0
+    lines = paired_mla_check(_parse(["--heads", "2", "--head-dim", "16"]), rounds=1)
+    assert [line.split("kernel ")[1].split(":")[0] for line in lines] == ["standard", "sdpa", "flash"]
+    assert "sdpa_flash_cpu+pad_v vs sdpa_flash_cpu" in lines[2]
 
 
 # ------------------------------------------------------------------------------------- study configs
