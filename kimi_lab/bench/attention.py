@@ -1,5 +1,5 @@
 """Attention kernel benchmark: fwd+bwd time, achieved TFLOP/s and peak memory of the attention core per option and
-sequence length, KV-cache bytes per token, and the kernel that ran.  ``python -m kimi_lab.bench attention [-h]``.
+sequence length, KV-cache bytes per token and layer, and the kernel that ran.  ``python -m kimi_lab.bench attention [-h]``.
 
 FLOPs follow the FlashAttention benchmarks (Dao 2023): causal forward = 2 * B * H * T^2 * (d_qk + d_v) / 2,
 fwd+bwd = 3.5 x forward; useful FLOPs only (MLA's zero padding of v for flash is not counted as work).

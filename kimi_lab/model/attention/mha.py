@@ -26,10 +26,6 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=bias)
 
-    @property
-    def kernel_name(self) -> str:
-        return self.kernel_label()
-
     def kernel_label(self, device_type: str | None = None) -> str:
         """What the last forward ran; before one (or for another ``device_type``), what it will run there."""
         if device_type is None and self.kernel.last is not None:

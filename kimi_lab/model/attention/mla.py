@@ -71,10 +71,6 @@ class MultiHeadLatentAttention(nn.Module):
         """FlashAttention-2 needs one head dim: v is zero-padded to the qk dim and the output sliced back."""
         return self.kernel.name == "flash" and self.v_head_dim != self.qk_head_dim
 
-    @property
-    def kernel_name(self) -> str:
-        return self.kernel_label()
-
     def kernel_label(self, device_type: str | None = None) -> str:
         """What the last forward ran (``+pad_v`` when v was padded for flash); before one, what it will run."""
         if device_type is None and self.kernel.last is not None:
