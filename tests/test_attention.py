@@ -247,8 +247,7 @@ def test_recorded_kernel_is_what_ran(name, kernel, label):
 
 def test_flash_plans_cuda_without_running():
     model = build_model(compose_config(["attention=flash"]))
-    assert model.attention_kernel("cuda") in ("sdpa_flash_cuda",) or model.attention_kernel("cuda").startswith(
-        "flash_attn_")
+    assert model.attention_kernel("cuda").startswith(("sdpa_flash_cuda", "flash_attn_2"))  # planned, not run
     with pytest.raises(FlashUnavailable, match="cannot run on device 'mps'"):
         model.attention_kernel("mps")
 
