@@ -34,6 +34,7 @@ BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "dense": (["moe=dense"], GROUPS),  # covers dense-only keys (model.d_ff)
     "adam": (["optimizer=adam"], GROUPS),
     "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
+    "mla": (["attention=mla"], ("attention",)),  # covers the MLA-only attention keys
 }
 
 # perturbations where the generic rule (int x2 or 0->1, float x2 or 0->0.1, bool flip, next Enum member) does not
@@ -48,6 +49,7 @@ PERTURBATIONS = {
     "optimizer.eps": 1e-6,
     "norm.eps": 1e-1,
     "rope.scaling": {"type": "linear", "factor": 2.0},  # null -> linear position interpolation
+    "attention.q_lora_rank": 16,  # null (q_proj) -> query compression (q_a_proj, q_a_layernorm, q_b_proj)
 }
 
 # never perturbed, with the reason
@@ -56,6 +58,9 @@ SKIP = {
     "rope.name": "label string of the RoPE option",
     # validate_config rejects a non-null momentum for adam/adamw (their momentum is optimizer.betas)
     "optimizer.momentum": "must stay null for adam/adamw",
+    # a kernel computes the same maths, so a fingerprint differing by fp noise would prove nothing either way:
+    # test_kernel_key_changes_the_recorded_kernel checks the kernel that ran changes and the run stays equal
+    "attention.kernel": "kernel choice, covered by test_kernel_key_changes_the_recorded_kernel",
 }
 
 # keys that a base arm does not read by design (covered in another base)
@@ -69,7 +74,12 @@ INERT = {
         "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
     },
     "rope_linear": {},
+    "mla": {"attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
+            "attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
 }
+# keys read only by attention=mla (the MHA options are named after their kernel); covered by the mla base
+for _base in ("moe", "dense", "adam"):
+    INERT[_base]["attention.q_lora_rank"] = "attention=mla only; covered by the mla base"
 
 
 def _is_inert(base: str, key: str) -> bool:
@@ -231,6 +241,29 @@ def test_every_key_changes_the_run(base, key, new):
     assert getattr(got, "value", got) == (new.value if isinstance(new, Enum) else new) and got != old
     validate_config(cfg)
     assert not _same(_fingerprint(cfg), _baseline(base)), f"{base}: {key} {old!r} -> {new!r} changed nothing"
+
+
+def test_mla_keys_are_covered():
+    ids = {case.id for case in CASES}
+    for key in ["name", "n_heads", "dropout", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "attention_bias"]:
+        assert f"mla:attention.{key}" in ids, key
+
+
+@pytest.mark.parametrize(("base", "kernel"), [("mla", "standard"), ("mla", "flash")])
+def test_kernel_key_changes_the_recorded_kernel(base, kernel):
+    """attention.kernel is read: the kernel that ran (results.json's attention_kernel) changes, the maths does not."""
+    cfg = OmegaConf.merge(_base_cfg(base), _nested("attention.kernel", kernel))
+    validate_config(cfg)
+    labels = []
+    for config in (_base_cfg(base), cfg):
+        torch.manual_seed(0)
+        model = build_model(config)
+        model(torch.randint(0, 1000, (2, 16))).logits.sum().backward()
+        labels.append(model.attention_kernel())
+    assert labels[0] != labels[1], labels
+    for got, want in zip(_fingerprint(cfg), _baseline(base)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- LR schedule

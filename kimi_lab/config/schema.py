@@ -15,6 +15,14 @@ from typing import Any, Optional
 class AttentionName(str, Enum):
     standard = "standard"  # explicit softmax(QK^T/sqrt(d))V, the float64-testable reference
     sdpa = "sdpa"  # torch.nn.functional.scaled_dot_product_attention
+    flash = "flash"  # FlashAttention-2: flash-attn on CUDA if installed, else SDPA's FLASH backend (CUDA or CPU)
+    mla = "mla"  # DeepSeek-V3 multi-head latent attention, on the kernel `attention.kernel`
+
+
+class AttentionKernel(str, Enum):  # the kernel under attention=mla (MHA options are named after theirs)
+    standard = "standard"
+    sdpa = "sdpa"
+    flash = "flash"  # pads v to the qk head dim when they differ
 
 
 class NormName(str, Enum):
@@ -92,6 +100,14 @@ class AttentionConfig:
     n_kv_heads: Optional[int] = None  # None = n_heads (MHA); 1 = MQA; else GQA
     dropout: float = 0.0  # attention-probability dropout
     bias: bool = False  # bias on q/k/v/o projections
+    # attention=mla only (names as in transformers' DeepseekV3Config; null for the MHA options, set by mla.yaml)
+    kernel: Optional[AttentionKernel] = None
+    q_lora_rank: Optional[int] = None  # null = no query compression (q_proj)
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    attention_bias: Optional[bool] = None  # bias on q_a_proj, kv_a_proj_with_mqa, o_proj (as HF)
 
 
 @dataclass

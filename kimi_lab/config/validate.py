@@ -25,6 +25,7 @@ def _in_unit_interval(value, closed_right: bool = False) -> bool:
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first impossible setting."""
     _check_model(cfg)
+    _check_attention(cfg)
     _check_moe(cfg)
     _check_optimizer(cfg)
     _check_data_and_trainer(cfg)
@@ -43,16 +44,54 @@ def _check_model(cfg: DictConfig) -> None:
            "a positive multiple of 64")
     _check(model.init_std > 0, "model.init_std", model.init_std, "> 0")
     _check(_in_unit_interval(model.dropout), "model.dropout", model.dropout, "[0, 1)")
-    _check(attn.n_heads > 0 and model.d_model % attn.n_heads == 0, "attention.n_heads", attn.n_heads,
-           f"a divisor of model.d_model={model.d_model}")
-    head_dim = model.d_model // attn.n_heads
-    _check(head_dim % 2 == 0, "attention.n_heads", attn.n_heads,
-           f"a value giving an even head dim for RoPE (d_model/n_heads = {head_dim})")
+    _check(attn.n_heads > 0, "attention.n_heads", attn.n_heads, "> 0")
+    if _name(attn.name) != "mla":  # MLA's head dims are its own keys (checked in _check_attention)
+        _check(model.d_model % attn.n_heads == 0, "attention.n_heads", attn.n_heads,
+               f"a divisor of model.d_model={model.d_model}")
+        head_dim = model.d_model // attn.n_heads
+        _check(head_dim % 2 == 0, "attention.n_heads", attn.n_heads,
+               f"a value giving an even head dim for RoPE (d_model/n_heads = {head_dim})")
     if attn.n_kv_heads is not None:
         _check(0 < attn.n_kv_heads <= attn.n_heads and attn.n_heads % attn.n_kv_heads == 0,
                "attention.n_kv_heads", attn.n_kv_heads, f"null or a divisor of attention.n_heads={attn.n_heads}")
     _check(_in_unit_interval(attn.dropout), "attention.dropout", attn.dropout, "[0, 1)")
     _check(cfg.norm.eps > 0, "norm.eps", cfg.norm.eps, "> 0")
+
+
+def _name(value) -> str:
+    return getattr(value, "value", value)
+
+
+FLASH_MAX_HEAD_DIM_CUDA = 256  # FlashAttention-2 on CUDA (flash-attn and SDPA's FLASH backend)
+
+
+def _check_attention(cfg: DictConfig) -> None:
+    """attention=mla needs its dims; FlashAttention-2 limits (no dropout in PyTorch's CPU kernel, head dim <= 256)."""
+    attn, name = cfg.attention, _name(cfg.attention.name)
+    kernel = name if name != "mla" else _name(attn.kernel)
+    if name == "mla":
+        _check(attn.kernel is not None, "attention.kernel", attn.kernel, "standard, sdpa or flash for attention=mla")
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _check(attn[key] is not None and attn[key] > 0, f"attention.{key}", attn[key], "> 0 for attention=mla")
+        rope = attn.qk_rope_head_dim
+        _check(rope is not None and rope > 0 and rope % 2 == 0, "attention.qk_rope_head_dim", rope,
+               "an even value > 0 for attention=mla (RoPE rotates pairs)")
+        _check(attn.q_lora_rank is None or attn.q_lora_rank > 0, "attention.q_lora_rank", attn.q_lora_rank,
+               "null (no query compression) or > 0")
+        _check(attn.attention_bias is not None, "attention.attention_bias", attn.attention_bias,
+               "true or false for attention=mla")
+        _check(attn.n_kv_heads is None, "attention.n_kv_heads", attn.n_kv_heads,
+               "null for attention=mla (k/v come from one shared latent)")
+        _check(not attn.bias, "attention.bias", attn.bias, "false for attention=mla (set attention.attention_bias)")
+    if kernel != "flash":
+        return
+    what = "attention=flash" if name == "flash" else "attention.kernel=flash"
+    _check(attn.dropout == 0 or _name(cfg.hardware.accelerator) != "cpu", "attention.dropout", attn.dropout,
+           f"0 with {what} on CPU (PyTorch's CPU flash kernel has no dropout), or attention=sdpa/standard")
+    head_dim = cfg.model.d_model // attn.n_heads if name != "mla" else attn.qk_nope_head_dim + attn.qk_rope_head_dim
+    _check(head_dim <= FLASH_MAX_HEAD_DIM_CUDA or _name(cfg.hardware.accelerator) != "gpu", "attention.n_heads",
+           attn.n_heads, f"a value giving a head dim <= {FLASH_MAX_HEAD_DIM_CUDA} with {what} on GPU (head dim "
+           f"{head_dim}), or attention=sdpa/standard")
 
 
 def _check_moe(cfg: DictConfig) -> None:

@@ -19,11 +19,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def flops_per_token(model: nn.Module, seq_len: int, d_model: int, n_layers: int) -> int:
-    """Training FLOPs per token: 6 * (active non-embedding matmul params + lm_head) + 12 * L * T * D (PaLM, App. B).
+    """Training FLOPs per token: 6 * (active non-embedding matmul params + lm_head) + 12 * L * T * D (PaLM, App. B),
+    the attention term read from each layer's head dims (6 * T * H * (d_qk + d_v), so MLA is counted right;
+    ``d_model`` and ``n_layers`` give the same number for MHA and stay in the signature for callers).
 
     The input embedding is a lookup (no FLOPs); the output head is a matmul, so it counts even when tied.
     """
     counts = parameter_counts(model)
     matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
-    attention = 12 * n_layers * seq_len * d_model  # QK^T and PV, fwd + bwd, causal mask not discounted
+    # QK^T and PV, fwd + bwd, causal mask not discounted: 6 * T * H * (d_qk + d_v) per layer (= 12 * T * D for MHA)
+    attention = sum(6 * seq_len * a.n_heads * (a.qk_head_dim + a.v_head_dim)
+                    for a in (layer.self_attn for layer in model.layers))
     return int(6 * matmul_params + attention)

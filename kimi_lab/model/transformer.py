@@ -48,8 +48,12 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
         if cfg.model.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        head_dim = d_model // int(cfg.attention.n_heads)
-        self.rotary = RotaryEmbedding(head_dim, max_seq_len, cfg.rope)
+        # each attention module declares the width RoPE rotates (MLA: qk_rope_head_dim, not d_model / n_heads)
+        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_head_dim, max_seq_len, cfg.rope)
+        mscale = float(getattr(self.rotary, "attention_scaling", 1.0))  # YaRN attention factor, 1 without YaRN
+        for layer in self.layers:
+            if hasattr(layer.self_attn, "set_rope_mscale"):  # MLA scales its softmax by mscale^2 instead
+                layer.self_attn.set_rope_mscale(mscale)
         self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
 
     def _init_weights(self, std: float, n_layers: int) -> None:
@@ -79,5 +83,7 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
-    def attention_kernel(self) -> str:
-        return self.layers[0].self_attn.kernel_name
+    def attention_kernel(self, device_type: str | None = None) -> str:
+        """Label of the attention kernel the last forward ran (e.g. ``sdpa_flash_cpu``); before any forward, or for
+        an explicit ``device_type``, the one it will run there (raises if the requested kernel cannot run)."""
+        return self.layers[0].self_attn.kernel_label(device_type)

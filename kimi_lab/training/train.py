@@ -95,7 +95,10 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     from kimi_lab.training.module import LanguageModelModule
 
     module = LanguageModelModule(cfg, max_steps=max_steps)
-    kernel = module.model.attention_kernel()
+    # the kernel planned on the configured device (raises now if attention=flash cannot run there); results.json
+    # records the one the training forwards actually ran
+    accelerator = getattr(cfg.hardware.accelerator, "value", cfg.hardware.accelerator)
+    kernel = module.model.attention_kernel("cuda" if accelerator == "gpu" else "cpu")
     log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
     callbacks.data_position.samples_per_step = samples_per_step
@@ -159,7 +162,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
-        "attention_kernel": kernel,
+        "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),

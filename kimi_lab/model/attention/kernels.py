@@ -1,12 +1,26 @@
-"""Causal attention kernels over (B, H, T, d) tensors; every kernel computes softmax(QK^T/sqrt(d) + causal)V."""
+"""Causal attention kernels over (B, H, T, d) tensors; every kernel computes softmax(QK^T/sqrt(d) + causal)V.
+
+Each kernel is a function ``(q, k, v, *, dropout_p, scale) -> out`` plus a label function that names the
+implementation that actually ran (recorded in results.json); no kernel falls back silently to another.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+FLASH_MAX_HEAD_DIM_CUDA = 256  # FlashAttention-2 (flash-attn and SDPA's FLASH backend) on CUDA
+_SDPA_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+
+
+class FlashUnavailable(RuntimeError):
+    """attention=flash (or attention.kernel=flash) cannot run here; the message says why and what to set."""
 
 
 def standard_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
@@ -37,8 +51,128 @@ def sdpa_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = Non
     )
 
 
-# registry: attention.name -> (kernel fn, label recorded in results.json as the kernel used)
-KERNELS: dict[str, tuple[Callable[..., torch.Tensor], str]] = {
-    "standard": (standard_attention, "math_explicit"),
-    "sdpa": (sdpa_attention, "sdpa_auto"),
+def sdpa_label(q, k, v, *, dropout_p: float = 0.0) -> str:
+    """The SDPA backend PyTorch dispatches these inputs to (``torch._fused_sdp_choice``, the function SDPA itself
+    calls), e.g. ``sdpa_auto_flash_cpu``; plain ``sdpa_auto`` if this private API is unavailable."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, None, dropout_p, True, scale=None,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    except (AttributeError, RuntimeError, TypeError):
+        return "sdpa_auto"
+    return f"sdpa_auto_{_SDPA_BACKENDS.get(int(choice), str(int(choice)))}_{q.device.type}"
+
+
+# ------------------------------------------------------------------------------------------ FlashAttention-2
+
+
+def _flash_attn_module():
+    """The `flash` extra (flash-attn), imported lazily; None when it is not installed."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.import_module("flash_attn")
+    except ImportError as err:  # installed but broken (e.g. built for another torch/CUDA): say so, never reroute
+        raise FlashUnavailable(f"flash-attn is installed but does not import ({err}); reinstall it for this torch, "
+                               "or uninstall it to use SDPA's FLASH_ATTENTION backend, or set attention=sdpa") from err
+
+
+def flash_route(device_type: str) -> str:
+    """Label of the FlashAttention-2 implementation used on ``device_type``; raises FlashUnavailable if none."""
+    if device_type == "cpu":
+        return "sdpa_flash_cpu"  # PyTorch's CPU flash kernel
+    if device_type == "cuda":
+        module = _flash_attn_module()
+        return f"flash_attn_{module.__version__}" if module is not None else "sdpa_flash_cuda"
+    raise FlashUnavailable(f"attention=flash cannot run on device '{device_type}' (FlashAttention-2 exists for CUDA "
+                           "and, through PyTorch SDPA, CPU); set attention=sdpa or attention=standard")
+
+
+def check_flash(device_type: str, dtype: torch.dtype, qk_head_dim: int, v_head_dim: int, dropout_p: float) -> str:
+    """Every reason FlashAttention-2 cannot take these inputs, as one clear error; else the route label."""
+    route = flash_route(device_type)
+    fix = "set attention=sdpa (PyTorch picks a kernel) or attention=standard"
+    if qk_head_dim != v_head_dim:
+        raise FlashUnavailable(f"FlashAttention-2 needs equal q/k and v head dims, got {qk_head_dim} and "
+                               f"{v_head_dim}; {fix}")
+    if device_type == "cpu":
+        if dropout_p > 0:
+            raise FlashUnavailable(f"PyTorch's CPU flash kernel has no dropout (attention.dropout={dropout_p}); "
+                                   f"set attention.dropout=0 or {fix}")
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise FlashUnavailable(f"PyTorch's CPU flash kernel does not take {dtype}; {fix}")
+    elif qk_head_dim > FLASH_MAX_HEAD_DIM_CUDA:
+        raise FlashUnavailable(f"FlashAttention-2 on CUDA supports head dims <= {FLASH_MAX_HEAD_DIM_CUDA}, got "
+                               f"{qk_head_dim}; use more heads (attention.n_heads) or {fix}")
+    return route
+
+
+def _half_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype FA2 computes in on CUDA: the input's, else autocast's, else bf16 (fp16 before Ampere)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def flash_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """FlashAttention-2 (Dao 2023) or an error, never another kernel: flash-attn's ``flash_attn_func`` on CUDA when
+    the `flash` extra is installed, else SDPA restricted to its FLASH_ATTENTION backend (CUDA or CPU).
+    On CUDA, fp32 q/k/v are cast to bf16/fp16 for the kernel and the output back to the input dtype."""
+    device_type = q.device.type
+    route = check_flash(device_type, q.dtype, q.shape[-1], v.shape[-1], dropout_p)
+    out_dtype = q.dtype
+    if device_type == "cuda":
+        half = _half_dtype(device_type, q.dtype)
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if route.startswith("flash_attn_"):
+        from flash_attn import flash_attn_func
+
+        # flash-attn takes (B, T, H, d) and handles Hkv < H (GQA) itself
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                              softmax_scale=scale, causal=True).transpose(1, 2)
+    else:
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                out = sdpa_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        except RuntimeError as err:  # SDPA's own refusal ("No available kernel"), with its warnings' reasons
+            raise FlashUnavailable(f"SDPA's FLASH_ATTENTION backend refused these inputs (dtype {q.dtype}, shapes "
+                                   f"{tuple(q.shape)}/{tuple(v.shape)}): {err}; set attention=sdpa or "
+                                   "attention=standard") from err
+    return out.to(out_dtype)
+
+
+class Kernel(NamedTuple):
+    fn: Callable[..., torch.Tensor]  # (q, k, v, *, dropout_p, scale) -> out
+    label: Callable[..., str]  # (q, k, v, *, dropout_p) -> name of what actually ran
+
+
+# registry: kernel name -> Kernel. `attention.name` standard/sdpa/flash, and `attention.kernel` for mla.
+KERNELS: dict[str, Kernel] = {
+    "standard": Kernel(standard_attention, lambda q, k, v, dropout_p=0.0: "math_explicit"),
+    "sdpa": Kernel(sdpa_attention, sdpa_label),
+    "flash": Kernel(flash_attention, lambda q, k, v, dropout_p=0.0: flash_route(q.device.type)),
 }
+
+
+def planned_label(kernel: str, device_type: str, dtype: torch.dtype, qk_head_dim: int, v_head_dim: int,
+                  dropout_p: float) -> str:
+    """The label a kernel will record on ``device_type`` before any forward; raises if flash cannot run there.
+    SDPA's backend depends on the inputs, so before a forward it is ``sdpa_auto``."""
+    if kernel == "flash":
+        return check_flash(device_type, dtype, qk_head_dim, v_head_dim, dropout_p)
+    return {"standard": "math_explicit", "sdpa": "sdpa_auto"}[kernel]
+
+
+class KernelRunner:
+    """Calls one registered kernel and remembers the label of what ran (from training forwards, else the first)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fn, self._label = KERNELS[name]
+        self.last: str | None = None
+
+    def __call__(self, q, k, v, *, dropout_p: float, scale: float | None, training: bool) -> torch.Tensor:
+        if training or self.last is None:
+            self.last = self._label(q, k, v, dropout_p=dropout_p)
+        return self.fn(q, k, v, dropout_p=dropout_p, scale=scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kimi_lab.model.attention.kernels import KERNELS
+from kimi_lab.model.attention.kernels import KernelRunner, planned_label
 from kimi_lab.model.rope import apply_rotary
 
 
@@ -17,13 +17,26 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = int(attn_cfg.n_heads)
         self.n_kv_heads = int(attn_cfg.n_kv_heads or attn_cfg.n_heads)
         self.head_dim = d_model // self.n_heads
+        self.qk_head_dim = self.v_head_dim = self.rope_head_dim = self.head_dim  # RoPE on the whole head
         self.dropout = float(attn_cfg.dropout)
-        self.kernel_fn, self.kernel_name = KERNELS[kernel]
+        self.kernel = KernelRunner(kernel)
         bias = bool(attn_cfg.bias)
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=bias)
+
+    def kernel_label(self, device_type: str | None = None) -> str:
+        """What the last forward ran; before one (or for another ``device_type``), what it will run there."""
+        if device_type is None and self.kernel.last is not None:
+            return self.kernel.last
+        param = self.q_proj.weight
+        return planned_label(self.kernel.name, device_type or param.device.type, param.dtype, self.head_dim,
+                             self.head_dim, self.dropout)
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values an inference KV cache holds per token and layer: k and v of every kv head."""
+        return 2 * self.n_kv_heads * self.head_dim
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -32,7 +45,10 @@ class MultiHeadAttention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        dropout_p = self.dropout if self.training else 0.0
-        out = self.kernel_fn(q, k, v, dropout_p=dropout_p)  # (B, H, T, d)
-        out = out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
+        out = self.attend(q, k, v).transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core: q (B, H, T, d), k/v (B, Hkv, T, d) -> (B, H, T, d)."""
+        dropout_p = self.dropout if self.training else 0.0
+        return self.kernel(q, k, v, dropout_p=dropout_p, scale=None, training=self.training)

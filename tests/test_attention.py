@@ -1,0 +1,403 @@
+"""Attention options and kernels: float64 parity (FlashAttention's 2x rule), MLA vs transformers' DeepseekV3Attention,
+causality, GQA, checkpoint portability, kernel labels and the errors for impossible settings."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.model import build_model
+from kimi_lab.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention
+from kimi_lab.model.attention.kernels import FlashUnavailable, check_flash, flash_attention
+from kimi_lab.model.rope import RotaryEmbedding
+from tests.helpers import compose_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D_MODEL, SEQ = 64, 24
+# (option, mla kernel): every MHA option and every kernel under MLA
+OPTIONS = [("standard", None), ("sdpa", None), ("flash", None), ("mla", "standard"), ("mla", "sdpa"), ("mla", "flash")]
+MLA_DIMS = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+            "attention_bias": False, "q_lora_rank": None}
+
+
+def _attn_cfg(name: str, kernel: str | None = None, **extra):
+    cfg = compose_config([f"attention={name}"] + ([f"attention.kernel={kernel}"] if kernel else []))
+    attn = OmegaConf.to_container(cfg.attention)
+    if name == "mla":
+        attn.update(MLA_DIMS)  # a v head dim (12) != the qk head dim (24): exercises each kernel's handling
+    attn.update(extra)
+    return OmegaConf.create(attn)
+
+
+def _module(name, kernel=None, seed=0, **extra):
+    torch.manual_seed(seed)
+    module = build_attention(D_MODEL, _attn_cfg(name, kernel, **extra))
+    with torch.no_grad():
+        for pname, param in module.named_parameters():
+            if "layernorm" in pname:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0, param.shape[-1] ** -0.5 if param.dim() > 1 else 0.1)
+    return module
+
+
+def _reference_of(module):
+    """The same weights on the explicit kernel: the float64 reference and the same-dtype math baseline."""
+    ref = copy.deepcopy(module)
+    ref.kernel = type(module.kernel)("standard")
+    return ref
+
+
+def _run(module, x, cos, sin, grad_out, dtype):
+    module = copy.deepcopy(module).to(dtype)
+    x = x.detach().to(dtype).clone().requires_grad_()
+    out = module(x, cos, sin)
+    (out * grad_out.to(dtype)).sum().backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in module.named_parameters()}}
+    return out.double(), {n: g.double() for n, g in grads.items()}
+
+
+def _inputs(module, seq=SEQ, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, seq, D_MODEL, generator=gen)
+    grad_out = torch.randn(2, seq, D_MODEL, generator=gen)
+    cos, sin = RotaryEmbedding(module.rope_head_dim, seq, OmegaConf.create({"theta": 10000.0, "scaling": None}))(seq)
+    return x, cos, sin, grad_out
+
+
+def _max_errors(got, want):
+    """Max abs error of the output and of every gradient, relative to the reference's max magnitude."""
+    out, grads = got
+    ref_out, ref_grads = want
+    pairs = {"out": (out, ref_out), **{n: (g, ref_grads[n]) for n, g in grads.items()}}
+    return {n: ((a - b).abs().max() / b.abs().max()).item() for n, (a, b) in pairs.items()}
+
+
+# ------------------------------------------------------------------------------------- float64 parity (FA rule)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("name", "kernel"), OPTIONS)
+def test_option_matches_float64_reference(name, kernel, dtype):
+    """FlashAttention's rule: max error vs a float64 reference <= 2x the same-dtype math kernel's, output and every
+    gradient (input and parameters)."""
+    module = _module(name, kernel)
+    reference = _reference_of(module)
+    x, cos, sin, grad_out = _inputs(module)
+    want = _run(reference, x, cos, sin, grad_out, torch.float64)
+    got = _max_errors(_run(module, x, cos, sin, grad_out, dtype), want)
+    math = _max_errors(_run(reference, x, cos, sin, grad_out, dtype), want)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3  # both ~0 when a kernel is the math kernel itself
+    for key, err in got.items():
+        assert err <= 2 * math[key] + floor, (key, err, math[key])
+    assert max(got.values()) < (1e-4 if dtype == torch.float32 else 0.1)  # and the reference is not far off
+
+
+def test_reference_parity_can_fail():
+    """Guard: a wrong softmax scale in the kernel breaks the 2x rule (the test above can fail)."""
+    module = _module("mla", "sdpa")
+    module.base_scale *= 1.01
+    reference = _reference_of(module)
+    reference.base_scale /= 1.01
+    x, cos, sin, grad_out = _inputs(module)
+    want = _run(reference, x, cos, sin, grad_out, torch.float64)
+    got = _max_errors(_run(module, x, cos, sin, grad_out, torch.float32), want)
+    assert got["out"] > 1e-3
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("name", ["standard", "sdpa", "flash"])
+def test_gqa_matches_float64_reference(name, n_kv_heads):
+    module = _module(name, n_kv_heads=n_kv_heads)
+    assert isinstance(module, MultiHeadAttention)
+    assert module.k_proj.out_features == n_kv_heads * module.head_dim
+    x, cos, sin, grad_out = _inputs(module)
+    want = _run(_reference_of(module), x, cos, sin, grad_out, torch.float64)
+    got = _max_errors(_run(module, x, cos, sin, grad_out, torch.float32), want)
+    assert max(got.values()) < 1e-5, got
+
+
+@pytest.mark.parametrize(("name", "kernel"), OPTIONS)
+def test_causality_per_option(name, kernel):
+    module = _module(name, kernel).eval()
+    x, cos, sin, _ = _inputs(module)
+    changed = x.clone()
+    changed[:, 10:] += torch.randn_like(changed[:, 10:])
+    with torch.no_grad():
+        a, b = module(x, cos, sin), module(changed, cos, sin)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert (a[:, 10:] - b[:, 10:]).abs().amax() > 1e-2
+
+
+# ------------------------------------------------------------------------------------- MLA vs transformers
+
+
+def _hf_attention(q_lora_rank, bias, interleave=True):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    config = transformers.DeepseekV3Config(
+        hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank,
+        kv_lora_rank=MLA_DIMS["kv_lora_rank"], qk_nope_head_dim=MLA_DIMS["qk_nope_head_dim"],
+        qk_rope_head_dim=MLA_DIMS["qk_rope_head_dim"], v_head_dim=MLA_DIMS["v_head_dim"], attention_bias=bias,
+        rope_interleave=interleave, num_hidden_layers=1, vocab_size=128, max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    hf = DeepseekV3Attention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    return hf
+
+
+def _hf_forward(hf, x, cos, sin):
+    seq = x.shape[1]
+    mask = torch.full((seq, seq), torch.finfo(x.dtype).min).triu(1)[None, None]  # additive causal mask
+    out, _ = hf(x, position_embeddings=(cos[None], sin[None]), attention_mask=mask)
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["standard", "sdpa", "flash"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("q_lora_rank", [None, 16])
+def test_mla_matches_transformers_deepseek_v3(q_lora_rank, bias, kernel):
+    hf = _hf_attention(q_lora_rank, bias)
+    ours = _module("mla", kernel, q_lora_rank=q_lora_rank, attention_bias=bias).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)  # same names and shapes, both ways
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    x, cos, sin, _ = _inputs(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, cos, sin), _hf_forward(hf, x, cos, sin), rtol=0, atol=1e-5)
+
+
+def test_mla_rope_convention_is_interleaved_as_hf_default():
+    """Guard: HF with rotate_half (rope_interleave=False) differs, so the parity above pins the convention."""
+    hf = _hf_attention(None, False, interleave=False)
+    ours = _module("mla", "standard").eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    x, cos, sin, _ = _inputs(ours)
+    with torch.no_grad():
+        assert (ours(x, cos, sin) - _hf_forward(hf, x, cos, sin)).abs().max() > 1e-3
+
+
+def test_mla_yarn_mscale_scales_softmax_not_cos_sin():
+    """With the rotary's attention factor m: cos/sin arrive scaled by m (for MHA); MLA undoes that and multiplies
+    its softmax scale by m^2 (DeepSeek's rule)."""
+    module = _module("mla", "standard").eval()
+    x, cos, sin, _ = _inputs(module)
+    plain = _reference_of(module)
+    plain.base_scale *= 1.3**2
+    module.set_rope_mscale(1.3)
+    assert module.softmax_scale == pytest.approx((16 + 8) ** -0.5 * 1.3**2)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, cos * 1.3, sin * 1.3), plain(x, cos, sin), rtol=0, atol=1e-5)
+
+
+def test_transformer_reads_the_rotary_attention_factor(monkeypatch):
+    import kimi_lab.model.transformer as transformer
+
+    monkeypatch.setattr(transformer.RotaryEmbedding, "attention_scaling", 1.25, raising=False)
+    model = build_model(compose_config(["attention=mla"]))
+    assert model.rotary.cos.shape[-1] == model.layers[0].self_attn.qk_rope_head_dim  # RoPE table of rope dims
+    assert all(layer.self_attn.rope_mscale == 1.25 for layer in model.layers)
+
+
+def test_mla_cache_is_the_latent():
+    """MLA caches kv_lora_rank + qk_rope_head_dim values per token (shared across heads): fewer than MHA's 2*H*d."""
+    mla, mha = _module("mla", "sdpa"), _module("sdpa")
+    assert isinstance(mla, MultiHeadLatentAttention)
+    assert mla.kv_cache_values_per_token() == 32 + 8
+    assert mha.kv_cache_values_per_token() == 2 * 4 * 16
+    assert _module("sdpa", n_kv_heads=1).kv_cache_values_per_token() == 2 * 16
+
+
+# ------------------------------------------------------------------------------------- portability and labels
+
+
+def test_one_checkpoint_for_standard_sdpa_flash():
+    models = {}
+    for seed, name in enumerate(["standard", "sdpa", "flash"]):
+        torch.manual_seed(seed)  # different weights: equal outputs must come from the loaded state dict
+        models[name] = build_model(compose_config([f"attention={name}", "attention.n_kv_heads=2"])).eval()
+    state = models["standard"].state_dict()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = models["standard"](ids).logits
+        for name in ("sdpa", "flash"):
+            models[name].load_state_dict(state, strict=True)
+            torch.testing.assert_close(models[name](ids).logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "kernel", "label"), [
+    ("standard", None, "math_explicit"), ("sdpa", None, "sdpa_auto_flash_cpu"), ("flash", None, "sdpa_flash_cpu"),
+    ("mla", "standard", "math_explicit"), ("mla", "sdpa", "sdpa_auto_math_cpu"),  # v dim != qk dim: SDPA math
+    ("mla", "flash", "sdpa_flash_cpu+pad_v"),
+])
+def test_recorded_kernel_is_what_ran(name, kernel, label):
+    overrides = [f"attention={name}"] + ([f"attention.kernel={kernel}"] if kernel else [])
+    model = build_model(compose_config(overrides))
+    model(torch.randint(0, 1000, (2, 16))).logits.sum().backward()
+    assert model.attention_kernel() == label
+
+
+def test_flash_plans_cuda_without_running():
+    model = build_model(compose_config(["attention=flash"]))
+    assert model.attention_kernel("cuda").startswith(("sdpa_flash_cuda", "flash_attn_2"))  # planned, not run
+    with pytest.raises(FlashUnavailable, match="cannot run on device 'mps'"):
+        model.attention_kernel("mps")
+
+
+# ------------------------------------------------------------------------------------- impossible settings
+
+
+def test_flash_runtime_errors_say_why_and_what_to_set():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(FlashUnavailable, match="no dropout.*attention.dropout=0"):
+        flash_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(FlashUnavailable, match="equal q/k and v head dims, got 16 and 8.*attention=sdpa"):
+        flash_attention(q, q, q[..., :8])
+    with pytest.raises(FlashUnavailable, match="head dims <= 256, got 320"):
+        check_flash("cuda", torch.bfloat16, 320, 320, 0.0)
+    with pytest.raises(FlashUnavailable, match="does not take torch.int32"):
+        check_flash("cpu", torch.int32, 16, 16, 0.0)
+    module = _module("flash", dropout=0.1).train()  # training forward on CPU with dropout: refused, not rerouted
+    x, cos, sin, _ = _inputs(module)
+    with pytest.raises(FlashUnavailable, match="no dropout"):
+        module(x, cos, sin)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["attention=flash", "attention.dropout=0.1"], "attention.dropout=0.1; allowed: 0 with attention=flash on CPU"),
+    (["attention=mla", "attention.kernel=flash", "attention.dropout=0.1"], "attention.kernel=flash on CPU"),
+    (["attention=flash", "hardware=gpu", "attention.n_heads=1", "model.d_model=512"],
+     "attention.n_heads=1; allowed: a value giving a head dim <= 256"),
+    (["attention=mla", "attention.kernel=null"], "attention.kernel=None; allowed: standard, sdpa or flash"),
+    (["attention=mla", "attention.kv_lora_rank=null"], "attention.kv_lora_rank=None; allowed: > 0"),
+    (["attention=mla", "attention.v_head_dim=0"], "attention.v_head_dim=0; allowed: > 0"),
+    (["attention=mla", "attention.qk_rope_head_dim=7"], "attention.qk_rope_head_dim=7; allowed: an even value"),
+    (["attention=mla", "attention.q_lora_rank=0"], "attention.q_lora_rank=0; allowed: null"),
+    (["attention=mla", "attention.n_kv_heads=2"], "attention.n_kv_heads=2; allowed: null for attention=mla"),
+    (["attention=mla", "attention.bias=true"], "attention.bias=True; allowed: false for attention=mla"),
+    (["attention=mla", "attention.attention_bias=null"], "attention.attention_bias=None; allowed: true or false"),
+])
+def test_impossible_attention_configs_fail_with_one_line(overrides, message):
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_mla_heads_need_not_divide_d_model():
+    cfg = compose_config(["attention=mla", "attention.n_heads=3"])
+    validate_config(cfg)  # MLA's head dims are its own keys
+    assert build_model(cfg)(torch.randint(0, 100, (1, 8))).logits.shape == (1, 8, cfg.model.vocab_size)
+
+
+def test_unknown_kernel_is_rejected_at_compose():
+    with pytest.raises(Exception, match="attention.kernel=fast") as err:
+        compose_config(["attention=mla", "attention.kernel=fast"])
+    assert "Invalid value 'fast', expected one of [standard, sdpa, flash]" in str(err.value.__cause__)
+
+
+# ------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("name", "kernel"), [("flash", None), ("mla", "flash"), ("sdpa", None), ("mla", "sdpa")])
+def test_gpu_flash_chosen_and_within_tolerance_in_bf16(name, kernel):
+    module = _module(name, kernel).cuda()
+    x, cos, sin, grad_out = (t.cuda() for t in _inputs(module, seq=256))
+    want = _run(_reference_of(module), x, cos, sin, grad_out, torch.float64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = _max_errors(_run(module, x, cos, sin, grad_out, torch.float32), want)
+    math = _max_errors(_run(_reference_of(module), x, cos, sin, grad_out, torch.bfloat16), want)
+    label = module.kernel_label()
+    if "flash" in (name, kernel):
+        assert label.startswith(("flash_attn_", "sdpa_flash_cuda")), label
+    for key, err in got.items():
+        assert err <= 2 * math[key] + 1e-3, (key, err, math[key])
+
+
+@pytest.mark.gpu
+def test_gpu_flash_casts_fp32_and_back():
+    q, k, v = (torch.randn(2, 4, 128, 64, device="cuda") for _ in range(3))
+    out = flash_attention(q, k, v)
+    assert out.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert (out.double() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_training_records_the_flash_kernel(tmp_path):
+    from kimi_lab.training import train
+
+    overrides = ["hardware=gpu", "attention=flash", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                 "optimizer.warmup_steps=1"]
+    results = train(compose_config(overrides, output_dir=tmp_path / "run"))
+    assert results["attention_kernel"].startswith(("flash_attn_", "sdpa_flash_cuda"))
+
+
+# ------------------------------------------------------------------------------------- benchmark
+
+
+def test_attention_bench_writes_every_option(tmp_path):
+    import csv
+
+    from kimi_lab.bench.attention import HeapPeak, _parse, main, paired_mla_check
+
+    args = ["--seq-lens", "32", "64", "--heads", "2", "--head-dim", "16", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "attention.csv")))
+    assert len(rows) == 12 and {r["option"] for r in rows} == {"standard", "sdpa", "flash", "mla:standard",
+                                                               "mla:sdpa", "mla:flash"}
+    kernels = {r["option"]: r["kernel"] for r in rows}
+    assert kernels["flash"] == "sdpa_flash_cpu" and kernels["mla:flash"] == "sdpa_flash_cpu+pad_v"
+    mla = next(r for r in rows if r["option"] == "mla:sdpa")
+    assert (int(mla["qk_head_dim"]), int(mla["v_head_dim"])) == (24, 16)
+    assert int(mla["kv_cache_bytes_per_token"]) == (4 * 16 + 8) * 4  # fp32 latent + rope key
+    assert all(float(r["fwd_bwd_ms"]) > 0 and float(r["tflops"]) > 0 for r in rows)
+    assert all(float(r["peak_mem_mb"]) >= 0 for r in rows) and rows[0]["peak_mem_kind"] == "cpu_malloc_sampled"
+    with HeapPeak() as heap:
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB
+    assert heap.peak - heap.base >= 16 * 2**20 and block.sum() > 0
+    lines = paired_mla_check(_parse(["--heads", "2", "--head-dim", "16"]), rounds=1)
+    assert [line.split("kernel ")[1].split(":")[0] for line in lines] == ["standard", "sdpa", "flash"]
+    assert "sdpa_flash_cpu+pad_v vs sdpa_flash_cpu" in lines[2]
+
+
+# ------------------------------------------------------------------------------------- study configs
+
+
+@pytest.mark.parametrize("experiment", ["attention", "attention_cpu"])
+def test_attention_study_grid_composes(experiment):
+    """Every point of the sweep grid (hydra.sweeper.params) composes, validates and builds its attention."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.helpers import CONF_DIR, DATA_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        full = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = {key: str(value).split(",") for key, value in full.hydra.sweeper.params.items()}
+    assert params["attention"] == ["standard", "flash", "mla"] and params["seed"] == ["1", "2", "3"]
+    assert len(params["data.seq_len"]) == 3 and len(params["data.batch_size"]) == 3
+    for attention, seq_len in itertools.product(params["attention"], params["data.seq_len"]):
+        overrides = [f"experiment={experiment}", f"attention={attention}", f"data.seq_len={seq_len}",
+                     f"data.batch_size={params['data.batch_size'][-1]}", f"paths.data_dir={DATA_DIR}"]
+        cfg = compose_config(overrides, model=None)
+        validate_config(cfg)
+        assert cfg.model.name == ("base" if experiment == "attention" else "small")
+        assert getattr(cfg.attention.name, "value", cfg.attention.name) == attention
+        module = build_attention(int(cfg.model.d_model), cfg.attention)
+        if attention == "mla":  # equal heads, nope = v = MHA head dim, rope = half of it
+            head_dim = cfg.model.d_model // cfg.attention.n_heads
+            assert (module.qk_nope_head_dim, module.v_head_dim, module.rope_head_dim) == (head_dim, head_dim,
+                                                                                          head_dim // 2)
