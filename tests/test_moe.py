@@ -439,3 +439,16 @@ def test_used_by_command_is_valid_on_the_default_moe_group():
         validate_config(cfg)
         assert isinstance(build_model(compose_config([f"moe.topk_method={method}"])).moe_layers()[0].gate,
                           GroupLimitedRouter)
+
+
+def test_bench_moe_writes_its_table(tmp_path, capsys):
+    from kimi_lab.bench.moe import main
+
+    out = tmp_path / "moe.csv"
+    assert main(["--batch", "2", "--seq-len", "32", "--d-model", "64", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
+    assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" for r in rows)
+    assert "ratio" in capsys.readouterr().out

@@ -27,7 +27,8 @@ def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.device.type not in ("cpu", "cuda"):
         return False
     size = x.element_size()
-    aligned = (x.shape[-1] * size) % 16 == 0 and (weight.shape[-2] * size) % 16 == 0
+    strides = [st for st in (*x.stride(), *weight.stride()) if st != 1]
+    aligned = all((n * size) % 16 == 0 for n in (*strides, x.shape[-1], weight.shape[-2]))
     return aligned and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
@@ -60,7 +61,10 @@ class GroupedExperts(nn.Module):
             dtype = torch.get_autocast_dtype(x_sorted.device.type)
             x_sorted, gate_up, down = x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
-        gate, up = grouped_linear(x_sorted, gate_up, offsets, counts).chunk(2, dim=-1)  # (S, I) each
+        hidden = self.intermediate_dim
+        # gate and up from views of the bank: two GEMMs instead of one + chunk, whose backward would cat (S, 2I)
+        gate = grouped_linear(x_sorted, gate_up[:, :hidden], offsets, counts)  # (S, I)
+        up = grouped_linear(x_sorted, gate_up[:, hidden:], offsets, counts)  # (S, I)
         return grouped_linear(F.silu(gate) * up, down, offsets, counts)  # (S, H)
 
     def expert_params(self) -> int:
