@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.model import build_model
@@ -452,3 +453,32 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
     assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" for r in rows)
     assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("experiment", "n_jobs"), [("moe_routing", 324), ("moe_routing_cpu", 108)])
+def test_routing_study_grid_is_valid(experiment, n_jobs):
+    """Every job of the study's sweep (hydra.sweeper.params) composes and validates."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.helpers import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        params = compose(config_name="config", overrides=[f"experiment={experiment}"],
+                         return_hydra_config=True).hydra.sweeper.params
+    axes = {key: str(values).split(",") for key, values in params.items()}
+    assert set(axes["moe.topk_method"]) == {"noaux_tc", "aux_tc", "greedy"}
+    assert axes["moe.n_routed_experts"] == ["4", "8", "16", "32"] and axes["moe.num_experts_per_tok"] == ["1", "2", "4"]
+    assert axes["seed"] == ["1", "2", "3"]
+    jobs = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    assert len(jobs) == n_jobs
+    base = compose_config([f"experiment={experiment}"], model=None)
+    for job in jobs:
+        cfg = base.copy()
+        for key, value in job.items():
+            OmegaConf.update(cfg, key, value if key == "moe.topk_method" else float(value) if "." in value
+                             else int(value))
+        validate_config(cfg)
