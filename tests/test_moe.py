@@ -191,6 +191,8 @@ def test_bias_is_a_checkpointed_buffer_without_gradient():
     assert "layers.0.mlp.gate.e_score_correction_bias" in state and "layers.0.mlp.gate.bias_counts" not in state
     assert state["layers.0.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert all(p is not gate.e_score_correction_bias for p in model.parameters())
+    assert model.to(torch.bfloat16).moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    model.float()
     out = model(torch.randint(0, 100, (2, 8)))
     (out.logits.square().mean() + out.aux_loss).backward()
     assert gate.e_score_correction_bias.grad is None and not gate.e_score_correction_bias.requires_grad

@@ -62,6 +62,13 @@ class GroupLimitedRouter(nn.Module):
         # tokens per expert since the last bias update (summed over micro-batches; read once per optimizer step)
         self.register_buffer("bias_counts", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(bf16)``/``.half()``/``.double()`` leave the bias and its counts fp32 (bf16 would swallow gamma steps)."""
+        super()._apply(fn, recurse)
+        for name in ("e_score_correction_bias", "bias_counts"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
     @property
     def updates_bias(self) -> bool:
         return self.method == "noaux_tc"
