@@ -484,3 +484,21 @@ def test_routing_study_grid_is_valid(experiment, n_jobs):
             OmegaConf.update(cfg, key, value if key == "moe.topk_method" else float(value) if "." in value
                              else int(value))
         validate_config(cfg)
+
+
+def test_resume_restores_the_bias_and_its_curve(tmp_path):
+    """noaux_tc: the interrupted + resumed run has the same per-step losses and biases as the uninterrupted one."""
+    overrides = ["moe=deepseek_v3", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                 "optimizer.warmup_steps=2", "seed=0", "moe.bias_update_speed=0.01"]
+    train(compose_config(overrides, output_dir=tmp_path / "full"))
+    train(compose_config([*overrides, "trainer.interrupt_at_step=4"], output_dir=tmp_path / "cut"))
+    resumed = train(compose_config([*overrides, "resume=true"], output_dir=tmp_path / "cut"))
+    rows = {}
+    for name in ("full", "cut"):
+        with (tmp_path / name / "metrics.csv").open() as f:
+            rows[name] = [r for r in csv.DictReader(f) if r["train_loss"]]
+    assert [r["step"] for r in rows["cut"]] == [str(s) for s in range(1, 7)]
+    for a, b in zip(rows["full"], rows["cut"]):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+        assert json.loads(a["moe1_bias"]) == pytest.approx(json.loads(b["moe1_bias"]), abs=1e-7)
+    assert resumed["moe_tokens_dropped"] == [0.0, 0.0]
