@@ -2,8 +2,9 @@
 
 Each case times the whole MoE layer (router, sort, grouped expert matmuls, index_add_ combine) against a dense
 SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
-warm-up, the three variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice) for comparison. Prints a table and
-writes ``bench_out/moe.csv``. Targets from the issue (CPU, fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 top-6.
+warm-up, the three variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice)
+for comparison. Prints a table and writes ``bench_out/moe.csv``. Targets from the issue (CPU, fp32): <= 1.10 at
+8 experts top-2, <= 2.0 at 64 experts top-6.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--method", default="noaux_tc", choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
+    parser.add_argument("--method", default="noaux_tc",
+                        choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
     args = parser.parse_args(argv)
     rows = [run_case(*case, args) for case in CASES]
@@ -106,7 +108,8 @@ def main(argv: list[str]) -> int:
     print(header)
     for r in rows:
         print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
-              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} {r['kernel']:>10}")
+              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} "
+              f"{r['kernel']:>10}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -115,7 +115,7 @@ class MoEConfig:
     scoring_func: ScoringFunc = ScoringFunc.softmax
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    aux_loss_alpha: float = 0.01  # weight of the balance loss: batch-wise (greedy, group_limited_greedy), seq-wise (*_tc)
+    aux_loss_alpha: float = 0.01  # balance-loss weight: batch-wise (greedy, group_limited_greedy), seq-wise (*_tc)
     first_k_dense_replace: int = 0  # the first k layers use a dense MLP instead of MoE
     n_group: int = 1  # expert groups for group-limited routing (1 = no groups)
     topk_group: int = 1  # groups kept per token

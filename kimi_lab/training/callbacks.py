@@ -132,7 +132,9 @@ class ExpertLoadMonitor(L.Callback):
 def _bias(layer) -> list[float] | None:
     """The layer's noaux_tc selection bias, or None when its gate does not use one."""
     gate = layer.gate
-    return [round(v, 8) for v in gate.e_score_correction_bias.tolist()] if getattr(gate, "updates_bias", False) else None
+    if not getattr(gate, "updates_bias", False):
+        return None
+    return [round(v, 8) for v in gate.e_score_correction_bias.tolist()]
 
 
 class StepMetrics(L.Callback):

@@ -3,7 +3,8 @@
 Layout of transformers' ``DeepseekV3Experts`` (so a layer's state dict maps 1:1): ``gate_up_proj`` (E, 2I, H) holds
 each expert's SwiGLU gate rows [0, I) and up rows [I, 2I); ``down_proj`` is (E, H, I). Expert e is the SwiGLU
 ``down[e] @ (silu(gate[e] @ x) * (up[e] @ x))`` (Shazeer 2020, eq. 6); every matrix is a plain 2-D slice of a bank,
-so a per-expert optimizer (Muon) can orthogonalise ``gate_up_proj[e, :I]``, ``gate_up_proj[e, I:]`` and ``down_proj[e]``.
+so a per-expert optimizer (Muon) can orthogonalise ``gate_up_proj[e, :I]``, ``gate_up_proj[e, I:]``,
+``down_proj[e]``.
 """
 
 from __future__ import annotations

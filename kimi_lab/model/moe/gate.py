@@ -63,7 +63,7 @@ class GroupLimitedRouter(nn.Module):
         self.register_buffer("bias_counts", torch.zeros(self.n_experts, dtype=torch.float32), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        """``.to(bf16)``/``.half()``/``.double()`` leave the bias and its counts fp32 (bf16 would swallow gamma steps)."""
+        """``.to(bf16)``, ``.double()`` keep the bias and its counts fp32 (bf16 would swallow gamma steps)."""
         super()._apply(fn, recurse)
         for name in ("e_score_correction_bias", "bias_counts"):
             self._buffers[name] = self._buffers[name].float()
@@ -74,7 +74,7 @@ class GroupLimitedRouter(nn.Module):
         return self.method == "noaux_tc"
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x (B, T, D) or (N, D) -> Routing over N = B*T tokens (the sequence-wise loss treats (N, D) as one sequence)."""
+        """x (B, T, D) or (N, D) -> Routing of N = B*T tokens (seq-wise loss: (N, D) is one sequence)."""
         n_seqs = x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1])  # (N, D)
         with torch.autocast(device_type=x.device.type, enabled=False):  # routing stays fp32 under bf16 autocast

@@ -1,4 +1,4 @@
-"""Softmax top-k router with the Switch/GShard load-balance loss (Fedus et al. 2021, eq. 4: alpha * E * sum_i f_i P_i)."""
+"""Top-k router (softmax or sigmoid scores) with the Switch/GShard balance loss (Fedus et al. 2021, eq. 4)."""
 
 from __future__ import annotations
 
