@@ -27,7 +27,8 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     cfg = compose_config(overrides, output_dir=tmp_path)
     validate_config(cfg)
     value = OmegaConf.select(cfg, f"{group}.name")
-    expected = "moe" if (group, option) == ("moe", "greedy") else option  # greedy = routed FFN + greedy router
+    routed = group == "moe" and option in ("greedy", "deepseek_v3")  # routed FFN + the option's router
+    expected = "moe" if routed else option
     assert getattr(value, "value", value) == expected
 
 
@@ -72,7 +73,7 @@ def test_demo_experiment_trains_the_small_model():
     [
         ("attention.name=flashy", "attention.name", "standard, sdpa"),
         ("norm.name=batchnorm", "norm.name", "layernorm, rmsnorm"),
-        ("moe.topk_method=noaux", "moe.topk_method", "greedy"),
+        ("moe.topk_method=noaux", "moe.topk_method", "greedy, group_limited_greedy, noaux_tc, aux_tc"),
         ("optimizer.name=lion", "optimizer.name", "adam, adamw"),
         ("data.name=web", "data.name", "default, text, hf"),
     ],

@@ -18,6 +18,7 @@ from omegaconf.nodes import EnumNode
 
 from kimi_lab.config import validate_config
 from kimi_lab.model import build_model
+from kimi_lab.model.moe import update_expert_biases
 from kimi_lab.optim import build_optimizer, build_scheduler, lr_multiplier
 from tests.helpers import compose_config
 
@@ -35,6 +36,8 @@ BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "adam": (["optimizer=adam"], GROUPS),
     "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
     "mla": (["attention=mla"], ("attention",)),  # covers the MLA-only attention keys
+    # DeepSeek-V3 gate (noaux_tc, sigmoid, groups); 8 experts so that 4 groups of 2, 2 kept, restrict the top-2
+    "deepseek_v3": (["moe=deepseek_v3", "moe.n_routed_experts=8"], ("moe",)),
 }
 
 # perturbations where the generic rule (int x2 or 0->1, float x2 or 0->0.1, bool flip, next Enum member) does not
@@ -50,6 +53,9 @@ PERTURBATIONS = {
     "norm.eps": 1e-1,
     "rope.scaling": {"type": "linear", "factor": 2.0},  # null -> linear position interpolation
     "attention.q_lora_rank": 16,  # null (q_proj) -> query compression (q_a_proj, q_a_layernorm, q_b_proj)
+    # greedy -> aux_tc (another loss); noaux_tc -> aux_tc (the bias stops moving); aux_tc -> noaux_tc
+    "moe.topk_method": lambda v: "noaux_tc" if getattr(v, "value", v) == "aux_tc" else "aux_tc",
+    "moe.n_group": lambda v: v // 2 if v > 1 else 2,  # 4 groups of 2 (2 kept) -> 2 of 4 (all kept); x2: groups of 1
 }
 
 # never perturbed, with the reason
@@ -64,18 +70,22 @@ SKIP = {
 }
 
 # keys that a base arm does not read by design (covered in another base)
+_GATE_ONLY = {key: "read by the DeepSeek gate only (greedy: no groups, no bias); covered by the deepseek_v3 base"
+              for key in ("moe.n_group", "moe.topk_group", "moe.bias_update_speed")}
 INERT = {
-    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base"},
+    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base", **_GATE_ONLY},
     "dense": {"moe.*": "moe=dense has no experts: only moe.name matters"},
     # torch's Adam and AdamW run the same update when weight_decay=0 (adam.yaml): identical runs are correct.
     # optimizer.name is covered in the moe base (adamw, weight_decay=0.1 -> adam).
     "adam": {
         "model.d_ff": "every layer is MoE; covered by the dense base",
         "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
+        **_GATE_ONLY,
     },
     "rope_linear": {},
     "mla": {"attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
             "attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
+    "deepseek_v3": {},
 }
 # keys read only by attention=mla (the MHA options are named after their kernel); covered by the mla base
 for _base in ("moe", "dense", "adam"):
@@ -174,6 +184,7 @@ def _fingerprint(cfg: DictConfig):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        update_expert_biases(model.moe_layers())  # noaux_tc: what the ExpertBiasUpdate callback does per step
         scheduler.step()
         losses.append(loss.detach())
         lrs.append([group["lr"] for group in optimizer.param_groups])
@@ -219,8 +230,11 @@ def test_cases_cover_the_known_keys():
                 "rope.scaling"]:
         assert f"moe:{key}" in ids, key
     assert "adam:optimizer.weight_decay" in ids and "rope_linear:rope.scaling.factor" in ids
+    for key in ["moe.topk_method", "moe.scoring_func", "moe.n_group", "moe.topk_group", "moe.bias_update_speed",
+                "moe.aux_loss_alpha", "moe.routed_scaling_factor", "moe.n_shared_experts", "moe.norm_topk_prob"]:
+        assert f"deepseek_v3:{key}" in ids, key
     # single-choice Enums, label strings and the adam/adamw-only-null momentum are never perturbed
-    never = ("moe.topk_method", "moe.scoring_func", "optimizer.momentum", "model.name", "rope.name")
+    never = ("optimizer.momentum", "model.name", "rope.name")
     assert not any(i.split(":")[1] in never for i in ids)
 
 

@@ -37,10 +37,14 @@ class FFNName(str, Enum):
 
 class TopkMethod(str, Enum):
     greedy = "greedy"  # softmax router, top-k, Switch-style load-balance loss
+    group_limited_greedy = "group_limited_greedy"  # DeepSeek-V2: top-k within the topk_group best groups (max score)
+    noaux_tc = "noaux_tc"  # DeepSeek-V3: selection by score + e_score_correction_bias (aux-loss-free balancing)
+    aux_tc = "aux_tc"  # DeepSeek-V3 selection without the bias, balanced by the sequence-wise aux loss
 
 
 class ScoringFunc(str, Enum):
     softmax = "softmax"
+    sigmoid = "sigmoid"  # DeepSeek-V3
 
 
 class OptimizerName(str, Enum):
@@ -127,8 +131,11 @@ class MoEConfig:
     scoring_func: ScoringFunc = ScoringFunc.softmax
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    aux_loss_alpha: float = 0.01  # weight of the load-balance loss
+    aux_loss_alpha: float = 0.01  # balance-loss weight: batch-wise (greedy, group_limited_greedy), seq-wise (*_tc)
     first_k_dense_replace: int = 0  # the first k layers use a dense MLP instead of MoE
+    n_group: int = 1  # expert groups for group-limited routing (1 = no groups)
+    topk_group: int = 1  # groups kept per token
+    bias_update_speed: float = 1e-3  # gamma of the noaux_tc bias update, once per optimizer step
 
 
 @dataclass

@@ -105,6 +105,23 @@ def _check_moe(cfg: DictConfig) -> None:
     _check(moe.aux_loss_alpha >= 0, "moe.aux_loss_alpha", moe.aux_loss_alpha, ">= 0")
     _check(0 <= moe.first_k_dense_replace <= cfg.model.n_layers, "moe.first_k_dense_replace",
            moe.first_k_dense_replace, f"0 .. model.n_layers={cfg.model.n_layers}")
+    _check_moe_groups(moe)
+
+
+def _check_moe_groups(moe) -> None:
+    method = getattr(moe.topk_method, "value", moe.topk_method)
+    n_exp, n_group, topk_group = moe.n_routed_experts, moe.n_group, moe.topk_group
+    _check(moe.bias_update_speed >= 0, "moe.bias_update_speed", moe.bias_update_speed, ">= 0")
+    if method == "greedy":
+        _check(n_group == 1 and topk_group == 1, "moe.n_group", n_group,
+               "1 with moe.topk_method=greedy (groups need group_limited_greedy, noaux_tc or aux_tc)")
+        return
+    _check(n_group >= 1 and n_exp % n_group == 0, "moe.n_group", n_group,
+           f"a divisor of moe.n_routed_experts={n_exp}")
+    _check(1 <= topk_group <= n_group, "moe.topk_group", topk_group, f"1 .. moe.n_group={n_group}")
+    reachable = topk_group * (n_exp // n_group)
+    _check(moe.num_experts_per_tok <= reachable, "moe.num_experts_per_tok", moe.num_experts_per_tok,
+           f"<= moe.topk_group * experts per group = {reachable}")
 
 
 def _check_optimizer(cfg: DictConfig) -> None:

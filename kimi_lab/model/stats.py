@@ -13,7 +13,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     embedding = model.embed_tokens.weight.numel()
     inactive = 0
     for moe in model.moe_layers():
-        per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+        per_expert = moe.experts.expert_params()  # routed experts live in (E, ...) banks
         inactive += per_expert * (moe.n_experts - moe.top_k)
     return {"params_total": total, "params_embedding": embedding, "params_active": total - inactive}
 

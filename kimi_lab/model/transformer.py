@@ -62,7 +62,7 @@ class Transformer(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(param)
             elif param.dim() >= 2:
-                is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
                 nn.init.normal_(param, 0.0, std / math.sqrt(2 * n_layers) if is_residual_out else std)
             elif "norm" in name and name.endswith("weight"):
                 nn.init.ones_(param)

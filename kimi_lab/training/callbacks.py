@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import time
 from pathlib import Path
@@ -26,48 +27,114 @@ def load_stats(counts: torch.Tensor) -> tuple[float, float]:
 
 
 class ExpertLoadMonitor(L.Callback):
-    """Reads each MoE layer's token counts once per optimizer step, keeps run totals (summed over ranks)."""
+    """Reads each MoE layer's token counts once per optimizer step, keeps run totals (summed over ranks).
+
+    Per MoE layer j (the j-th MoE layer of the model) it also records, per step, the load fractions, CV, MaxVio,
+    mean aux loss over the micro-batches, tokens dropped and the noaux_tc selection bias (after this step's update):
+    columns ``moe{j}_*`` of metrics.csv, scalars ``moe/layer{j}/*`` in TensorBoard, run summaries in results.json.
+    """
 
     def __init__(self):
         self.run_counts: list[torch.Tensor] = []  # per layer (E,)
         self.maxvio_history: list[float] = []
+        self.layer_maxvio_sums: list[float] = []  # per layer, sum over steps of the per-step MaxVio
+        self.aux_loss_sums: list[float] = []  # per layer, sum over steps of the per-step mean aux loss
+        self.tokens_dropped: list[float] = []  # per layer, run total
+        self.n_steps = 0
         self.last_step: dict[str, float] = {}
+        self.last_bias: list[list[float] | None] = []
+
+    @staticmethod
+    def csv_fields(model) -> list[str]:
+        """Per-layer metrics.csv columns (load and bias are JSON lists)."""
+        keys = ("load", "cv", "maxvio", "aux_loss", "tokens_dropped", "bias")
+        return [f"moe{j}_{key}" for j in range(len(model.moe_layers())) for key in keys]
 
     def collect(self, trainer: L.Trainer, model) -> None:
         layers = model.moe_layers()
         if not layers:
             return
-        counts = torch.stack([layer.tokens_per_expert.detach().clone() for layer in layers])  # (L_moe, E)
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        per_layer = torch.stack([torch.cat([layer.tokens_per_expert, layer.aux_loss_sum.view(1),
+                                            layer.tokens_dropped.view(1)]).detach().float() for layer in layers])
+        n_forwards = max(float(layers[0].n_forwards), 1.0) * trainer.world_size
+        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum").cpu()  # (L_moe, E + 2), one all-reduce
         for layer in layers:
-            layer.tokens_per_expert.zero_()
-        counts = counts.cpu()
+            for buffer in (layer.tokens_per_expert, layer.aux_loss_sum, layer.tokens_dropped, layer.n_forwards):
+                buffer.zero_()
+        counts, aux, dropped = per_layer[:, :-2], per_layer[:, -2] / n_forwards, per_layer[:, -1]
         if not self.run_counts:
             self.run_counts = [torch.zeros_like(c, dtype=torch.float64) for c in counts]
+            self.layer_maxvio_sums = [0.0] * len(layers)
+            self.aux_loss_sums, self.tokens_dropped = [0.0] * len(layers), [0.0] * len(layers)
         stats = [load_stats(c) for c in counts]
         for total, c in zip(self.run_counts, counts):
             total += c.double()
+        self.n_steps += 1
         self.last_step = {"moe_cv": sum(s[0] for s in stats) / len(stats),
                           "moe_maxvio": sum(s[1] for s in stats) / len(stats)}
         self.maxvio_history.append(self.last_step["moe_maxvio"])
+        self.last_bias = [_bias(layer) for layer in layers]
+        for j, c in enumerate(counts):
+            self.layer_maxvio_sums[j] += stats[j][1]
+            self.aux_loss_sums[j] += aux[j].item()
+            self.tokens_dropped[j] += dropped[j].item()
+            self.last_step.update({
+                f"moe{j}_load": json.dumps([round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]),
+                f"moe{j}_cv": stats[j][0], f"moe{j}_maxvio": stats[j][1], f"moe{j}_aux_loss": aux[j].item(),
+                f"moe{j}_tokens_dropped": dropped[j].item(),
+                f"moe{j}_bias": json.dumps(self.last_bias[j]) if self.last_bias[j] is not None else ""})
+        self._log_tensorboard(trainer)
+
+    def _log_tensorboard(self, trainer: L.Trainer) -> None:
+        scalars = {}
+        for key, value in self.last_step.items():
+            if not key.startswith("moe") or "_" not in key or key in ("moe_cv", "moe_maxvio"):
+                continue
+            layer, name = key.split("_", 1)
+            if name in ("load", "bias"):
+                for e, v in enumerate(json.loads(value) if value else []):
+                    scalars[f"moe/layer{layer[3:]}/{name}/expert{e}"] = v
+            else:
+                scalars[f"moe/layer{layer[3:]}/{name}"] = value
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step + 1)  # the step this optimizer step completes
 
     def summary(self) -> dict:
         if not self.run_counts:
             return {}
         fractions = [(c / c.sum().clamp_min(1)).tolist() for c in self.run_counts]
         run_stats = [load_stats(c) for c in self.run_counts]
+        steps = max(self.n_steps, 1)
         return {
             "expert_load": fractions,  # per MoE layer, share of routed tokens per expert over the run
             "expert_load_cv": [s[0] for s in run_stats],
             "moe_maxvio_run": [s[1] for s in run_stats],
             "moe_maxvio_batch_mean": statistics.fmean(self.maxvio_history) if self.maxvio_history else 0.0,
+            "moe_maxvio_batch_mean_per_layer": [v / steps for v in self.layer_maxvio_sums],
+            "moe_aux_loss": [v / steps for v in self.aux_loss_sums],  # per layer, mean over steps
+            "moe_tokens_dropped": self.tokens_dropped,  # per layer, run total (dropless: 0)
+            "expert_bias": self.last_bias,  # per layer final noaux_tc bias, null for layers without one
         }
 
     def state_dict(self) -> dict:
-        return {"run_counts": self.run_counts, "maxvio_history": self.maxvio_history}
+        return {"run_counts": self.run_counts, "maxvio_history": self.maxvio_history,
+                "layer_maxvio_sums": self.layer_maxvio_sums, "aux_loss_sums": self.aux_loss_sums,
+                "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.run_counts, self.maxvio_history = state["run_counts"], state["maxvio_history"]
+        self.layer_maxvio_sums = state.get("layer_maxvio_sums", [0.0] * len(self.run_counts))
+        self.aux_loss_sums = state.get("aux_loss_sums", [0.0] * len(self.run_counts))
+        self.tokens_dropped = state.get("tokens_dropped", [0.0] * len(self.run_counts))
+        self.n_steps = state.get("n_steps", len(self.maxvio_history))
+
+
+def _bias(layer) -> list[float] | None:
+    """The layer's noaux_tc selection bias, or None when its gate does not use one."""
+    gate = layer.gate
+    if not getattr(gate, "updates_bias", False):
+        return None
+    return [round(v, 8) for v in gate.e_score_correction_bias.tolist()]
 
 
 class StepMetrics(L.Callback):
@@ -87,6 +154,7 @@ class StepMetrics(L.Callback):
         self._lr = float("nan")
         self._step_start: float | None = None
         self._fit_start = time.perf_counter()
+        self.fields = list(METRIC_FIELDS)  # + per-MoE-layer columns, known once the model exists
 
     # -- resume support: everything needed to continue the curve is in the checkpoint
     def state_dict(self) -> dict:
@@ -105,6 +173,7 @@ class StepMetrics(L.Callback):
         self._fit_start = time.perf_counter()
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning restored global_step on resume
+        self.fields = METRIC_FIELDS + self.experts.csv_fields(pl_module.model)
         if trainer.global_rank == 0:
             self._truncate_csv(after_step=trainer.global_step)
 
@@ -115,7 +184,7 @@ class StepMetrics(L.Callback):
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= after_step]
         with self.csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -123,7 +192,7 @@ class StepMetrics(L.Callback):
         if trainer.global_rank != 0:
             return
         with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_FIELDS).writerow(row)
+            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._step_start is None:

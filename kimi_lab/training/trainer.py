@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, InterruptAt, StepMetrics
+from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from kimi_lab.training.rundir import RunDir
 
 
@@ -45,6 +46,7 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     )
     callbacks: list[L.Callback] = [
         experts,
+        ExpertBiasUpdate(),  # before ours.metrics: the step's metrics row records the bias after its update
         ours.metrics,
         ours.data_position,
         # best weights by val_loss, saved after each validation

@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import nn
 
+from kimi_lab.model.moe.experts import GroupedExperts, grouped_linear, grouped_mm_runs
+from kimi_lab.model.moe.gate import GroupLimitedRouter, sequence_balance_loss, update_expert_biases
 from kimi_lab.model.moe.layer import MoE, ROUTERS
 from kimi_lab.model.moe.mlp import SwiGLU
 from kimi_lab.model.moe.router import GreedyRouter, load_balance_loss
@@ -24,4 +26,5 @@ def build_ffn(d_model: int, d_ff: int, moe_cfg, layer_idx: int) -> nn.Module:
     return FFNS[name](d_model, d_ff, moe_cfg)
 
 
-__all__ = ["FFNS", "ROUTERS", "MoE", "SwiGLU", "GreedyRouter", "load_balance_loss", "build_ffn"]
+__all__ = ["FFNS", "ROUTERS", "MoE", "SwiGLU", "GreedyRouter", "GroupLimitedRouter", "GroupedExperts", "build_ffn",
+           "grouped_linear", "grouped_mm_runs", "load_balance_loss", "sequence_balance_loss", "update_expert_biases"]

@@ -1,7 +1,9 @@
 """Dropless mixture-of-experts FFN (Shazeer et al. 2017; DeepSeekMoE shared experts, Dai et al. 2024).
 
-Tokens are grouped by expert with one argsort, each expert runs on its contiguous slice, and the
-weighted outputs are summed back with index_add_ (no capacity factor, no token dropped).
+Token-choice dispatch without a capacity factor: the N*k (token, expert) assignments are sorted by expert once,
+the experts run as grouped matmuls over their contiguous row blocks (``GroupedExperts``), and the weighted outputs
+are summed back per token with ``index_add_``. Module names mirror transformers' ``DeepseekV3MoE``
+(``gate``, ``experts``, ``shared_experts``), so a layer's state dict loads there 1:1.
 """
 
 from __future__ import annotations
@@ -9,11 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_lab.model.moe.experts import GroupedExperts
+from kimi_lab.model.moe.gate import GroupLimitedRouter
 from kimi_lab.model.moe.mlp import SwiGLU
 from kimi_lab.model.moe.router import GreedyRouter
 
 # registry: moe.topk_method -> router class
-ROUTERS: dict[str, type[nn.Module]] = {"greedy": GreedyRouter}
+ROUTERS: dict[str, type[nn.Module]] = {
+    "greedy": GreedyRouter,
+    "group_limited_greedy": GroupLimitedRouter,
+    "noaux_tc": GroupLimitedRouter,
+    "aux_tc": GroupLimitedRouter,
+}
 
 
 class MoE(nn.Module):
@@ -24,35 +33,36 @@ class MoE(nn.Module):
         self.top_k = int(moe_cfg.num_experts_per_tok)
         hidden = int(moe_cfg.moe_intermediate_size)
         self.gate = ROUTERS[method](d_model, moe_cfg)
-        self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(self.n_experts))
+        self.experts = GroupedExperts(self.n_experts, d_model, hidden)
         n_shared = int(moe_cfg.n_shared_experts)
         self.shared_experts = SwiGLU(d_model, n_shared * hidden) if n_shared > 0 else None
-        # tokens routed to each expert since the trainer last read them (load metrics)
-        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
+        # read and zeroed once per optimizer step by the trainer (load metrics); training forwards only
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)  # (E,)
+        self.register_buffer("tokens_dropped", torch.zeros(()), persistent=False)  # assignments no expert ran
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)  # sum of aux losses (detached)
+        self.register_buffer("n_forwards", torch.zeros(()), persistent=False)  # micro-batches since last read
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, d_model = x.shape
-        x_flat = x.reshape(-1, d_model)  # (N, D), N = B*T
-        routing = self.gate(x_flat)
+        routing = self.gate(x)  # over N = B*T tokens; the gate sees (B, T, D) for sequence-wise losses
+        x_flat = x.reshape(-1, d_model)  # (N, D)
         self.aux_loss = routing.aux_loss
+        out, processed = self._dispatch(x_flat, routing.expert_idx, routing.weights, routing.counts)
         if self.training:
             self.tokens_per_expert += routing.counts.to(self.tokens_per_expert.dtype)
-        out = self._dispatch(x_flat, routing.expert_idx, routing.weights, routing.counts)
+            self.tokens_dropped += routing.expert_idx.numel() - processed
+            self.aux_loss_sum += routing.aux_loss.detach().to(self.aux_loss_sum.dtype)
+            self.n_forwards += 1
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_flat)
         return out.view(batch, seq_len, d_model)
 
-    def _dispatch(self, x_flat, expert_idx, weights, counts) -> torch.Tensor:
-        flat_expert = expert_idx.reshape(-1)  # (N*k,)
-        order = flat_expert.argsort(stable=True)  # assignments grouped by expert
+    def _dispatch(self, x_flat, expert_idx, weights, counts) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> (output (N, D), assignments processed)."""
+        order = expert_idx.reshape(-1).argsort(stable=True)  # (N*k,) assignments grouped by expert
         token_of = order // self.top_k  # (N*k,) source token of each sorted assignment
-        x_sorted = x_flat[token_of]  # (N*k, D)
-        out_sorted = torch.empty_like(x_sorted)
-        start = 0
-        for expert, n_tokens in zip(self.experts, counts.tolist()):
-            if n_tokens:
-                out_sorted[start : start + n_tokens] = expert(x_sorted[start : start + n_tokens])
-            start += n_tokens
-        gate_w = weights.reshape(-1)[order].unsqueeze(-1).to(x_flat.dtype)  # (N*k, 1)
-        return torch.zeros_like(x_flat).index_add_(0, token_of, out_sorted * gate_w)
+        out_sorted = self.experts(x_flat[token_of], counts)  # (N*k, D)
+        gate_w = weights.reshape(-1)[order].unsqueeze(-1).to(out_sorted.dtype)  # (N*k, 1)
+        out = x_flat.new_zeros(x_flat.shape, dtype=out_sorted.dtype)
+        return out.index_add_(0, token_of, out_sorted * gate_w), counts.sum()

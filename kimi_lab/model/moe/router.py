@@ -1,4 +1,4 @@
-"""Softmax top-k router with the Switch/GShard load-balance loss (Fedus et al. 2021, eq. 4: alpha * E * sum_i f_i P_i)."""
+"""Top-k router (softmax or sigmoid scores) with the Switch/GShard balance loss (Fedus et al. 2021, eq. 4)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,14 @@ def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: 
     return n_experts * torch.sum(f * p)
 
 
+def score(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Router scores from fp32 logits (N, E): softmax over experts, or per-expert sigmoid (DeepSeek-V3)."""
+    return logits.softmax(dim=-1) if scoring_func == "softmax" else logits.sigmoid()
+
+
 class GreedyRouter(nn.Module):
-    """softmax(x W^T) in fp32, top-k, optional renormalisation over the k, times routed_scaling_factor."""
+    """score(x W^T) in fp32 (softmax or sigmoid), top-k, optional renormalisation over the k, times
+    routed_scaling_factor. The balance loss uses scores normalised over experts (a no-op for softmax)."""
 
     def __init__(self, d_model: int, moe_cfg):
         super().__init__()
@@ -39,16 +45,19 @@ class GreedyRouter(nn.Module):
         self.norm_topk_prob = bool(moe_cfg.norm_topk_prob)
         self.scaling = float(moe_cfg.routed_scaling_factor)
         self.aux_loss_alpha = float(moe_cfg.aux_loss_alpha)
+        self.scoring_func = getattr(moe_cfg.scoring_func, "value", moe_cfg.scoring_func)
         self.weight = nn.Parameter(torch.empty(self.n_experts, d_model))
 
     def forward(self, x: torch.Tensor) -> Routing:
+        x = x.reshape(-1, x.shape[-1])  # (N, D) from (B, T, D) or (N, D)
         with torch.autocast(device_type=x.device.type, enabled=False):  # routing stays fp32 under bf16 autocast
             logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        probs = logits.softmax(dim=-1)
+        probs = score(logits, self.scoring_func)
         weights, expert_idx = probs.topk(self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights * self.scaling
         counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_experts)
-        aux = self.aux_loss_alpha * load_balance_loss(probs, expert_idx, self.n_experts)
+        normed = probs if self.scoring_func == "softmax" else probs / probs.sum(dim=-1, keepdim=True)
+        aux = self.aux_loss_alpha * load_balance_loss(normed, expert_idx, self.n_experts)
         return Routing(expert_idx, weights, aux, counts)

@@ -1,0 +1,119 @@
+"""MoE layer forward+backward time / dense SwiGLU with the same active parameters (``make bench-moe``).
+
+Each case times the whole MoE layer (router, sort, grouped expert matmuls, index_add_ combine) against a dense
+SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
+warm-up, the three variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice)
+for comparison. Prints a table and writes ``bench_out/moe.csv``. Targets from the issue (CPU, fp32): <= 1.10 at
+8 experts top-2, <= 2.0 at 64 experts top-6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from kimi_lab.model.moe import experts as experts_module
+from kimi_lab.model.moe import MoE, SwiGLU
+
+# (n_routed_experts, num_experts_per_tok, moe_intermediate_size, target ratio); dense width k * I = 768 in both
+CASES = [(8, 2, 384, 1.10), (64, 6, 128, 2.0)]
+
+
+def _moe_cfg(n_experts: int, top_k: int, hidden: int, method: str):
+    return OmegaConf.create({
+        "topk_method": method, "scoring_func": "sigmoid" if method != "greedy" else "softmax",
+        "n_routed_experts": n_experts, "num_experts_per_tok": top_k, "moe_intermediate_size": hidden,
+        "n_shared_experts": 0, "norm_topk_prob": True, "routed_scaling_factor": 1.0, "aux_loss_alpha": 1e-4,
+        "n_group": 1, "topk_group": 1, "bias_update_speed": 1e-3,
+    })
+
+
+def _init_(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0.0, 0.02)
+
+
+def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> float:
+    """Seconds of one forward + backward (gradients of the input and all parameters)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    start = time.perf_counter()
+    out = module(x)
+    if isinstance(module, MoE):
+        out = out + module.aux_loss  # the router's balance-loss graph is part of a training step
+    out.backward(upstream)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def segment_form():
+    """Force the segment fallback (one matmul per expert slice) instead of the fused grouped GEMM."""
+    saved, experts_module._GROUPED_MM = experts_module._GROUPED_MM, None
+    try:
+        yield
+    finally:
+        experts_module._GROUPED_MM = saved
+
+
+def run_case(n_experts, top_k, hidden, target, args) -> dict:
+    torch.manual_seed(0)
+    moe = MoE(args.d_model, _moe_cfg(n_experts, top_k, hidden, args.method)).train()
+    dense = SwiGLU(args.d_model, top_k * hidden)
+    _init_(moe), _init_(dense)
+    x = torch.randn(args.batch, args.seq_len, args.d_model, requires_grad=True)
+    upstream = torch.randn_like(x)
+    times: dict[str, list[float]] = {"dense": [], "moe": [], "segment": []}
+    for i in range(args.warmup + args.repeats):  # interleaved, so load drift on a shared machine hits all three
+        sample = {"dense": fwd_bwd_seconds(dense, x, upstream), "moe": fwd_bwd_seconds(moe, x, upstream)}
+        with segment_form():
+            sample["segment"] = fwd_bwd_seconds(moe, x, upstream)
+        if i >= args.warmup:
+            for key, seconds in sample.items():
+                times[key].append(seconds)
+    t_dense, t_moe, t_segment = (statistics.median(times[k]) for k in ("dense", "moe", "segment"))
+    fused = experts_module.grouped_mm_runs(x.reshape(-1, args.d_model), moe.experts.down_proj)
+    return {"experts": n_experts, "top_k": top_k, "moe_intermediate_size": hidden, "dense_d_ff": top_k * hidden,
+            "tokens": args.batch * args.seq_len, "d_model": args.d_model, "method": args.method,
+            "dense_ms": round(1e3 * t_dense, 3), "moe_ms": round(1e3 * t_moe, 3),
+            "segment_ms": round(1e3 * t_segment, 3), "ratio": round(t_moe / t_dense, 3),
+            "segment_ratio": round(t_segment / t_dense, 3), "target": target, "ok": t_moe / t_dense <= target,
+            "kernel": "grouped_mm" if fused else "segment", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "device": "cpu", "dtype": "float32"}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kimi_lab.bench moe", description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--method", default="noaux_tc",
+                        choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
+    parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
+    args = parser.parse_args(argv)
+    rows = [run_case(*case, args) for case in CASES]
+    header = f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} " \
+             f"{'segment':>8} {'kernel':>10}"
+    print(f"MoE fwd+bwd / dense SwiGLU, CPU fp32, {rows[0]['tokens']} tokens x d_model {args.d_model}, "
+          f"{rows[0]['threads']} threads, torch {torch.__version__}")
+    print(header)
+    for r in rows:
+        print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
+              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} "
+              f"{r['kernel']:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+    return 0
