@@ -34,6 +34,10 @@ BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "dense": (["moe=dense"], GROUPS),  # covers dense-only keys (model.d_ff)
     "adam": (["optimizer=adam"], GROUPS),
     "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
+    # original length 8 < the fingerprint's 16 tokens, so dynamic NTK is active
+    "rope_dynamic": (["rope=dynamic", "rope.scaling.original_max_position_embeddings=8"], ("rope",)),
+    "rope_yarn": (["rope=yarn", "rope.scaling.original_max_position_embeddings=4096", "rope.scaling.mscale=1.0",
+                   "rope.scaling.mscale_all_dim=0.5"], ("rope",)),
 }
 
 # perturbations where the generic rule (int x2 or 0->1, float x2 or 0->0.1, bool flip, next Enum member) does not
@@ -47,7 +51,9 @@ PERTURBATIONS = {
     "optimizer.betas": [0.8, 0.99],
     "optimizer.eps": 1e-6,
     "norm.eps": 1e-1,
-    "rope.scaling": {"type": "linear", "factor": 2.0},  # null -> linear position interpolation
+    # yarn ramp bounds are floor/ceil'd dims: x2 moves no bound at head_dim 16, these do
+    "rope.scaling.beta_fast": lambda v: v / 4,
+    "rope.scaling.beta_slow": lambda v: v * 8,
 }
 
 # never perturbed, with the reason
@@ -58,17 +64,26 @@ SKIP = {
     "optimizer.momentum": "must stay null for adam/adamw",
 }
 
+# rope.scaling.type=default (plain RoPE) reads no scaling key (default -> linear at factor 1 is the identity too)
+ROPE_DEFAULT_INERT = {f"rope.scaling.{k}": "plain RoPE; covered by the rope_* bases" for k in (
+    "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base" for k in ("beta_fast", "beta_slow")}
+
 # keys that a base arm does not read by design (covered in another base)
 INERT = {
-    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base"},
-    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters"},
+    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base",
+            **ROPE_DEFAULT_INERT},
+    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters", **ROPE_DEFAULT_INERT},
     # torch's Adam and AdamW run the same update when weight_decay=0 (adam.yaml): identical runs are correct.
     # optimizer.name is covered in the moe base (adamw, weight_decay=0.1 -> adam).
     "adam": {
         "model.d_ff": "every layer is MoE; covered by the dense base",
         "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
+        **ROPE_DEFAULT_INERT,
     },
-    "rope_linear": {},
+    "rope_linear": {**ROPE_NO_RAMP, "rope.scaling.original_max_position_embeddings": "linear reads only factor"},
+    "rope_dynamic": ROPE_NO_RAMP,
+    "rope_yarn": {},
 }
 
 
@@ -205,10 +220,13 @@ def test_cases_cover_the_known_keys():
                 "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
                 "moe.norm_topk_prob", "moe.routed_scaling_factor", "moe.aux_loss_alpha", "moe.first_k_dense_replace",
                 "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
-                "optimizer.schedule", "optimizer.warmup_steps", "optimizer.min_lr_ratio", "rope.theta",
-                "rope.scaling"]:
+                "optimizer.schedule", "optimizer.warmup_steps", "optimizer.min_lr_ratio", "rope.theta"]:
         assert f"moe:{key}" in ids, key
     assert "adam:optimizer.weight_decay" in ids and "rope_linear:rope.scaling.factor" in ids
+    for base, keys in (("rope_linear", ["type", "factor"]), ("rope_dynamic", ["type", "factor",
+                       "original_max_position_embeddings"]), ("rope_yarn", ["type", "factor", "beta_fast",
+                       "beta_slow", "original_max_position_embeddings", "mscale", "mscale_all_dim"])):
+        assert all(f"{base}:rope.scaling.{k}" in ids for k in keys), base
     # single-choice Enums, label strings and the adam/adamw-only-null momentum are never perturbed
     never = ("moe.topk_method", "moe.scoring_func", "optimizer.momentum", "model.name", "rope.name")
     assert not any(i.split(":")[1] in never for i in ids)

@@ -46,7 +46,10 @@ class ScheduleName(str, Enum):
 
 
 class RopeScalingType(str, Enum):
+    default = "default"  # plain RoPE: the other scaling keys are not read
     linear = "linear"  # position interpolation (Chen et al. 2023): inv_freq / factor
+    dynamic = "dynamic"  # dynamic NTK: larger base when the sequence is longer than the original length
+    yarn = "yarn"  # YaRN (Peng et al. 2023): NTK-by-parts ramp + attention factor (mscale)
 
 
 class DataName(str, Enum):
@@ -129,16 +132,22 @@ class OptimizerConfig:
 
 
 @dataclass
-class RopeScalingConfig:
-    type: RopeScalingType = RopeScalingType.linear
+class RopeScalingConfig:  # names as in transformers' rope_scaling
+    type: RopeScalingType = RopeScalingType.default
     factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None  # dynamic/yarn; null = data.seq_len (training length)
+    beta_fast: float = 32.0  # yarn ramp: dims with >= beta_fast turns over the original length extrapolate
+    beta_slow: float = 1.0  # yarn ramp: dims with <= beta_slow turns interpolate (/ factor)
+    mscale: Optional[float] = None  # yarn: with mscale_all_dim, attention factor = m(s, mscale) / m(s, all_dim)
+    mscale_all_dim: Optional[float] = None
 
 
 @dataclass
 class RopeConfig:
     name: str = "default"  # label of the option (recorded in results.json)
     theta: float = 10000.0
-    scaling: Optional[RopeScalingConfig] = None  # null = plain RoPE
+    # a dict even for plain RoPE (type default), so CLI overrides of rope.scaling.* always merge; null = plain
+    scaling: Optional[RopeScalingConfig] = field(default_factory=RopeScalingConfig)
 
 
 @dataclass

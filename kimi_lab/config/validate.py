@@ -30,8 +30,20 @@ def validate_config(cfg: DictConfig) -> None:
     _check_data_and_trainer(cfg)
     _check(cfg.rope.theta > 0, "rope.theta", cfg.rope.theta, "> 0")
     if cfg.rope.scaling is not None:
-        _check(cfg.rope.scaling.factor >= 1.0, "rope.scaling.factor", cfg.rope.scaling.factor, ">= 1")
+        _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
+
+
+def _check_rope_scaling(scaling: DictConfig) -> None:
+    _check(scaling.factor >= 1.0, "rope.scaling.factor", scaling.factor, ">= 1")
+    original = scaling.original_max_position_embeddings
+    if original is not None:
+        _check(original >= 2, "rope.scaling.original_max_position_embeddings", original, ">= 2 or null (= data.seq_len)")
+    _check(0 < scaling.beta_slow < scaling.beta_fast, "rope.scaling.beta_slow", scaling.beta_slow,
+           f"> 0 and < rope.scaling.beta_fast={scaling.beta_fast}")
+    for key in ("mscale", "mscale_all_dim"):
+        if scaling[key] is not None:
+            _check(scaling[key] > 0, f"rope.scaling.{key}", scaling[key], "> 0 or null")
 
 
 def _check_model(cfg: DictConfig) -> None:
