@@ -33,6 +33,7 @@ BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "moe": ([], GROUPS),
     "dense": (["moe=dense"], GROUPS),  # covers dense-only keys (model.d_ff)
     "adam": (["optimizer=adam"], GROUPS),
+    "muon": (["optimizer=muon"], ("optimizer",)),  # covers momentum, adamw_lr, nesterov, ns_steps, adjust_lr_fn
     "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
     # original length 8 < the fingerprint's 16 tokens, so dynamic NTK is active
     "rope_dynamic": (["rope=dynamic", "rope.scaling.original_max_position_embeddings=8"], ("rope",)),
@@ -51,6 +52,7 @@ PERTURBATIONS = {
     "optimizer.betas": [0.8, 0.99],
     "optimizer.eps": 1e-6,
     "norm.eps": 1e-1,
+    "optimizer.momentum": 0.9,  # 0.95 -> 0.9 (x2 leaves [0, 1))
     # yarn ramp bounds are floor/ceil'd dims: x2 moves no bound at head_dim 16, these do
     "rope.scaling.beta_fast": lambda v: v / 4,
     "rope.scaling.beta_slow": lambda v: v * 8,
@@ -60,27 +62,29 @@ PERTURBATIONS = {
 SKIP = {
     "model.name": "label string of the size preset",
     "rope.name": "label string of the RoPE option",
-    # validate_config rejects a non-null momentum for adam/adamw (their momentum is optimizer.betas)
-    "optimizer.momentum": "must stay null for adam/adamw",
 }
 
 # rope.scaling.type=default (plain RoPE) reads no scaling key (default -> linear at factor 1 is the identity too)
 ROPE_DEFAULT_INERT = {f"rope.scaling.{k}": "plain RoPE; covered by the rope_* bases" for k in (
     "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+# null for adam/adamw (validate_config rejects them there); covered by the muon base
+MUON_ONLY = {f"optimizer.{k}": "muon only" for k in ("momentum", "adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")}
 ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base" for k in ("beta_fast", "beta_slow")}
 
 # keys that a base arm does not read by design (covered in another base)
 INERT = {
     "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base",
-            **ROPE_DEFAULT_INERT},
-    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters", **ROPE_DEFAULT_INERT},
+            **ROPE_DEFAULT_INERT, **MUON_ONLY},
+    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters", **ROPE_DEFAULT_INERT, **MUON_ONLY},
     # torch's Adam and AdamW run the same update when weight_decay=0 (adam.yaml): identical runs are correct.
     # optimizer.name is covered in the moe base (adamw, weight_decay=0.1 -> adam).
     "adam": {
         "model.d_ff": "every layer is MoE; covered by the dense base",
         "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
-        **ROPE_DEFAULT_INERT,
+        **ROPE_DEFAULT_INERT, **MUON_ONLY,
     },
+    # muon -> adam would need momentum null too; optimizer.name is covered in the moe base
+    "muon": {"optimizer.name": "muon -> adam is not a valid single-key change (momentum must become null)"},
     "rope_linear": {**ROPE_NO_RAMP, "rope.scaling.original_max_position_embeddings": "linear reads only factor"},
     "rope_dynamic": ROPE_NO_RAMP,
     "rope_yarn": {},
@@ -228,8 +232,11 @@ def test_cases_cover_the_known_keys():
                        "beta_slow", "original_max_position_embeddings", "mscale", "mscale_all_dim"])):
         assert all(f"{base}:rope.scaling.{k}" in ids for k in keys), base
     # single-choice Enums, label strings and the adam/adamw-only-null momentum are never perturbed
-    never = ("moe.topk_method", "moe.scoring_func", "optimizer.momentum", "model.name", "rope.name")
+    never = ("moe.topk_method", "moe.scoring_func", "model.name", "rope.name")
     assert not any(i.split(":")[1] in never for i in ids)
+    assert all(f"muon:optimizer.{k}" in ids for k in ("lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
+                                                      "adjust_lr_fn", "weight_decay", "betas", "eps"))
+    assert not any(i.split(":")[1] in MUON_ONLY for i in ids if not i.startswith("muon:"))
 
 
 @pytest.mark.parametrize("base", sorted(BASES))

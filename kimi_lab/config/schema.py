@@ -38,6 +38,12 @@ class ScoringFunc(str, Enum):
 class OptimizerName(str, Enum):
     adam = "adam"
     adamw = "adamw"
+    muon = "muon"  # torch.optim.Muon on hidden matrices (+ batched NS on expert banks), AdamW on the rest
+
+
+class AdjustLrFn(str, Enum):  # torch.optim.Muon's adjust_lr_fn
+    original = "original"  # lr * sqrt(max(1, out/in)) (Keller Jordan)
+    match_rms_adamw = "match_rms_adamw"  # lr * 0.2 * sqrt(max(out, in)) (Moonlight): reuses AdamW lr / wd
 
 
 class ScheduleName(str, Enum):
@@ -125,6 +131,12 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     momentum: Optional[float] = None  # momentum optimizers only (Muon); must stay null for adam/adamw (betas)
+    # muon only (null for adam/adamw): lr is Muon's; the AdamW part (embeddings, head, norms, router, biases)
+    # uses adamw_lr with betas / eps; weight_decay applies to both
+    adamw_lr: Optional[float] = None
+    nesterov: Optional[bool] = None
+    ns_steps: Optional[int] = None  # Newton-Schulz iterations
+    adjust_lr_fn: Optional[AdjustLrFn] = None
     eps: float = 1e-8
     schedule: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 50  # optimizer steps

@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 
 from kimi_lab.config.schema import PRECISIONS
 
-MOMENTUM_OPTIMIZERS: tuple[str, ...] = ()  # optimizers that read optimizer.momentum (Muon joins here)
+MOMENTUM_OPTIMIZERS: tuple[str, ...] = ("muon",)  # optimizers that read optimizer.momentum
+MUON_KEYS = ("adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")  # read by muon only: null for the others
 
 
 class ConfigError(ValueError):
@@ -91,6 +92,13 @@ def _check_optimizer(cfg: DictConfig) -> None:
            "null for adam/adamw (set optimizer.betas instead); a value in [0, 1) for momentum optimizers")
     if uses_momentum:
         _check(_in_unit_interval(opt.momentum), "optimizer.momentum", opt.momentum, "[0, 1)")
+    is_muon = getattr(opt.name, "value", opt.name) == "muon"
+    for key in MUON_KEYS:
+        _check((opt[key] is not None) == is_muon, f"optimizer.{key}", opt[key],
+               "set for optimizer=muon (see conf/optimizer/muon.yaml); null for adam/adamw")
+    if is_muon:
+        _check(opt.adamw_lr > 0, "optimizer.adamw_lr", opt.adamw_lr, "> 0")
+        _check(1 <= opt.ns_steps < 100, "optimizer.ns_steps", opt.ns_steps, "1 .. 99")
     _check(opt.eps > 0, "optimizer.eps", opt.eps, "> 0")
     _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
     _check(_in_unit_interval(opt.min_lr_ratio, closed_right=True), "optimizer.min_lr_ratio", opt.min_lr_ratio,

@@ -160,12 +160,23 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": kernel,
+        **_optimizer_summary(cfg, module, callbacks),
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),
         "git_commit": git_commit(),
         "finished": now_iso(),
     }
+
+
+def _optimizer_summary(cfg, module, callbacks) -> dict:
+    """Which parameters each optimizer (part) updates, and the optimizer update's share of training step time."""
+    from kimi_lab.optim import describe_assignment
+
+    name = _choice(cfg, "optimizer")
+    optimizers = module.trainer.optimizers
+    params = describe_assignment(module.model, optimizers[0], default_kind=name) if optimizers else {}
+    return {"optimizer_params": params, **callbacks.optimizer_timer.summary(callbacks.metrics.train_time_s)}
 
 
 def _choice(cfg: DictConfig, group: str):
