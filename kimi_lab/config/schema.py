@@ -183,6 +183,9 @@ class DataConfig:
     test_fraction: float = 0.05
     val_tokens: int = 65536  # tokens scored per validation pass (non-overlapping windows)
     test_tokens: int = 131072
+    # after training: val loss at these multiples of seq_len, each on the same token budget (val_tokens rounded
+    # down to a multiple of the longest); [] = skip
+    eval_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     num_workers: int = 0
     paths: list[str] = field(default_factory=list)  # text source: files or folders
     doc_separator: Optional[str] = None  # text source: split files into documents on this string

@@ -114,6 +114,12 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
     for key in ("val_tokens", "test_tokens"):
         _check(data[key] >= data.seq_len, f"data.{key}", data[key], f">= data.seq_len={data.seq_len}")
     _check(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    lengths = [float(m) * data.seq_len for m in data.eval_lengths]
+    _check(all(n >= 2 and n.is_integer() for n in lengths), "data.eval_lengths", list(data.eval_lengths),
+           f"multiples of data.seq_len={data.seq_len} giving whole lengths >= 2")
+    if lengths:
+        _check(data.val_tokens >= max(lengths), "data.val_tokens", data.val_tokens,
+               f">= the longest eval length {int(max(lengths))} (data.eval_lengths x data.seq_len)")
     _check(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, ">= 1")
     if trainer.max_tokens is not None:
         _check(trainer.max_tokens > 0, "trainer.max_tokens", trainer.max_tokens, "> 0 or null")
