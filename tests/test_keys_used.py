@@ -53,6 +53,7 @@ PERTURBATIONS = {
     "optimizer.eps": 1e-6,
     "norm.eps": 1e-1,
     "optimizer.momentum": 0.9,  # 0.95 -> 0.9 (x2 leaves [0, 1))
+    "optimizer.adamw_lr": 1e-3,  # muon.yaml interpolates ${optimizer.lr}
     # yarn ramp bounds are floor/ceil'd dims: x2 moves no bound at head_dim 16, these do
     "rope.scaling.beta_fast": lambda v: v / 4,
     "rope.scaling.beta_slow": lambda v: v * 8,

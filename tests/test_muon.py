@@ -124,7 +124,8 @@ def test_expert_banks_match_torch_muon_on_each_slice_and_half(nesterov):
 
 
 def test_every_hidden_matrix_gets_an_orthogonalised_update():
-    cfg = compose_config(["optimizer=muon", "model.vocab_size=1024", "optimizer.weight_decay=0", "moe.n_shared_experts=1"])
+    cfg = compose_config(["optimizer=muon", "model.vocab_size=1024", "optimizer.weight_decay=0", "moe.n_shared_experts=1",
+                          "optimizer.lr=0.02", "optimizer.adjust_lr_fn=original", "optimizer.warmup_steps=0"])
     torch.manual_seed(4)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optimizer)
@@ -196,7 +197,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
 
 
 def test_one_optimizer_object_with_per_group_base_lr():
-    cfg = compose_config(["optimizer=muon", "optimizer.warmup_steps=4"])
+    cfg = compose_config(["optimizer=muon", "optimizer.warmup_steps=4", "optimizer.lr=0.02", "optimizer.adamw_lr=3e-3"])
     validate_config(cfg)
     model = build_model(cfg)
     opt = build_optimizer(model, cfg.optimizer)
