@@ -29,6 +29,7 @@ def test_results_hold_val_loss_at_each_length(tmp_path):
         assert math.isclose(losses["32"], results["val_loss"], rel_tol=1e-5)
         assert len(set(losses.values())) == 4  # context length changes the loss
         by_rope[rope] = losses
+        assert results["rope_scaling"] == rope and results["rope_attention_scaling"] == 1.0
     # dynamic NTK is plain RoPE up to the training length (same training run), and differs beyond it
     plain, dynamic = by_rope["default"], by_rope["dynamic"]
     assert plain["16"] == dynamic["16"] and plain["32"] == dynamic["32"]

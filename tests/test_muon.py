@@ -239,3 +239,17 @@ def test_interrupted_muon_run_resumes_bit_for_bit(tmp_path):
     assert full["optimizer_params"]["muon"]["count"] > 0 and "embed_tokens.weight" in \
         full["optimizer_params"]["adamw"]["patterns"]
     assert 0 < full["optimizer_step_share"] < 1
+
+
+@pytest.mark.gpu
+def test_batched_ns_on_cuda_matches_torch_per_slice():
+    torch.manual_seed(7)
+    grads = torch.randn(4, 64, 96, device="cuda")
+    got = batched_newton_schulz(grads, ns_steps=5)
+    for g, out in zip(grads, got):
+        want = _zeropower_via_newtonschulz(g, NS_COEFFICIENTS, 5, 1e-7)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0, atol=2e-2)
+    model = BankModel().cuda()
+    opt = build_muon(model, _opt_cfg(weight_decay=0.1))
+    _step(model, opt, torch.randint(0, 11, (4, 9), device="cuda"), steps=2)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -50,3 +50,12 @@ def test_norm_timing_and_bench_main(capsys):
     assert bench_norm.main(["model=tiny", "norm=layernorm", "data.batch_size=2", "model.vocab_size=1024"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 1
+
+
+@pytest.mark.gpu
+def test_norm_kernel_and_timing_on_cuda():
+    layer_norm = norm_kernel(torch.nn.LayerNorm(64), "cuda")
+    assert layer_norm.startswith("torch.nn.LayerNorm: fused on cuda")
+    rms = norm_kernel(torch.nn.RMSNorm(64), "cuda")  # fused (aten._fused_rms_norm) where torch has it for CUDA
+    assert rms.startswith("torch.nn.RMSNorm: ") and " on cuda " in rms
+    assert norm_fwd_bwd_ms([torch.nn.RMSNorm(64).cuda() for _ in range(3)], 4, 128) > 0

@@ -149,7 +149,8 @@ def build_muon(model: nn.Module, opt_cfg) -> MuonWithAdamW:
     if banks:
         by_split: dict[int, list] = defaultdict(list)
         for name, p in banks:
-            by_split[SPLIT_BANKS.get(name.rsplit(".", 1)[-1], 1)].append(p)
+            parts = name.split(".")  # e.g. layers.0.mlp.experts.gate_up_proj (or ...gate_up_proj.weight)
+            by_split[next((n for key, n in SPLIT_BANKS.items() if key in parts), 1)].append(p)
         groups = [{"params": ps, "split": split, "kind": "muon_expert_bank"} for split, ps in sorted(by_split.items())]
         optimizers.append(ExpertBankMuon(groups, **muon_kw))
     adamw = kinds["adamw"]

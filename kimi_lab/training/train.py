@@ -169,6 +169,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": kernel,
+        **_rope_summary(module.model),
         **_optimizer_summary(cfg, module, callbacks),
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
@@ -176,6 +177,14 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         "git_commit": git_commit(),
         "finished": now_iso(),
     }
+
+
+def _rope_summary(model) -> dict:
+    """The RoPE scaling that ran (rope.name is only the option's label) and its attention factor (YaRN mscale)."""
+    rotary = getattr(model, "rotary", None)
+    if rotary is None:
+        return {}
+    return {"rope_scaling": rotary.scaling_type, "rope_attention_scaling": rotary.attention_scaling}
 
 
 def _length_generalisation(cfg: DictConfig, module, trainer, datamodule) -> dict:
