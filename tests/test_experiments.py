@@ -46,8 +46,8 @@ def _select(cfg, key: str):
 
 
 def test_study_axes():
-    assert _sweep_params("norm_cpu") == {"norm": ["layernorm", "rmsnorm"], "optimizer.lr": ["1e-4", "3e-4", "1e-3", "2e-3"],
-                                         "norm.eps": ["1e-6", "1e-8"], "seed": ["1", "2", "3"]}
+    assert _sweep_params("norm_cpu") == {"norm": ["layernorm", "rmsnorm"], "norm.eps": ["1e-6", "1e-8"],
+                                         "optimizer.lr": ["1e-4", "3e-4", "1e-3", "2e-3"], "seed": ["1", "2", "3"]}
     assert _sweep_params("optimizer_momentum_cpu")["optimizer.momentum"] == ["0.9", "0.95", "0.99"]
     rope = _sweep_params("rope")
     assert rope["rope"] == ["default", "linear", "dynamic", "yarn"]

@@ -70,7 +70,8 @@ ROPE_DEFAULT_INERT = {f"rope.scaling.{k}": "plain RoPE; covered by the rope_* ba
     "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
 # null for adam/adamw (validate_config rejects them there); covered by the muon base
 MUON_ONLY = {f"optimizer.{k}": "muon only" for k in ("momentum", "adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")}
-ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base" for k in ("beta_fast", "beta_slow")}
+ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base"
+                for k in ("beta_fast", "beta_slow")}
 
 # keys that a base arm does not read by design (covered in another base)
 INERT = {

@@ -124,7 +124,8 @@ def test_expert_banks_match_torch_muon_on_each_slice_and_half(nesterov):
 
 
 def test_every_hidden_matrix_gets_an_orthogonalised_update():
-    cfg = compose_config(["optimizer=muon", "model.vocab_size=1024", "optimizer.weight_decay=0", "moe.n_shared_experts=1",
+    cfg = compose_config(["optimizer=muon", "model.vocab_size=1024", "optimizer.weight_decay=0",
+                          "moe.n_shared_experts=1",
                           "optimizer.lr=0.02", "optimizer.adjust_lr_fn=original", "optimizer.warmup_steps=0"])
     torch.manual_seed(4)
     model = build_model(cfg)

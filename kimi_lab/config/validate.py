@@ -39,7 +39,8 @@ def _check_rope_scaling(scaling: DictConfig) -> None:
     _check(scaling.factor >= 1.0, "rope.scaling.factor", scaling.factor, ">= 1")
     original = scaling.original_max_position_embeddings
     if original is not None:
-        _check(original >= 2, "rope.scaling.original_max_position_embeddings", original, ">= 2 or null (= data.seq_len)")
+        _check(original >= 2, "rope.scaling.original_max_position_embeddings", original,
+               ">= 2 or null (= data.seq_len)")
     _check(0 < scaling.beta_slow < scaling.beta_fast, "rope.scaling.beta_slow", scaling.beta_slow,
            f"> 0 and < rope.scaling.beta_fast={scaling.beta_fast}")
     for key in ("mscale", "mscale_all_dim"):

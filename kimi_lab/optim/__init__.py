@@ -71,4 +71,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, max_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **kwargs))
 
 
-__all__ = ["OPTIMIZERS", "MuonWithAdamW", "build_optimizer", "describe_assignment", "build_scheduler", "lr_multiplier", "param_groups"]
+__all__ = ["OPTIMIZERS", "MuonWithAdamW", "build_optimizer", "build_scheduler", "describe_assignment", "lr_multiplier",
+           "param_groups"]
