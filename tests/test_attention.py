@@ -3,6 +3,8 @@ causality, GQA, checkpoint portability, kernel labels and the errors for impossi
 
 from __future__ import annotations
 
+import math
+
 import copy
 
 import pytest
@@ -186,8 +188,7 @@ def test_mla_rope_convention_is_interleaved_as_hf_default():
 
 
 def test_mla_yarn_mscale_scales_softmax_not_cos_sin():
-    """With the rotary's attention factor m: cos/sin arrive scaled by m (for MHA); MLA undoes that and multiplies
-    its softmax scale by m^2 (DeepSeek's rule)."""
+    """DeepSeek's rule: MLA multiplies its softmax scale by mscale^2 and takes cos/sin unscaled."""
     module = _module("mla", "standard").eval()
     x, cos, sin, _ = _inputs(module)
     plain = _reference_of(module)
@@ -195,16 +196,20 @@ def test_mla_yarn_mscale_scales_softmax_not_cos_sin():
     module.set_rope_mscale(1.3)
     assert module.softmax_scale == pytest.approx((16 + 8) ** -0.5 * 1.3**2)
     with torch.no_grad():
-        torch.testing.assert_close(module(x, cos * 1.3, sin * 1.3), plain(x, cos, sin), rtol=0, atol=1e-5)
+        torch.testing.assert_close(module(x, cos, sin), plain(x, cos, sin), rtol=0, atol=1e-5)
 
 
-def test_transformer_reads_the_rotary_attention_factor(monkeypatch):
-    import kimi_lab.model.transformer as transformer
-
-    monkeypatch.setattr(transformer.RotaryEmbedding, "attention_scaling", 1.25, raising=False)
-    model = build_model(compose_config(["attention=mla"]))
+@pytest.mark.parametrize(("mscale_all_dim", "want"), [(None, 0.1 * math.log(4) + 1), (0.707, 0.0707 * math.log(4) + 1)])
+def test_transformer_gives_mla_deepseek_yarn_mscale(mscale_all_dim, want):
+    overrides = ["attention=mla", "rope=yarn", "rope.scaling.factor=4"]
+    if mscale_all_dim is not None:
+        overrides += ["rope.scaling.mscale=0.707", f"rope.scaling.mscale_all_dim={mscale_all_dim}"]
+    model = build_model(compose_config(overrides))
     assert model.rotary.cos.shape[-1] == model.layers[0].self_attn.qk_rope_head_dim  # RoPE table of rope dims
-    assert all(layer.self_attn.rope_mscale == 1.25 for layer in model.layers)
+    assert all(layer.self_attn.rope_mscale == pytest.approx(want) for layer in model.layers)
+    assert not model.scale_rotary_tables  # cos/sin reach MLA unscaled
+    mha = build_model(compose_config(["rope=yarn", "rope.scaling.factor=4"]))
+    assert mha.scale_rotary_tables and mha.rotary.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
 
 
 def test_mla_cache_is_the_latent():

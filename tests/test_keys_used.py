@@ -34,10 +34,15 @@ BASES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "moe": ([], GROUPS),
     "dense": (["moe=dense"], GROUPS),  # covers dense-only keys (model.d_ff)
     "adam": (["optimizer=adam"], GROUPS),
+    "muon": (["optimizer=muon"], ("optimizer",)),  # covers momentum, adamw_lr, nesterov, ns_steps, adjust_lr_fn
     "rope_linear": (["rope=linear"], ("rope",)),  # covers rope.scaling.factor
     "mla": (["attention=mla"], ("attention",)),  # covers the MLA-only attention keys
     # DeepSeek-V3 gate (noaux_tc, sigmoid, groups); 8 experts so that 4 groups of 2, 2 kept, restrict the top-2
     "deepseek_v3": (["moe=deepseek_v3", "moe.n_routed_experts=8"], ("moe",)),
+    # original length 8 < the fingerprint's 16 tokens, so dynamic NTK is active
+    "rope_dynamic": (["rope=dynamic", "rope.scaling.original_max_position_embeddings=8"], ("rope",)),
+    "rope_yarn": (["rope=yarn", "rope.scaling.original_max_position_embeddings=4096", "rope.scaling.mscale=1.0",
+                   "rope.scaling.mscale_all_dim=0.5"], ("rope",)),
 }
 
 # perturbations where the generic rule (int x2 or 0->1, float x2 or 0->0.1, bool flip, next Enum member) does not
@@ -51,38 +56,54 @@ PERTURBATIONS = {
     "optimizer.betas": [0.8, 0.99],
     "optimizer.eps": 1e-6,
     "norm.eps": 1e-1,
-    "rope.scaling": {"type": "linear", "factor": 2.0},  # null -> linear position interpolation
     "attention.q_lora_rank": 16,  # null (q_proj) -> query compression (q_a_proj, q_a_layernorm, q_b_proj)
     # greedy -> aux_tc (another loss); noaux_tc -> aux_tc (the bias stops moving); aux_tc -> noaux_tc
     "moe.topk_method": lambda v: "noaux_tc" if getattr(v, "value", v) == "aux_tc" else "aux_tc",
     "moe.n_group": lambda v: v // 2 if v > 1 else 2,  # 4 groups of 2 (2 kept) -> 2 of 4 (all kept); x2: groups of 1
+    "optimizer.momentum": 0.9,  # 0.95 -> 0.9 (x2 leaves [0, 1))
+    "optimizer.adamw_lr": 1e-3,  # muon.yaml interpolates ${optimizer.lr}
+    # yarn ramp bounds are floor/ceil'd dims: x2 moves no bound at head_dim 16, these do
+    "rope.scaling.beta_fast": lambda v: v / 4,
+    "rope.scaling.beta_slow": lambda v: v * 8,
 }
 
 # never perturbed, with the reason
 SKIP = {
     "model.name": "label string of the size preset",
     "rope.name": "label string of the RoPE option",
-    # validate_config rejects a non-null momentum for adam/adamw (their momentum is optimizer.betas)
-    "optimizer.momentum": "must stay null for adam/adamw",
     # a kernel computes the same maths, so a fingerprint differing by fp noise would prove nothing either way:
     # test_kernel_key_changes_the_recorded_kernel checks the kernel that ran changes and the run stays equal
     "attention.kernel": "kernel choice, covered by test_kernel_key_changes_the_recorded_kernel",
 }
 
+# rope.scaling.type=default (plain RoPE) reads no scaling key (default -> linear at factor 1 is the identity too)
+ROPE_DEFAULT_INERT = {f"rope.scaling.{k}": "plain RoPE; covered by the rope_* bases" for k in (
+    "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+# null for adam/adamw (validate_config rejects them there); covered by the muon base
+MUON_ONLY = {f"optimizer.{k}": "muon only" for k in ("momentum", "adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")}
+ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base"
+                for k in ("beta_fast", "beta_slow")}
+
 # keys that a base arm does not read by design (covered in another base)
 _GATE_ONLY = {key: "read by the DeepSeek gate only (greedy: no groups, no bias); covered by the deepseek_v3 base"
               for key in ("moe.n_group", "moe.topk_group", "moe.bias_update_speed")}
 INERT = {
-    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base", **_GATE_ONLY},
-    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters"},
+    "moe": {"model.d_ff": "every layer is MoE (first_k_dense_replace=0); covered by the dense base",
+            **ROPE_DEFAULT_INERT, **MUON_ONLY, **_GATE_ONLY},
+    "dense": {"moe.*": "moe=dense has no experts: only moe.name matters",
+              **ROPE_DEFAULT_INERT, **MUON_ONLY, **_GATE_ONLY},
     # torch's Adam and AdamW run the same update when weight_decay=0 (adam.yaml): identical runs are correct.
     # optimizer.name is covered in the moe base (adamw, weight_decay=0.1 -> adam).
     "adam": {
         "model.d_ff": "every layer is MoE; covered by the dense base",
         "optimizer.name": "adam vs adamw differ only in how weight_decay (0 here) is applied",
-        **_GATE_ONLY,
+        **_GATE_ONLY, **ROPE_DEFAULT_INERT, **MUON_ONLY,
     },
-    "rope_linear": {},
+    # muon -> adam would need momentum null too; optimizer.name is covered in the moe base
+    "muon": {"optimizer.name": "muon -> adam is not a valid single-key change (momentum must become null)"},
+    "rope_linear": {**ROPE_NO_RAMP, "rope.scaling.original_max_position_embeddings": "linear reads only factor"},
+    "rope_dynamic": ROPE_NO_RAMP,
+    "rope_yarn": {},
     "mla": {"attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
             "attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
     "deepseek_v3": {},
@@ -226,16 +247,22 @@ def test_cases_cover_the_known_keys():
                 "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
                 "moe.norm_topk_prob", "moe.routed_scaling_factor", "moe.aux_loss_alpha", "moe.first_k_dense_replace",
                 "optimizer.name", "optimizer.lr", "optimizer.weight_decay", "optimizer.betas", "optimizer.eps",
-                "optimizer.schedule", "optimizer.warmup_steps", "optimizer.min_lr_ratio", "rope.theta",
-                "rope.scaling"]:
+                "optimizer.schedule", "optimizer.warmup_steps", "optimizer.min_lr_ratio", "rope.theta"]:
         assert f"moe:{key}" in ids, key
     assert "adam:optimizer.weight_decay" in ids and "rope_linear:rope.scaling.factor" in ids
     for key in ["moe.topk_method", "moe.scoring_func", "moe.n_group", "moe.topk_group", "moe.bias_update_speed",
                 "moe.aux_loss_alpha", "moe.routed_scaling_factor", "moe.n_shared_experts", "moe.norm_topk_prob"]:
         assert f"deepseek_v3:{key}" in ids, key
-    # single-choice Enums, label strings and the adam/adamw-only-null momentum are never perturbed
-    never = ("optimizer.momentum", "model.name", "rope.name")
+    for base, keys in (("rope_linear", ["type", "factor"]), ("rope_dynamic", ["type", "factor",
+                       "original_max_position_embeddings"]), ("rope_yarn", ["type", "factor", "beta_fast",
+                       "beta_slow", "original_max_position_embeddings", "mscale", "mscale_all_dim"])):
+        assert all(f"{base}:rope.scaling.{k}" in ids for k in keys), base
+    # label strings are never perturbed
+    never = ("model.name", "rope.name")
     assert not any(i.split(":")[1] in never for i in ids)
+    assert all(f"muon:optimizer.{k}" in ids for k in ("lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
+                                                      "adjust_lr_fn", "weight_decay", "betas", "eps"))
+    assert not any(i.split(":")[1] in MUON_ONLY for i in ids if not i.startswith("muon:"))
 
 
 @pytest.mark.parametrize("base", sorted(BASES))

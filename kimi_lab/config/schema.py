@@ -50,6 +50,12 @@ class ScoringFunc(str, Enum):
 class OptimizerName(str, Enum):
     adam = "adam"
     adamw = "adamw"
+    muon = "muon"  # torch.optim.Muon on hidden matrices (+ batched NS on expert banks), AdamW on the rest
+
+
+class AdjustLrFn(str, Enum):  # torch.optim.Muon's adjust_lr_fn
+    original = "original"  # lr * sqrt(max(1, out/in)) (Keller Jordan)
+    match_rms_adamw = "match_rms_adamw"  # lr * 0.2 * sqrt(max(out, in)) (Moonlight): reuses AdamW lr / wd
 
 
 class ScheduleName(str, Enum):
@@ -58,7 +64,10 @@ class ScheduleName(str, Enum):
 
 
 class RopeScalingType(str, Enum):
+    default = "default"  # plain RoPE: the other scaling keys are not read
     linear = "linear"  # position interpolation (Chen et al. 2023): inv_freq / factor
+    dynamic = "dynamic"  # dynamic NTK: larger base when the sequence is longer than the original length
+    yarn = "yarn"  # YaRN (Peng et al. 2023): NTK-by-parts ramp + attention factor (mscale)
 
 
 class DataName(str, Enum):
@@ -145,6 +154,12 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     momentum: Optional[float] = None  # momentum optimizers only (Muon); must stay null for adam/adamw (betas)
+    # muon only (null for adam/adamw): lr is Muon's; the AdamW part (embeddings, head, norms, router, biases)
+    # uses adamw_lr with betas / eps; weight_decay applies to both
+    adamw_lr: Optional[float] = None
+    nesterov: Optional[bool] = None
+    ns_steps: Optional[int] = None  # Newton-Schulz iterations
+    adjust_lr_fn: Optional[AdjustLrFn] = None
     eps: float = 1e-8
     schedule: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 50  # optimizer steps
@@ -152,16 +167,22 @@ class OptimizerConfig:
 
 
 @dataclass
-class RopeScalingConfig:
-    type: RopeScalingType = RopeScalingType.linear
+class RopeScalingConfig:  # names as in transformers' rope_scaling
+    type: RopeScalingType = RopeScalingType.default
     factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None  # dynamic/yarn; null = data.seq_len (training length)
+    beta_fast: float = 32.0  # yarn ramp: dims with >= beta_fast turns over the original length extrapolate
+    beta_slow: float = 1.0  # yarn ramp: dims with <= beta_slow turns interpolate (/ factor)
+    mscale: Optional[float] = None  # yarn: with mscale_all_dim, attention factor = m(s, mscale) / m(s, all_dim)
+    mscale_all_dim: Optional[float] = None
 
 
 @dataclass
 class RopeConfig:
     name: str = "default"  # label of the option (recorded in results.json)
     theta: float = 10000.0
-    scaling: Optional[RopeScalingConfig] = None  # null = plain RoPE
+    # a dict even for plain RoPE (type default), so CLI overrides of rope.scaling.* always merge; null = plain
+    scaling: Optional[RopeScalingConfig] = field(default_factory=RopeScalingConfig)
 
 
 @dataclass
@@ -185,6 +206,9 @@ class DataConfig:
     test_fraction: float = 0.05
     val_tokens: int = 65536  # tokens scored per validation pass (non-overlapping windows)
     test_tokens: int = 131072
+    # after training: val loss at these multiples of seq_len, each on the same token budget (val_tokens rounded
+    # down to a multiple of the longest); [] = skip
+    eval_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     num_workers: int = 0
     paths: list[str] = field(default_factory=list)  # text source: files or folders
     doc_separator: Optional[str] = None  # text source: split files into documents on this string

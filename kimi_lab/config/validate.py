@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 
 from kimi_lab.config.schema import PRECISIONS
 
-MOMENTUM_OPTIMIZERS: tuple[str, ...] = ()  # optimizers that read optimizer.momentum (Muon joins here)
+MOMENTUM_OPTIMIZERS: tuple[str, ...] = ("muon",)  # optimizers that read optimizer.momentum
+MUON_KEYS = ("adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")  # read by muon only: null for the others
 
 
 class ConfigError(ValueError):
@@ -31,8 +32,21 @@ def validate_config(cfg: DictConfig) -> None:
     _check_data_and_trainer(cfg)
     _check(cfg.rope.theta > 0, "rope.theta", cfg.rope.theta, "> 0")
     if cfg.rope.scaling is not None:
-        _check(cfg.rope.scaling.factor >= 1.0, "rope.scaling.factor", cfg.rope.scaling.factor, ">= 1")
+        _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
+
+
+def _check_rope_scaling(scaling: DictConfig) -> None:
+    _check(scaling.factor >= 1.0, "rope.scaling.factor", scaling.factor, ">= 1")
+    original = scaling.original_max_position_embeddings
+    if original is not None:
+        _check(original >= 2, "rope.scaling.original_max_position_embeddings", original,
+               ">= 2 or null (= data.seq_len)")
+    _check(0 < scaling.beta_slow < scaling.beta_fast, "rope.scaling.beta_slow", scaling.beta_slow,
+           f"> 0 and < rope.scaling.beta_fast={scaling.beta_fast}")
+    for key in ("mscale", "mscale_all_dim"):
+        if scaling[key] is not None:
+            _check(scaling[key] > 0, f"rope.scaling.{key}", scaling[key], "> 0 or null")
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -135,6 +149,13 @@ def _check_optimizer(cfg: DictConfig) -> None:
            "null for adam/adamw (set optimizer.betas instead); a value in [0, 1) for momentum optimizers")
     if uses_momentum:
         _check(_in_unit_interval(opt.momentum), "optimizer.momentum", opt.momentum, "[0, 1)")
+    is_muon = getattr(opt.name, "value", opt.name) == "muon"
+    for key in MUON_KEYS:
+        _check((opt[key] is not None) == is_muon, f"optimizer.{key}", opt[key],
+               "set for optimizer=muon (see conf/optimizer/muon.yaml); null for adam/adamw")
+    if is_muon:
+        _check(opt.adamw_lr > 0, "optimizer.adamw_lr", opt.adamw_lr, "> 0")
+        _check(1 <= opt.ns_steps < 100, "optimizer.ns_steps", opt.ns_steps, "1 .. 99")
     _check(opt.eps > 0, "optimizer.eps", opt.eps, "> 0")
     _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, ">= 0")
     _check(_in_unit_interval(opt.min_lr_ratio, closed_right=True), "optimizer.min_lr_ratio", opt.min_lr_ratio,
@@ -150,6 +171,12 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
     for key in ("val_tokens", "test_tokens"):
         _check(data[key] >= data.seq_len, f"data.{key}", data[key], f">= data.seq_len={data.seq_len}")
     _check(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    lengths = [float(m) * data.seq_len for m in data.eval_lengths]
+    _check(all(n >= 2 and n.is_integer() for n in lengths), "data.eval_lengths", list(data.eval_lengths),
+           f"multiples of data.seq_len={data.seq_len} giving whole lengths >= 2")
+    if lengths:
+        _check(data.val_tokens >= max(lengths), "data.val_tokens", data.val_tokens,
+               f">= the longest eval length {int(max(lengths))} (data.eval_lengths x data.seq_len)")
     _check(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, ">= 1")
     if trainer.max_tokens is not None:
         _check(trainer.max_tokens > 0, "trainer.max_tokens", trainer.max_tokens, "> 0 or null")

@@ -201,6 +201,15 @@ class LMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
+    def eval_windows(self, split: str, seq_len: int, max_tokens: int) -> EvalWindows:
+        """Windows of another length over the same split (length-generalisation evals)."""
+        cache = self._require_setup()
+        return EvalWindows(cache.val if split == "val" else cache.test, seq_len, max_tokens, split)
+
+    def n_tokens(self, split: str) -> int:
+        cache = self._require_setup()
+        return len(cache.val if split == "val" else cache.test)
+
     def val_targets(self) -> np.ndarray:
         """The (n_val_windows * seq_len,) tokens scored by validation, in order."""
         return self._eval_set("val").targets()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import statistics
+import time
 from typing import Callable
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # registry: norm.name -> factory(dim, eps)
 NORMS: dict[str, Callable[[int, float], nn.Module]] = {
@@ -21,3 +26,66 @@ def build_norm(norm_cfg, dim: int) -> nn.Module:
 def _name(value) -> str:
     """Enum member or plain string -> registry key."""
     return getattr(value, "value", value)
+
+
+def norm_kernel(norm: nn.Module, device: torch.device | str = "cpu") -> str:
+    """Which aten kernels one forward of ``norm`` dispatches to on ``device``: fused (one op) or composite.
+
+    On CPU in torch 2.13 torch.nn.RMSNorm is a composite (pow, mean, add, rsqrt, mul, mul) while LayerNorm is
+    one fused native_layer_norm, so CPU timings of the two compare kernels, not methods.
+    """
+    probe = copy.deepcopy(norm).to(device)
+    x = torch.randn(2, 3, probe.normalized_shape[-1], device=device)
+    with _OpRecorder() as recorder, torch.no_grad():
+        probe(x)
+    ops = [op for op in recorder.ops if op not in ("aten.detach", "aten.view", "aten._to_copy")]
+    kind = "fused" if len(ops) == 1 else "composite"
+    return f"torch.nn.{type(norm).__name__}: {kind} on {torch.device(device).type} ({', '.join(ops)})"
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the aten op of every call that reaches dispatch (composite-implicit ops arrive decomposed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+
+
+def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def norm_fwd_bwd_ms(norms: list[nn.Module], batch_size: int, seq_len: int, repeats: int = 5) -> float:
+    """Median ms of forward+backward of all ``norms`` (each on a (B, T, D) input, on their own device)."""
+    device = next(norms[0].parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        x = torch.randn(batch_size, seq_len, norms[0].normalized_shape[-1], device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+
+        def step():
+            for norm in norms:
+                norm(x).backward(grad)
+
+        ms = _median_ms(step, device, repeats)
+    for norm in norms:
+        norm.zero_grad(set_to_none=True)
+    return ms

@@ -1,48 +1,144 @@
-"""Rotary position embedding (Su et al. 2021, RoFormer eq. 34), HF ``rotate_half`` convention."""
+"""Rotary position embedding (Su et al. 2021, RoFormer eq. 34), HF ``rotate_half`` convention, with length scaling.
+
+Scaling types follow ``transformers.modeling_rope_utils`` (tested against it, never imported here):
+``linear`` position interpolation (Chen et al. 2023), ``dynamic`` NTK-aware scaling (bloc97/emozilla, as in HF),
+``yarn`` (Peng et al. 2023, arXiv:2309.00071, eq. 19-20 ramp + sec. 3.4 attention factor).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
 
-def default_inv_freq(head_dim: int, theta: float, scaling_cfg=None) -> torch.Tensor:
-    """inv_freq_i = theta^(-2i/d), i = 0 .. d/2-1 (no length scaling)."""
+def default_inv_freq(head_dim: int, theta: float, scaling_cfg=None, **_) -> torch.Tensor:
+    """inv_freq_i = theta^(-2i/d), i = 0 .. d/2-1 (no length scaling); float64 (d/2,)."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim
     return 1.0 / (theta**exponents)
 
 
-def linear_inv_freq(head_dim: int, theta: float, scaling_cfg) -> torch.Tensor:
+def linear_inv_freq(head_dim: int, theta: float, scaling_cfg, **_) -> torch.Tensor:
     """Position interpolation (Chen et al. 2023): positions divided by factor == inv_freq / factor (HF 'linear')."""
     return default_inv_freq(head_dim, theta) / float(scaling_cfg.factor)
 
 
-# registry: rope.scaling.type -> inv_freq builder (head_dim, theta, scaling_cfg) -> (head_dim/2,)
-ROPE_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {"none": default_inv_freq, "linear": linear_inv_freq}
+def dynamic_inv_freq(head_dim: int, theta: float, scaling_cfg, *, seq_len: int, original_len: int) -> torch.Tensor:
+    """Dynamic NTK: base' = base * (factor * L / L_orig - (factor - 1))^(d / (d - 2)), only when L > L_orig."""
+    seq_len = max(seq_len, original_len)  # within the original length: plain RoPE
+    factor = float(scaling_cfg.factor)
+    base = theta * (factor * seq_len / original_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return default_inv_freq(head_dim, base)
+
+
+def _yarn_correction_dim(rotations: float, head_dim: int, theta: float, original_len: int) -> float:
+    """Dimension index whose wavelength fits ``rotations`` full turns into the original length (YaRN eq. 17)."""
+    return head_dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def yarn_inv_freq(head_dim: int, theta: float, scaling_cfg, *, original_len: int, **_) -> torch.Tensor:
+    """YaRN 'NTK-by-parts': extrapolate fast dims, interpolate (/factor) slow dims, linear ramp between.
+
+    The ramp bounds come from beta_fast / beta_slow rotations over the ORIGINAL length (not the extended one,
+    cf. Megatron-LM#1418); bounds floor/ceil-truncated as HF's default ``truncate=True``.
+    """
+    factor = float(scaling_cfg.factor)
+    low = math.floor(_yarn_correction_dim(float(scaling_cfg.beta_fast), head_dim, theta, original_len))
+    high = math.ceil(_yarn_correction_dim(float(scaling_cfg.beta_slow), head_dim, theta, original_len))
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp (as HF)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # (d/2,)
+    extrapolation = default_inv_freq(head_dim, theta)
+    return extrapolation / factor * ramp + extrapolation * (1 - ramp)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def attention_factor(scaling_cfg) -> float:
+    """Factor on cos/sin (so on q.k: its square). YaRN: 0.1 ln(s) + 1, or the mscale/mscale_all_dim ratio; else 1."""
+    if scaling_cfg is None or _type(scaling_cfg) != "yarn":
+        return 1.0
+    factor = float(scaling_cfg.factor)
+    mscale, mscale_all_dim = scaling_cfg.mscale, scaling_cfg.mscale_all_dim
+    if mscale and mscale_all_dim:  # DeepSeek-V2/V3 convention
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+    return _yarn_mscale(factor)
+
+
+def mla_softmax_mscale(scaling_cfg) -> float:
+    """DeepSeek-V3 MLA under YaRN (inference/model.py; HF DeepseekV3Attention): softmax scale x mscale^2 with
+    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin stay plain."""
+    if scaling_cfg is None or _type(scaling_cfg) != "yarn":
+        return 1.0
+    return _yarn_mscale(float(scaling_cfg.factor), float(scaling_cfg.mscale_all_dim or 1.0))
+
+
+# registry: rope.scaling.type -> inv_freq builder (head_dim, theta, scaling_cfg, seq_len=, original_len=) -> (d/2,)
+ROPE_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {
+    "default": default_inv_freq,
+    "linear": linear_inv_freq,
+    "dynamic": dynamic_inv_freq,
+    "yarn": yarn_inv_freq,
+}
+
+
+def _type(scaling_cfg) -> str:
+    return "default" if scaling_cfg is None else getattr(scaling_cfg.type, "value", scaling_cfg.type)
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables for positions 0..max_seq_len-1."""
+    """cos/sin tables, built for 0..max_seq_len-1 and extended on demand (then cached) for longer sequences.
+
+    ``forward(seq_len)`` returns (cos, sin), each (seq_len, head_dim), multiplied by ``attention_scaling``
+    (the YaRN mscale; 1 otherwise), which is right for MHA where all of q and k are rotated. A caller that
+    rotates only part of q/k (MLA) passes ``apply_attention_scaling=False`` and multiplies its softmax scale by
+    ``attention_scaling ** 2`` instead. ``max_seq_len`` is the training length: the default
+    ``original_max_position_embeddings`` of dynamic NTK and YaRN.
+    """
 
     def __init__(self, head_dim: int, max_seq_len: int, rope_cfg):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
-        scaling = rope_cfg.scaling
-        scaling_type = "none" if scaling is None else getattr(scaling.type, "value", scaling.type)
-        inv_freq = ROPE_INV_FREQ[scaling_type](head_dim, float(rope_cfg.theta), scaling)
-        positions = torch.arange(max_seq_len, dtype=torch.float64)
-        freqs = torch.outer(positions, inv_freq)  # (T, d/2)
-        angles = torch.cat([freqs, freqs], dim=-1)  # (T, d)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.theta = head_dim, float(rope_cfg.theta)
+        self.scaling = rope_cfg.scaling
+        self.scaling_type = _type(self.scaling)
+        original = getattr(self.scaling, "original_max_position_embeddings", None) if self.scaling else None
+        self.original_max_seq_len = int(original or max_seq_len)
+        self.attention_scaling = attention_factor(self.scaling)
+        self._table_key = -1  # seq_len the dynamic-NTK table was built for (-1: the static table)
+        cos, sin = self._tables(max_seq_len, self._inv_freq(0), torch.device("cpu"))  # dynamic: plain within L_orig
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if seq_len > self.cos.shape[0]:
-            raise ValueError(f"sequence length {seq_len} > RoPE table length {self.cos.shape[0]}")
-        return self.cos[:seq_len], self.sin[:seq_len]
+    def _inv_freq(self, seq_len: int) -> torch.Tensor:
+        return ROPE_INV_FREQ[self.scaling_type](self.head_dim, self.theta, self.scaling, seq_len=seq_len,
+                                                original_len=self.original_max_seq_len)
+
+    @staticmethod
+    def _tables(length: int, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (T, d/2), float64
+        angles = torch.cat([freqs, freqs], dim=-1)  # (T, d)
+        return angles.cos().float().to(device), angles.sin().float().to(device)
+
+    def forward(self, seq_len: int, apply_attention_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scaling_type == "dynamic" and seq_len > self.original_max_seq_len:
+            key = seq_len  # NTK base depends on the current length: one table per length
+        else:
+            key = -1
+        if key != self._table_key or seq_len > self.cos.shape[0]:
+            length = seq_len if key > 0 else max(seq_len, self.cos.shape[0])
+            self.cos, self.sin = self._tables(length, self._inv_freq(max(key, 0)), self.cos.device)
+            self._table_key = key
+        cos, sin = self.cos[:seq_len], self.sin[:seq_len]
+        if apply_attention_scaling and self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos, sin
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

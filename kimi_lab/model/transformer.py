@@ -11,7 +11,7 @@ from torch import nn
 from kimi_lab.model.attention import build_attention
 from kimi_lab.model.moe import MoE, build_ffn
 from kimi_lab.model.norm import build_norm
-from kimi_lab.model.rope import RotaryEmbedding
+from kimi_lab.model.rope import RotaryEmbedding, mla_softmax_mscale
 
 
 @dataclass
@@ -50,10 +50,12 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # each attention module declares the width RoPE rotates (MLA: qk_rope_head_dim, not d_model / n_heads)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_head_dim, max_seq_len, cfg.rope)
-        mscale = float(getattr(self.rotary, "attention_scaling", 1.0))  # YaRN attention factor, 1 without YaRN
+        # MHA: the rotary multiplies cos/sin by the YaRN attention factor; MLA rotates only its rope slice, so
+        # (DeepSeek's rule) it gets plain cos/sin and scales its softmax by mscale^2 instead
+        self.scale_rotary_tables = not hasattr(self.layers[0].self_attn, "set_rope_mscale")
         for layer in self.layers:
-            if hasattr(layer.self_attn, "set_rope_mscale"):  # MLA scales its softmax by mscale^2 instead
-                layer.self_attn.set_rope_mscale(mscale)
+            if hasattr(layer.self_attn, "set_rope_mscale"):
+                layer.self_attn.set_rope_mscale(mla_softmax_mscale(cfg.rope.scaling))
         self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
 
     def _init_weights(self, std: float, n_layers: int) -> None:
@@ -69,7 +71,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
         _, seq_len = input_ids.shape  # (B, T)
-        cos, sin = self.rotary(seq_len)
+        cos, sin = self.rotary(seq_len, apply_attention_scaling=self.scale_rotary_tables)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         for layer in self.layers:
             x = layer(x, cos, sin)

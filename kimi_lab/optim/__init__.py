@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kimi_lab.optim.muon import MuonWithAdamW, build_muon, describe_assignment
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (incl. embeddings); no decay on norm gains, biases and other 1-D tensors."""
@@ -39,6 +41,7 @@ def _adamw(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
 OPTIMIZERS: dict[str, Callable[[nn.Module, object], torch.optim.Optimizer]] = {
     "adam": _adam,
     "adamw": _adamw,
+    "muon": build_muon,  # Muon (hidden matrices, expert banks) + AdamW (the rest) in one optimizer object
 }
 
 
@@ -68,4 +71,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, max_steps: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **kwargs))
 
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "build_scheduler", "lr_multiplier", "param_groups"]
+__all__ = ["OPTIMIZERS", "MuonWithAdamW", "build_optimizer", "build_scheduler", "describe_assignment", "lr_multiplier",
+           "param_groups"]

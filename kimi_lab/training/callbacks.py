@@ -267,3 +267,36 @@ class InterruptAt(L.Callback):
         if trainer.global_step >= self.step:
             trainer.save_checkpoint(self.last_ckpt)
             raise RunInterrupted(f"interrupted after step {trainer.global_step} (trainer.interrupt_at_step)")
+
+
+class OptimizerStepTimer(L.Callback):
+    """Wall time of each optimizer update: from the end of backward (after the grad-norm read, incl. clipping)
+    to the end of ``optimizer.step`` (a step post-hook). Lightning runs forward/backward inside step's closure,
+    so timing step() alone would count them too. Put it after StepMetrics in the callback list."""
+
+    def __init__(self):
+        self.times_ms: list[float] = []
+        self._start: float | None = None
+        self._hooked: set[int] = set()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if id(optimizer) not in self._hooked:
+            optimizer.register_step_post_hook(self._stop)
+            self._hooked.add(id(optimizer))
+        self._start = time.perf_counter()
+
+    def _stop(self, optimizer, args, kwargs) -> None:
+        if self._start is not None:
+            self.times_ms.append(1000.0 * (time.perf_counter() - self._start))
+            self._start = None
+
+    def state_dict(self) -> dict:
+        return {"times_ms": self.times_ms}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.times_ms = state["times_ms"]
+
+    def summary(self, train_time_s: float) -> dict:
+        total_s = sum(self.times_ms) / 1000.0
+        return {"optimizer_step_ms": statistics.median(self.times_ms) if self.times_ms else float("nan"),
+                "optimizer_step_share": total_s / train_time_s if train_time_s > 0 else float("nan")}

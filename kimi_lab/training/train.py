@@ -90,6 +90,10 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     datamodule.prepare_data()
     datamodule.setup("fit")
     _check_vocab(cfg, datamodule.vocab_size)
+    if cfg.data.eval_lengths:  # fail before training, not after it, when the val split is too short
+        from kimi_lab.training.length_eval import token_budget
+
+        token_budget(cfg.data, datamodule.n_tokens("val"))
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # seed 0 is a valid seed
     from kimi_lab.training.module import LanguageModelModule
@@ -99,6 +103,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     # records the one the training forwards actually ran
     accelerator = getattr(cfg.hardware.accelerator, "value", cfg.hardware.accelerator)
     kernel = module.model.attention_kernel("cuda" if accelerator == "gpu" else "cpu")
+    norm_profile = _profile_norms(cfg, module.model)
     log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
     callbacks.data_position.samples_per_step = samples_per_step
@@ -113,13 +118,17 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except RunInterrupted as stop:
             log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run.path)
-            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="interrupted")
+            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="interrupted") | \
+                _norm_summary(cfg, norm_profile, callbacks)
         if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final-step validation
         trainer.save_checkpoint(run.checkpoints / "last.ckpt")
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
     results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="completed")
     results.update({k: float(v) for k, v in test_metrics.items()})
+    results.update(_norm_summary(cfg, norm_profile, callbacks))
+    results.update(length_metrics)
     return results
 
 
@@ -163,12 +172,66 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
+        **_rope_summary(module.model),
+        **_optimizer_summary(cfg, module, callbacks),
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),
         "git_commit": git_commit(),
         "finished": now_iso(),
     }
+
+
+def _rope_summary(model) -> dict:
+    """The RoPE scaling that ran (rope.name is only the option's label) and its attention factor (YaRN mscale)."""
+    rotary = getattr(model, "rotary", None)
+    if rotary is None:
+        return {}
+    return {"rope_scaling": rotary.scaling_type, "rope_attention_scaling": rotary.attention_scaling}
+
+
+def _length_generalisation(cfg: DictConfig, module, trainer, datamodule) -> dict:
+    if not cfg.data.eval_lengths:
+        return {}
+    from kimi_lab.training.length_eval import val_loss_at_lengths
+
+    return val_loss_at_lengths(module, trainer, datamodule, cfg.data)
+
+
+def _profile_norms(cfg: DictConfig, model) -> dict:
+    """Norm kernel (fused / composite) and fwd+bwd ms of all norm layers at the run's (B, T, D), on the run's device
+    (copies: the model itself stays put); read against the training step time in ``_norm_summary``."""
+    import copy
+
+    import torch
+
+    from kimi_lab.model.norm import norm_fwd_bwd_ms, norm_kernel, norm_layers
+
+    on_gpu = _value(cfg.hardware.accelerator) == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    norms = [copy.deepcopy(m).to(device) for m in norm_layers(model)]
+    return {"norm_kernel": norm_kernel(norms[0], device),
+            "norm_fwd_bwd_ms": norm_fwd_bwd_ms(norms, int(cfg.data.batch_size), int(cfg.data.seq_len))}
+
+
+def _norm_summary(cfg: DictConfig, profile: dict, callbacks) -> dict:
+    step_ms = callbacks.metrics.summary()["step_time_ms"]
+    per_step_ms = profile["norm_fwd_bwd_ms"] * int(cfg.trainer.accumulate_grad_batches)
+    return {**profile, "norm_time_share": per_step_ms / step_ms if step_ms > 0 else float("nan")}
+
+
+def _value(option):
+    return getattr(option, "value", option)
+
+
+def _optimizer_summary(cfg, module, callbacks) -> dict:
+    """Which parameters each optimizer (part) updates, and the optimizer update's share of training step time."""
+    from kimi_lab.optim import describe_assignment
+
+    name = _choice(cfg, "optimizer")
+    optimizers = module.trainer.optimizers
+    params = describe_assignment(module.model, optimizers[0], default_kind=name) if optimizers else {}
+    return {"optimizer_params": params, **callbacks.optimizer_timer.summary(callbacks.metrics.train_time_s)}
 
 
 def _choice(cfg: DictConfig, group: str):

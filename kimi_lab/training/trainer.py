@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, InterruptAt, StepMetrics
+from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, InterruptAt, OptimizerStepTimer, StepMetrics
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from kimi_lab.training.rundir import RunDir
 
@@ -22,6 +22,7 @@ class RunCallbacks:
     experts: ExpertLoadMonitor
     data_position: DataPosition
     interrupt: InterruptAt | None
+    optimizer_timer: OptimizerStepTimer | None = None
 
 
 def _single_lightning_log() -> None:
@@ -43,11 +44,13 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         data_position=DataPosition(samples_per_step=cfg.data.batch_size * accumulate),
         interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt")
                    if cfg.trainer.interrupt_at_step is not None else None),
+        optimizer_timer=OptimizerStepTimer(),
     )
     callbacks: list[L.Callback] = [
         experts,
         ExpertBiasUpdate(),  # before ours.metrics: the step's metrics row records the bias after its update
         ours.metrics,
+        ours.optimizer_timer,  # after metrics: its grad-norm read is not counted as optimizer time
         ours.data_position,
         # best weights by val_loss, saved after each validation
         ModelCheckpoint(dirpath=run.checkpoints, filename="best-step{step}", monitor="val_loss", mode="min",

@@ -41,7 +41,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         self.dropout = float(attn_cfg.dropout)
         self.base_scale = self.qk_head_dim**-0.5
-        self.rope_mscale = 1.0  # YaRN mscale (set by the Transformer from its rotary module)
+        self.rope_mscale = 1.0  # YaRN mscale (set by the Transformer, see rope.mla_softmax_mscale)
         self.kernel = KernelRunner(getattr(attn_cfg.kernel, "value", attn_cfg.kernel))
         bias = bool(attn_cfg.attention_bias)
         n_q = self.n_heads * self.qk_head_dim
@@ -88,8 +88,6 @@ class MultiHeadLatentAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        if self.rope_mscale != 1.0:  # the rotary module scaled cos/sin by mscale for MHA; MLA wants them plain
-            cos, sin = cos / self.rope_mscale, sin / self.rope_mscale
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(batch, seq_len, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, dqk)
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)

@@ -1,0 +1,55 @@
+"""Length generalisation: val loss of the final weights at several multiples of the training length.
+
+Every length scores the same token budget (``data.val_tokens`` rounded down to a multiple of the longest
+length) from the start of the val split, in non-overlapping windows, so the numbers differ only by context length
+(and by RoPE's behaviour past the training length: the RoPE study's extrapolation curve).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kimi_lab.config.validate import ConfigError
+
+
+def eval_lengths(data_cfg) -> list[int]:
+    """Sorted distinct lengths data.eval_lengths x data.seq_len."""
+    return sorted({int(round(float(m) * int(data_cfg.seq_len))) for m in data_cfg.eval_lengths})
+
+
+def token_budget(data_cfg, n_val_tokens: int) -> int:
+    """Tokens scored at every length; a clear error when the val split cannot give them at the longest length."""
+    longest = eval_lengths(data_cfg)[-1]
+    budget = (int(data_cfg.val_tokens) // longest) * longest
+    if budget < longest or n_val_tokens - 1 < budget:
+        raise ConfigError(
+            f"Invalid config: data.eval_lengths={list(data_cfg.eval_lengths)}; allowed: lengths whose longest "
+            f"({longest}) fits data.val_tokens={data_cfg.val_tokens} and the val split ({n_val_tokens} tokens; "
+            f"needs {max(budget, longest) + 1}): lower data.eval_lengths or data.val_tokens")
+    return budget
+
+
+@torch.no_grad()
+def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
+    """{"val_loss_at_len": {str(L): mean NLL}, "val_tokens_at_len": {str(L): tokens scored}} on the val split."""
+    budget = token_budget(data_cfg, datamodule.n_tokens("val"))
+    model = module.model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
+    was_training = model.training
+    model.eval()
+    tokens_per_batch = int(data_cfg.batch_size) * int(data_cfg.seq_len)  # as in training
+    losses, counts = {}, {}
+    for length in eval_lengths(data_cfg):
+        windows = datamodule.eval_windows("val", length, budget)
+        batch_size = max(1, tokens_per_batch // length)
+        nll, n = 0.0, 0
+        for start in range(0, len(windows), batch_size):
+            x, y = (torch.stack(t).to(trainer.strategy.root_device)
+                    for t in zip(*(windows[i] for i in range(start, min(start + batch_size, len(windows))))))
+            with trainer.precision_plugin.forward_context():
+                logits = model(x).logits.float()  # (b, L, V)
+            nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+            n += y.numel()
+        losses[str(length)], counts[str(length)] = nll / n, n
+    model.train(was_training)
+    return {"val_loss_at_len": losses, "val_tokens_at_len": counts}

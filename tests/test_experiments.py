@@ -1,0 +1,56 @@
+"""Study configs: every grid point of every experiment (and its _cpu twin) composes and validates."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from kimi_lab.config import validate_config
+from tests.helpers import CONF_DIR, DATA_DIR, compose_config
+
+STUDIES = ["norm", "optimizer", "optimizer_momentum", "rope"]
+
+
+def _sweep_params(experiment: str) -> dict[str, list[str]]:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("experiment", [s + suffix for s in STUDIES for suffix in ("", "_cpu")])
+def test_every_grid_point_composes_and_validates(experiment):
+    params = _sweep_params(experiment)
+    assert params.pop("seed") == ["1", "2", "3"]
+    seen = set()
+    for values in itertools.product(*params.values()):
+        overrides = [f"{k}={v}" for k, v in zip(params, values)]
+        cfg = compose_config([f"experiment={experiment}", *overrides, f"paths.data_dir={DATA_DIR}"], model=None)
+        validate_config(cfg)
+        seen.add(tuple(str(_select(cfg, k)) for k in params))
+        assert cfg.model.name == ("small" if experiment.endswith("_cpu") else "base")
+    assert len(seen) == len(list(itertools.product(*params.values())))  # every axis really changes the config
+
+
+def _select(cfg, key: str):
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if key in ("norm", "optimizer", "rope"):
+        value = OmegaConf.select(cfg, f"{key}.name")
+    return getattr(value, "value", value)
+
+
+def test_study_axes():
+    assert _sweep_params("norm_cpu") == {"norm": ["layernorm", "rmsnorm"], "norm.eps": ["1e-6", "1e-8"],
+                                         "optimizer.lr": ["1e-4", "3e-4", "1e-3", "2e-3"], "seed": ["1", "2", "3"]}
+    assert _sweep_params("optimizer_momentum_cpu")["optimizer.momentum"] == ["0.9", "0.95", "0.99"]
+    rope = _sweep_params("rope")
+    assert rope["rope"] == ["default", "linear", "dynamic", "yarn"]
+    assert rope["rope.theta"] == ["10000", "50000", "100000", "200000"]
+    cfg = compose_config(["experiment=rope"], model=None)
+    assert cfg.data.seq_len * max(cfg.data.eval_lengths) == 4096

@@ -1,0 +1,61 @@
+"""Norms at the study's eps values against float64 formulas; the kernel label and the timing helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kimi_lab.bench import norm as bench_norm
+from kimi_lab.model.norm import build_norm, norm_fwd_bwd_ms, norm_kernel
+from tests.helpers import compose_config
+
+
+def _reference(name: str, x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Ba et al. 2016 eq. 3-4 / Zhang & Sennrich 2019 eq. 4, written out in float64."""
+    if name == "rmsnorm":
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
+
+
+@pytest.mark.parametrize("name", ["layernorm", "rmsnorm"])
+def test_study_eps_values_match_float64_formula_and_matter(name):
+    x = torch.randn(4, 7, 32, dtype=torch.float64) * 1e-4  # mean square ~1e-8: eps 1e-6 vs 1e-8 is visible
+    outs = {}
+    for eps in (1e-6, 1e-8):
+        norm = build_norm(compose_config([f"norm={name}", f"norm.eps={eps}"]).norm, 32).double()
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 32, dtype=torch.float64))
+            if name == "layernorm":
+                norm.bias.copy_(torch.linspace(-1.0, 1.0, 32, dtype=torch.float64))
+        bias = getattr(norm, "bias", None)
+        outs[eps] = norm(x)
+        torch.testing.assert_close(outs[eps], _reference(name, x, norm.weight, bias, eps), rtol=1e-10, atol=1e-12)
+    assert (outs[1e-6] - outs[1e-8]).abs().max() > 0.1
+
+
+def test_norm_kernel_names_fused_or_composite():
+    rms = norm_kernel(torch.nn.RMSNorm(16))
+    ln = norm_kernel(torch.nn.LayerNorm(16))
+    assert ln == "torch.nn.LayerNorm: fused on cpu (aten.native_layer_norm)"
+    assert rms.startswith("torch.nn.RMSNorm: ") and "aten." in rms and " on cpu " in rms
+
+
+def test_norm_timing_and_bench_main(capsys):
+    norms = [torch.nn.RMSNorm(16) for _ in range(3)]
+    assert norm_fwd_bwd_ms(norms, 2, 8, repeats=2) > 0
+    assert all(n.weight.grad is None for n in norms)  # timing leaves no gradients behind
+    assert bench_norm.main(["model=tiny", "norm=layernorm", "data.batch_size=2", "model.vocab_size=1024"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 1
+
+
+@pytest.mark.gpu
+def test_norm_kernel_and_timing_on_cuda():
+    layer_norm = norm_kernel(torch.nn.LayerNorm(64), "cuda")
+    assert layer_norm.startswith("torch.nn.LayerNorm: fused on cuda")
+    rms = norm_kernel(torch.nn.RMSNorm(64), "cuda")  # fused (aten._fused_rms_norm) where torch has it for CUDA
+    assert rms.startswith("torch.nn.RMSNorm: ") and " on cuda " in rms
+    assert norm_fwd_bwd_ms([torch.nn.RMSNorm(64).cuda() for _ in range(3)], 4, 128) > 0

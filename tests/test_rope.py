@@ -1,0 +1,163 @@
+"""RoPE scaling: parity with transformers.modeling_rope_utils, relative-position property, dynamic NTK, CLI paths."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kimi_lab.config import validate_config
+from kimi_lab.config.validate import ConfigError
+from kimi_lab.model import build_model
+from kimi_lab.model.rope import RotaryEmbedding, apply_rotary
+from tests.helpers import REPO_ROOT, compose_config
+
+rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+
+SCALINGS = ("default", "linear", "dynamic", "yarn")
+
+
+def _rope_cfg(kind: str, theta: float, factor: float, original: int, **extra):
+    scaling = {"type": kind, "factor": factor, "original_max_position_embeddings": original, "beta_fast": 32.0,
+               "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None, **extra}
+    return OmegaConf.create({"theta": theta, "scaling": scaling})
+
+
+def _hf(kind: str, head_dim: int, theta: float, factor: float, original: int, seq_len=None, **extra):
+    """(inv_freq, attention factor) from transformers' ROPE_INIT_FUNCTIONS (HF's dynamic NTK calls the original
+    length max_position_embeddings; yarn reads original_max_position_embeddings from the rope parameters)."""
+    params = {"rope_type": kind, "rope_theta": theta, "factor": factor, "original_max_position_embeddings": original,
+              "beta_fast": 32.0, "beta_slow": 1.0, **extra}
+    config = SimpleNamespace(rope_parameters=params, head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
+                             max_position_embeddings=original, standardize_rope_params=lambda: None)
+    return rope_utils.ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=seq_len)
+
+
+GRID = list(itertools.product((16, 64, 128), (10_000.0, 50_000.0, 500_000.0), (2.0, 4.0, 16.0), (32, 256, 4096)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_inv_freq_and_attention_factor_match_transformers(kind):
+    worst = 0.0
+    for head_dim, theta, factor, original in GRID:
+        seq_lens = [None] if kind != "dynamic" else [original, 3 * original]
+        for seq_len in seq_lens:
+            want, want_factor = _hf(kind, head_dim, theta, factor, original, seq_len=seq_len)
+            rope = RotaryEmbedding(head_dim, original, _rope_cfg(kind, theta, factor, original))
+            got = rope._inv_freq(seq_len or 0).float()
+            rel = ((got - want).abs() / want.abs()).max().item()
+            worst = max(worst, rel)
+            assert rel <= 1e-6, (head_dim, theta, factor, original, seq_len, rel)
+            assert rope.attention_scaling == pytest.approx(want_factor, rel=1e-12)
+    assert worst > 0 or kind == "linear"  # the comparison really ran on float32 values
+
+
+def test_yarn_mscale_pair_matches_transformers():
+    for factor, mscale, all_dim in [(4.0, 1.0, 1.0), (40.0, 0.707, 0.707), (8.0, 1.0, 0.5)]:
+        want_freq, want = _hf("yarn", 64, 10_000.0, factor, 512, mscale=mscale, mscale_all_dim=all_dim)
+        rope = RotaryEmbedding(64, 512, _rope_cfg("yarn", 10_000.0, factor, 512, mscale=mscale, mscale_all_dim=all_dim))
+        assert rope.attention_scaling == pytest.approx(want, rel=1e-12)
+        torch.testing.assert_close(rope._inv_freq(0).float(), want_freq, rtol=1e-6, atol=0)
+
+
+def test_yarn_scales_cos_sin_by_mscale_once_and_mla_can_opt_out():
+    rope = RotaryEmbedding(16, 64, _rope_cfg("yarn", 10_000.0, 4.0, 64))
+    mscale = rope.attention_scaling
+    assert mscale == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1.0)
+    cos, sin = rope(64)
+    raw_cos, raw_sin = rope(64, apply_attention_scaling=False)
+    torch.testing.assert_close(cos, raw_cos * mscale)
+    torch.testing.assert_close(sin, raw_sin * mscale)
+    torch.testing.assert_close(raw_cos[:, 0] ** 2 + raw_sin[:, 0] ** 2, torch.ones(64))  # unscaled table: rotation
+    # the table itself stays unscaled: asking twice never multiplies twice (vLLM#56446)
+    torch.testing.assert_close(rope(64)[0], cos)
+
+
+def test_yarn_ramp_uses_the_original_length():
+    """Same factor, different original length -> different ramp; the table length (max_seq_len) does not matter."""
+    a = RotaryEmbedding(32, 64, _rope_cfg("yarn", 10_000.0, 4.0, 64))
+    b = RotaryEmbedding(32, 256, _rope_cfg("yarn", 10_000.0, 4.0, 64))  # extended table, same original length
+    c = RotaryEmbedding(32, 64, _rope_cfg("yarn", 10_000.0, 4.0, 2048))
+    torch.testing.assert_close(a._inv_freq(0), b._inv_freq(0))
+    assert not torch.allclose(a._inv_freq(0), c._inv_freq(0))
+
+
+@pytest.mark.parametrize("kind", SCALINGS)
+def test_scores_depend_only_on_relative_position(kind):
+    original = 16
+    rope = RotaryEmbedding(16, original, _rope_cfg(kind, 10_000.0, 4.0, original))
+    length = 64  # longer than the original length and than the table built at init
+    cos, sin = rope(length)
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    q_rot = apply_rotary(q.expand(1, 1, length, 16), cos, sin)[0, 0]
+    k_rot = apply_rotary(k.expand(1, 1, length, 16), cos, sin)[0, 0]
+    scores = q_rot @ k_rot.T  # scores[m, n] = <R_m q, R_n k>
+    for m, n in [(5, 2), (3, 9), (0, 0), (10, 1)]:
+        for shift in (1, 17, 50):
+            torch.testing.assert_close(scores[m + shift, n + shift], scores[m, n], rtol=1e-5, atol=1e-5)
+    assert (scores[5, 2] - scores[5, 3]).abs() > 1e-3
+
+
+def test_dynamic_ntk_changes_nothing_within_the_original_length():
+    plain = RotaryEmbedding(16, 64, _rope_cfg("default", 10_000.0, 1.0, 64))
+    dynamic = RotaryEmbedding(16, 64, _rope_cfg("dynamic", 10_000.0, 4.0, 64))
+    for length in (1, 17, 64):
+        for a, b in zip(dynamic(length), plain(length)):
+            assert torch.equal(a, b)
+    long_cos, _ = dynamic(256)  # beyond: a larger base, so every non-first pair rotates more slowly
+    assert long_cos.shape == (256, 16) and not torch.allclose(long_cos[:64], plain(64)[0])
+    for a, b in zip(dynamic(64), plain(64)):  # and back within the original length: plain again
+        assert torch.equal(a, b)
+
+
+def test_tables_extend_past_max_seq_len_and_match_a_longer_table():
+    short = RotaryEmbedding(16, 8, _rope_cfg("linear", 10_000.0, 2.0, 8))
+    long = RotaryEmbedding(16, 128, _rope_cfg("linear", 10_000.0, 2.0, 8))
+    for a, b in zip(short(100), long(100)):
+        assert a.shape == (100, 16) and torch.equal(a, b)
+    assert short.cos.shape[0] == 100  # cached
+
+
+def test_model_runs_longer_than_training_length():
+    cfg = compose_config(["rope=yarn", "model.vocab_size=1024"])
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        logits = model(torch.randint(0, 1000, (1, 4 * cfg.data.seq_len))).logits
+    assert logits.shape == (1, 128, 1024) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kind", SCALINGS)
+def test_every_rope_option_composes_and_validates(kind):
+    cfg = compose_config([f"rope={kind}"])
+    validate_config(cfg)
+    assert cfg.rope.scaling.type.value == kind and cfg.rope.scaling.original_max_position_embeddings == 32
+
+
+def test_cli_overrides_into_the_scaling_node():
+    """A dict into rope.scaling (once a null node, which OmegaConf could not merge into) and nested keys."""
+    cfg = compose_config(["rope.scaling={type:linear,factor:2.0}"])
+    assert cfg.rope.scaling.type.value == "linear" and cfg.rope.scaling.factor == 2.0
+    cfg = compose_config(["rope=yarn", "rope.scaling.factor=4", "rope.theta=50000"])
+    assert (cfg.rope.scaling.type.value, cfg.rope.scaling.factor, cfg.rope.theta) == ("yarn", 4.0, 50000.0)
+    cfg = compose_config(["rope.scaling.type=dynamic", "rope.scaling.original_max_position_embeddings=16"])
+    assert build_model(cfg).rotary.original_max_seq_len == 16
+    cfg = compose_config(["rope.scaling=null"])
+    assert build_model(cfg).rotary.scaling_type == "default"
+    with pytest.raises(Exception, match="rope.scaling.type=ntk"):
+        compose_config(["rope.scaling.type=ntk"])
+    with pytest.raises(ConfigError, match="rope.scaling.beta_slow"):
+        validate_config(compose_config(["rope=yarn", "rope.scaling.beta_slow=64"]))
+
+
+def test_readme_cli_path_works():
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "rope=yarn", "rope.scaling.factor=4",
+                           "rope.theta=50000", "rope.scaling={type:yarn,factor:8.0}", "--cfg", "job"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rope = OmegaConf.create(proc.stdout).rope
+    assert (rope.theta, rope.scaling.type, rope.scaling.factor) == (50000.0, "yarn", 8.0)
