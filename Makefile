@@ -48,9 +48,10 @@ bench: install
 bench-%: install
 	$(PYTHON) -m kimi_lab.bench $*
 
-# the newest sweep under multirun/ unless SWEEP=path; BASELINE=norm=layernorm,... picks the baseline arm
+# the newest sweep under multirun/ unless SWEEP=path; BASELINE=norm=layernorm,... picks the baseline arm;
+# OUT=folder replaces reports/<sweep name>
 report: install
-	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)')
+	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
 
 clean:
 	rm -rf outputs multirun/2* .pytest_cache

@@ -88,6 +88,23 @@ def split_override(item: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """key -> value as Hydra writes it for a sweep job (``1e-3`` -> ``0.001``), so hand-written runs and sweep jobs
+    of the same setting land in one arm; a line Hydra's parser rejects is split at its first '='."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, out = OverridesParser.create(), {}
+    for item in items:
+        try:
+            override = parser.parse_override(str(item))
+            out[override.get_key_element()] = override.get_value_element_as_str()
+        except HydraException:
+            key, value = split_override(item)
+            out[key] = value
+    return out
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -120,7 +137,7 @@ def read_job(path: Path, name: str) -> Job:
     results = _read_json(path / "results.json") if (path / "results.json").exists() else {}
     if items is None and results:
         items = results.get("overrides")
-    overrides = dict(split_override(i) for i in (items or []))
+    overrides = parse_overrides(items or [])
     status_file = path / "status.json"
     status = _read_json(status_file) if status_file.exists() else {}
     job = Job(name=name, path=path, overrides=overrides, status="missing", results=results or {})

@@ -79,8 +79,13 @@ def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER)
 def power_at(d: float, n_a: int, n_b: int, alpha: float = ALPHA) -> float:
     if min(n_a, n_b) < 2 or not math.isfinite(d):
         return math.nan
-    return float(TTestIndPower().power(effect_size=abs(d), nobs1=n_a, alpha=alpha, ratio=n_b / n_a,
-                                       alternative="two-sided"))
+    kwargs = {"effect_size": abs(d), "nobs1": n_a, "ratio": n_b / n_a}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        power = float(TTestIndPower().power(alpha=alpha, alternative="two-sided", **kwargs))
+        if math.isnan(power):  # scipy's nct.cdf of the far lower tail is NaN at huge d: that tail is ~0
+            power = float(TTestIndPower().power(alpha=alpha / 2, alternative="larger", **kwargs))
+    return power
 
 
 def n_for_power(d: float, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
