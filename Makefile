@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 # torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
 TORCH ?= torch==2.13.0
 
-.PHONY: help install demo test test-all data bench clean
+.PHONY: help install demo test test-all data bench clean report
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
+	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
@@ -46,6 +47,11 @@ bench: install
 
 bench-%: install
 	$(PYTHON) -m kimi_lab.bench $*
+
+# the newest sweep under multirun/ unless SWEEP=path; BASELINE=norm=layernorm,... picks the baseline arm;
+# OUT=folder replaces reports/<sweep name>
+report: install
+	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
 
 clean:
 	rm -rf outputs multirun/2* .pytest_cache

@@ -1,0 +1,10 @@
+"""Sweep statistics: read run folders (no torch, no model or training code), compare arms, write reports.
+
+``collect_sweep(path)`` -> jobs and arms; ``compare_sweep(sweep)`` -> arm-vs-baseline statistics;
+``python -m kimi_lab.stats.report [SWEEP]`` (or ``make report``) -> reports/<sweep>/.
+"""
+
+from kimi_lab.stats.collect import Arm, Job, Sweep, collect_sweep
+from kimi_lab.stats.compare import Comparison, compare_samples, compare_sweep
+
+__all__ = ["Arm", "Comparison", "Job", "Sweep", "collect_sweep", "compare_samples", "compare_sweep"]

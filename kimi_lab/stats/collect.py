@@ -1,0 +1,270 @@
+"""Read a sweep folder into jobs and arms: no torch, no model or training code, only the files each run left.
+
+A sweep is ``multirun/<date>/<time>-<tag>/<job>/`` (Hydra's layout, see conf/hydra/default.yaml) or any folder of
+run folders. A job folder is one that holds ``.hydra/overrides.yaml``, ``status.json`` or ``results.json``. Jobs are
+keyed by their overrides, never by number; an arm is the set of jobs whose overrides agree on every swept key once
+``seed`` is removed. Jobs that did not complete are kept and listed, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SEED_KEY = "seed"
+DEFAULT_VALUE = "(default)"  # a swept key that a job did not override: the config's own value
+JOB_MARKERS = (".hydra/overrides.yaml", "status.json", "results.json")
+SKIP_DIRS = {"checkpoints", "tensorboard", ".hydra", "__pycache__"}
+
+
+@dataclass
+class Job:
+    """One run folder (or a job the sweep defined that left no folder: status ``missing``)."""
+
+    name: str  # path relative to the sweep folder
+    path: Path
+    overrides: dict[str, str]  # key -> value, as in .hydra/overrides.yaml
+    status: str  # completed | failed | interrupted | running | missing | unreadable | duplicate
+    error: str | None = None
+    results: dict = field(default_factory=dict)
+    train_rows: list[dict] = field(default_factory=list)  # metrics.csv rows of optimizer steps
+    val_rows: list[dict] = field(default_factory=list)  # metrics.csv rows of validations
+    arm: str | None = None
+
+    @property
+    def seed(self) -> int | None:
+        value = self.results.get("seed", self.overrides.get(SEED_KEY))
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "completed"
+
+
+@dataclass
+class Arm:
+    label: str  # "norm=rmsnorm, optimizer=adam": the values of the swept keys
+    factors: dict[str, str]
+    jobs: list[Job]
+
+    @property
+    def completed(self) -> list[Job]:
+        return [j for j in self.jobs if j.usable]
+
+
+@dataclass
+class Sweep:
+    path: Path
+    jobs: list[Job]
+    factors: dict[str, list[str]]  # swept key -> its values, first value first
+    arms: list[Arm]
+
+    @property
+    def problems(self) -> list[Job]:
+        return [j for j in self.jobs if not j.usable]
+
+    def arm(self, label: str) -> Arm:
+        return next(a for a in self.arms if a.label == label)
+
+
+def natural_key(text: str) -> list:
+    """'grid/10' after 'grid/9': Hydra numbers jobs 0..N-1."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def split_override(item: str) -> tuple[str, str]:
+    key, _, value = str(item).partition("=")
+    return key.strip(), value.strip()
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """key -> value as Hydra writes it for a sweep job (``1e-3`` -> ``0.001``), so hand-written runs and sweep jobs
+    of the same setting land in one arm; a line Hydra's parser rejects is split at its first '='."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, out = OverridesParser.create(), {}
+    for item in items:
+        try:
+            override = parser.parse_override(str(item))
+            out[override.get_key_element()] = override.get_value_element_as_str()
+        except HydraException:
+            key, value = split_override(item)
+            out[key] = value
+    return out
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _to_float(text: str) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def read_metrics_csv(path: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, validation rows) of metrics.csv as floats; empty cells become NaN."""
+    if not path.is_file():
+        return [], []
+    with path.open(newline="") as f:
+        rows = [{k: _to_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    train = [r for r in rows if not math.isnan(r.get("train_loss", math.nan))]
+    val = [r for r in rows if not math.isnan(r.get("val_loss", math.nan))]
+    return train, val
+
+
+def read_job(path: Path, name: str) -> Job:
+    """A job's overrides, status and results; its status says whether it may be counted."""
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None
+    results = _read_json(path / "results.json") if (path / "results.json").exists() else {}
+    if items is None and results:
+        items = results.get("overrides")
+    overrides = parse_overrides(items or [])
+    status_file = path / "status.json"
+    status = _read_json(status_file) if status_file.exists() else {}
+    job = Job(name=name, path=path, overrides=overrides, status="missing", results=results or {})
+    if status is None or results is None:
+        job.status, job.error = "unreadable", "status.json or results.json is not valid JSON"
+    elif not status:
+        job.status = "missing"
+        job.error = "no status.json: the job never started training"
+    else:
+        job.status, job.error = status.get("status", "unreadable"), status.get("error")
+        if job.status == "completed" and not results:
+            job.status, job.error = "unreadable", "status completed but results.json is absent"
+        elif job.status == "running":
+            job.error = f"status.json says running (pid {status.get('pid')}); still running, or killed"
+    if job.status == "completed":
+        job.train_rows, job.val_rows = read_metrics_csv(path / "metrics.csv")
+    return job
+
+
+def find_job_dirs(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        if any((here / marker).exists() for marker in JOB_MARKERS):
+            found.append(here)
+            dirnames[:] = []  # a job folder holds no jobs
+            continue
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.startswith(".")]
+    return sorted(found, key=lambda p: natural_key(str(p.relative_to(root))))
+
+
+def sweep_grid(multirun_yaml: Path) -> dict[str, list[str]] | None:
+    """key -> values, in the order Hydra's basic sweeper expands this sweep's command line (None: another sweeper).
+
+    Uses Hydra's own override parser, so ``a=1,2``, ``range(1,4)``, ``choice(...)`` and quoted lists expand exactly
+    as they did when the sweep ran (as in hydra._internal.core_plugins.basic_sweeper.split_arguments)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = yaml.safe_load(multirun_yaml.read_text()) or {}
+    hydra = cfg.get("hydra") or {}
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    task = (hydra.get("overrides") or {}).get("task") or []
+    grid: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides([*params, *task]):
+        if override.is_sweep_override():
+            grid[override.get_key_element()] = list(override.sweep_string_iterator())
+        else:
+            grid[override.get_key_element()] = [override.get_value_element_as_str()]
+    return grid
+
+
+def find_grids(root: Path) -> dict[Path, dict[str, list[str]]]:
+    """sweep folder -> its grid, for every multirun.yaml of the basic sweeper under ``root``."""
+    grids = {p.parent: sweep_grid(p) for p in sorted(root.rglob("multirun.yaml"), key=lambda p: natural_key(str(p)))}
+    return {d: g for d, g in grids.items() if g is not None}
+
+
+def _missing_jobs(root: Path, jobs: list[Job], grids: dict[Path, dict[str, list[str]]]) -> list[Job]:
+    """Jobs a sweep's grid defines that have no folder: a killed or still queued sweep."""
+    missing = []
+    for sweep_dir, grid in grids.items():
+        inside = [j for j in jobs if sweep_dir in j.path.parents]
+        present = {tuple(sorted(j.overrides.items())) for j in inside}
+        for index, values in enumerate(itertools.product(*grid.values())):
+            overrides = dict(zip(grid, values))
+            if tuple(sorted(overrides.items())) not in present:
+                missing.append(Job(name=str((sweep_dir / str(index)).relative_to(root)), path=sweep_dir / str(index),
+                                   overrides=overrides, status="missing",
+                                   error="defined by the sweep but no run folder"))
+    return missing
+
+
+def swept_factors(jobs: list[Job], declared: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Keys (seed aside) whose value differs between jobs. Value order: as the sweep command listed them
+    (``declared``), then the config's own value (a job that does not override the key), then first appearance."""
+    declared = declared or {}
+    keys = [k for j in jobs for k in j.overrides if k != SEED_KEY]
+    factors = {}
+    for key in dict.fromkeys(keys):
+        values = [j.overrides.get(key, DEFAULT_VALUE) for j in jobs]
+        distinct = set(values)
+        if len(distinct) > 1:
+            order = [*declared.get(key, []), DEFAULT_VALUE, *values]
+            factors[key] = [v for v in dict.fromkeys(order) if v in distinct]
+    return factors
+
+
+def arm_label(factors: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in factors.items()) or "all runs"
+
+
+def group_arms(jobs: list[Job], factors: dict[str, list[str]]) -> list[Arm]:
+    """Arms ordered by the factors' value order (the first arm has the first value of every factor)."""
+    arms: dict[str, Arm] = {}
+    for job in jobs:
+        levels = {k: job.overrides.get(k, DEFAULT_VALUE) for k in factors}
+        job.arm = arm_label(levels)
+        arms.setdefault(job.arm, Arm(job.arm, levels, [])).jobs.append(job)
+    for arm in arms.values():  # a second run of the same arm and seed is the same run: count it once
+        seen: dict[int, str] = {}
+        for job in arm.completed:
+            if job.seed in seen:
+                job.status, job.error = "duplicate", f"same arm and seed as {seen[job.seed]}; counted once"
+            else:
+                seen[job.seed] = job.name
+    order = lambda a: [factors[k].index(v) for k, v in a.factors.items()]  # noqa: E731
+    return sorted(arms.values(), key=order)
+
+
+def collect_sweep(path: str | Path) -> Sweep:
+    """Every job under ``path`` (plus the ones its multirun.yaml defines but that left no folder), grouped in arms."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep folder not found: {root}")
+    jobs = [read_job(d, str(d.relative_to(root)) if d != root else ".") for d in find_job_dirs(root)]
+    grids = find_grids(root)
+    jobs += _missing_jobs(root, jobs, grids)
+    if not jobs:
+        raise FileNotFoundError(f"no run folders under {root} (a run folder holds status.json or .hydra/)")
+    jobs.sort(key=lambda j: natural_key(j.name))
+    declared: dict[str, list[str]] = {}
+    for grid in grids.values():  # keys a sweep command swept (k=a,b): their listed order decides the baseline
+        for key, values in grid.items():
+            if len(values) > 1:
+                declared.setdefault(key, values)
+    factors = swept_factors(jobs, declared)
+    return Sweep(path=root, jobs=jobs, factors=factors, arms=group_arms(jobs, factors))

@@ -1,0 +1,206 @@
+"""Each arm vs the baseline arm, for every metric: t-test, 95 % CI, effect sizes, corrected p, power, MDE.
+
+Statistics come from scipy.stats (Welch 1947 / paired t-test and their confidence intervals) and statsmodels
+(``multipletests``, ``TTestIndPower``). Written here only what they lack: Cohen's d with the pooled SD and Hedges'
+exact small-sample correction J = Γ(ν/2) / (√(ν/2) Γ((ν-1)/2)) (Hedges 1981, eq. 6e).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from scipy import special, stats
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestIndPower
+
+from kimi_lab.stats.collect import Sweep
+from kimi_lab.stats.metrics import METRICS, default_target_loss, job_metrics
+
+ALPHA = 0.05
+TARGET_POWER = 0.8
+CORRECTIONS = {"p_bonferroni": "bonferroni", "p_holm": "holm", "p_fdr_bh": "fdr_bh"}  # column -> method
+COLUMNS = [
+    "metric", "arm", "baseline", "test", "n_a", "n_b", "mean_a", "mean_b", "sd_a", "sd_b", "diff", "ci_low",
+    "ci_high", "t", "df", "p", "cohens_d", "hedges_g", *CORRECTIONS, "power", "mde_d", "n_for_80pct_power",
+    "seeds_a", "seeds_b", "note",
+]
+
+
+def t_test(a, b, paired: bool, alpha: float = ALPHA) -> dict:
+    """t-test of mean(a) - mean(b) along the last axis (vectorised): Welch, or paired on aligned seeds.
+
+    Returns t, df, p (two-sided) and the (1 - alpha) CI of the difference (of the paired differences' mean)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns on near-constant samples; handled by caller
+        res = stats.ttest_rel(a, b, axis=-1) if paired else stats.ttest_ind(a, b, axis=-1, equal_var=False)
+        ci = res.confidence_interval(confidence_level=1.0 - alpha)
+    return {"t": res.statistic, "df": res.df, "p": res.pvalue, "ci_low": ci.low, "ci_high": ci.high}
+
+
+def cohens_d(a, b):
+    """(mean(a) - mean(b)) / pooled SD (ddof=1 in each arm), along the last axis."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n_a, n_b = a.shape[-1], b.shape[-1]
+    pooled = ((n_a - 1) * a.var(axis=-1, ddof=1) + (n_b - 1) * b.var(axis=-1, ddof=1)) / (n_a + n_b - 2)
+    return (a.mean(axis=-1) - b.mean(axis=-1)) / np.sqrt(pooled)
+
+
+def hedges_correction(dof):
+    """Hedges' exact J(ν) for ν = n_a + n_b - 2; 1 - 3/(4ν - 1) is its usual approximation."""
+    dof = np.asarray(dof, dtype=float)
+    return np.exp(special.gammaln(dof / 2) - special.gammaln((dof - 1) / 2)) / np.sqrt(dof / 2)
+
+
+def adjust_pvalues(p, method: str) -> np.ndarray:
+    """multipletests over the finite p-values of one family (method always explicit: the default is Holm-Šidák)."""
+    p = np.asarray(p, dtype=float)
+    out = np.full_like(p, np.nan)
+    finite = np.isfinite(p)
+    if finite.any():
+        out[finite] = multipletests(p[finite], alpha=ALPHA, method=method)[1]
+    return out
+
+
+@lru_cache(maxsize=None)
+def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
+    """Smallest |d| a two-sided two-sample t-test detects with ``power`` at these sizes (3 vs 3: 3.07)."""
+    if min(n_a, n_b) < 2:
+        return math.nan
+    return float(TTestIndPower().solve_power(effect_size=None, nobs1=n_a, alpha=alpha, power=power,
+                                             ratio=n_b / n_a, alternative="two-sided"))
+
+
+def power_at(d: float, n_a: int, n_b: int, alpha: float = ALPHA) -> float:
+    if min(n_a, n_b) < 2 or not math.isfinite(d):
+        return math.nan
+    kwargs = {"effect_size": abs(d), "nobs1": n_a, "ratio": n_b / n_a}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        power = float(TTestIndPower().power(alpha=alpha, alternative="two-sided", **kwargs))
+        if math.isnan(power):  # scipy's nct.cdf of the far lower tail is NaN at huge d: that tail is ~0
+            power = float(TTestIndPower().power(alpha=alpha / 2, alternative="larger", **kwargs))
+    return power
+
+
+def n_for_power(d: float, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
+    """Runs per arm (equal arms) for ``power`` at effect |d|; NaN when d is 0 or undefined, at least 2."""
+    if not math.isfinite(d) or d == 0:
+        return math.nan
+    if power_at(d, 2, 2, alpha) >= power:
+        return 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n = TTestIndPower().solve_power(effect_size=abs(d), nobs1=None, alpha=alpha, power=power, ratio=1.0)
+    return float(math.ceil(n)) if math.isfinite(n) else math.nan
+
+
+def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA, pairing: bool = True) -> dict:
+    """Arm a vs baseline b from {seed: value}: every column of COLUMNS but names and corrected p-values.
+
+    Paired t-test when both arms have the same seeds (data order is seed-determined, so seed noise cancels),
+    else Welch. Fewer than 2 runs in an arm: estimates only, no test."""
+    seeds_a, seeds_b = sorted(a), sorted(b)
+    x, y = np.array([a[s] for s in seeds_a]), np.array([b[s] for s in seeds_b])
+    n_a, n_b = len(x), len(y)
+    row = {"n_a": n_a, "n_b": n_b, "seeds_a": " ".join(map(str, seeds_a)), "seeds_b": " ".join(map(str, seeds_b))}
+    row |= {"mean_a": _mean(x), "mean_b": _mean(y), "sd_a": _sd(x), "sd_b": _sd(y)}
+    row["diff"] = row["mean_a"] - row["mean_b"]
+    nan_fields = ("ci_low", "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "power", "mde_d", "n_for_80pct_power")
+    row |= dict.fromkeys(nan_fields, math.nan)
+    if min(n_a, n_b) < 2:
+        note = f"n = {n_a} vs {n_b}: estimate only, no test (needs >= 2 runs per arm)"
+        if min(n_a, n_b) == 0:
+            note = f"no completed run with a value in the {'arm' if n_a == 0 else 'baseline'}: nothing to compare"
+        return row | {"test": "none", "note": note}
+    paired = pairing and seeds_a == seeds_b
+    row["test"] = "paired" if paired else "welch"
+    row["note"] = f"paired on seeds {row['seeds_a']}" if paired else ("Welch: seeds differ" if pairing else "Welch")
+    row["mde_d"] = mde_d(n_a, n_b, alpha)
+    spread = np.ptp(x - y) if paired else max(np.ptp(x), np.ptp(y))
+    if spread == 0:
+        return row | {"note": "no variance across seeds: no test"}
+    row |= {k: float(v) for k, v in t_test(x, y, paired, alpha).items()}
+    if max(np.ptp(x), np.ptp(y)) > 0:
+        d = float(cohens_d(x, y))
+        row |= {"cohens_d": d, "hedges_g": d * float(hedges_correction(n_a + n_b - 2))}
+        row |= {"power": power_at(d, n_a, n_b, alpha), "n_for_80pct_power": n_for_power(d, alpha)}
+    return row
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else math.nan
+
+
+def _sd(x: np.ndarray) -> float:
+    return float(x.std(ddof=1)) if len(x) > 1 else math.nan
+
+
+@dataclass
+class Comparison:
+    baseline: str
+    baseline_rule: str
+    target_loss: float
+    alpha: float
+    rows: list[dict] = field(default_factory=list)  # one per (metric, arm != baseline), COLUMNS
+    summaries: list[dict] = field(default_factory=list)  # one per (metric, arm): n, mean, sd, min, max, seeds
+    censored: dict[str, list[str]] = field(default_factory=dict)  # metric -> completed jobs without a value
+
+
+def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
+    """(arm label, how it was chosen). ``spec`` like ``norm=layernorm,optimizer=adam`` must match one arm."""
+    if not spec:
+        return sweep.arms[0].label, "the first value of each swept factor"
+    wanted = dict(item.split("=", 1) for item in re.split(r",(?=[^,=]+=)", spec))
+    unknown = [k for k in wanted if k not in sweep.factors]
+    if unknown:
+        raise ValueError(f"--baseline {spec}: {unknown[0]!r} is not a swept key; allowed: {sorted(sweep.factors)}")
+    matches = [a for a in sweep.arms if all(a.factors[k] == v for k, v in wanted.items())]
+    if len(matches) != 1:
+        raise ValueError(f"--baseline {spec} matches {len(matches)} arms; allowed: one of "
+                         f"{[a.label for a in sweep.arms]}")
+    return matches[0].label, f"--baseline {spec}"
+
+
+def arm_values(sweep: Sweep, target_loss: float) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> arm label -> {seed: value} over completed jobs with a finite value."""
+    out = {m.name: {a.label: {} for a in sweep.arms} for m in METRICS}
+    for arm in sweep.arms:
+        for job in arm.completed:
+            for name, value in job_metrics(job, target_loss).items():
+                if math.isfinite(value):
+                    out[name][arm.label][job.seed] = value
+    return out
+
+
+def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float | None = None,
+                  alpha: float = ALPHA, pairing: bool = True) -> Comparison:
+    """All arms vs the baseline arm for every metric; the correction family is one metric's comparisons."""
+    label, rule = choose_baseline(sweep, baseline)
+    target = default_target_loss(sweep.jobs) if target_loss is None else float(target_loss)
+    result = Comparison(baseline=label, baseline_rule=rule, target_loss=target, alpha=alpha)
+    values = arm_values(sweep, target)
+    for metric in METRICS:
+        per_arm = values[metric.name]
+        missing = [j.name for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
+        if missing:
+            result.censored[metric.name] = missing
+        for arm in sweep.arms:
+            v = np.array(list(per_arm[arm.label].values()))
+            result.summaries.append({"metric": metric.name, "arm": arm.label, "n": len(v), "mean": _mean(v),
+                                     "sd": _sd(v), "min": float(v.min()) if len(v) else math.nan,
+                                     "max": float(v.max()) if len(v) else math.nan,
+                                     "seeds": " ".join(map(str, sorted(per_arm[arm.label])))})
+        rows = [{"metric": metric.name, "arm": arm.label, "baseline": label,
+                 **compare_samples(per_arm[arm.label], per_arm[label], alpha, pairing)}
+                for arm in sweep.arms if arm.label != label]
+        for column, method in CORRECTIONS.items():
+            for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
+                row[column] = float(p_adj)
+        result.rows += [{c: row[c] for c in COLUMNS} for row in rows]
+    return result

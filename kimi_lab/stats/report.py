@@ -1,0 +1,257 @@
+"""``python -m kimi_lab.stats.report [SWEEP]``: a sweep folder -> reports/<sweep>/ (comparisons.csv, report.json,
+report.md with verdicts, report.tex, PNG plots when matplotlib is installed). Idempotent; failed, missing and
+running jobs are listed, never dropped."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key
+from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, compare_sweep
+from kimi_lab.stats.metrics import LOSS_SPIKE_REL, METRICS, METRICS_BY_NAME, SPIKE_WINDOW, TIMING_METRICS
+
+SUMMARY_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")  # columns of the arms table
+
+
+def fmt(x, digits: int = 3) -> str:
+    """Numbers for people: 3 significant digits below 100, no exponent for large values."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").strip().split("\n", 1)[0]
+
+
+def fmt_p(p) -> str:
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.2g}"
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def verdict(row: dict, alpha: float) -> str:
+    """'norm=rmsnorm lowers val loss by 0.031 [0.012, 0.050] vs norm=layernorm (better), d = 2.4, p_holm = 0.02 ...'"""
+    metric = METRICS_BY_NAME[row["metric"]]
+    arm, base, diff = row["arm"], row["baseline"], row["diff"]
+    if not math.isfinite(diff):
+        return f"{arm}: no {metric.words} to compare ({row['note']})."
+    if diff == 0:
+        head = f"{arm} leaves {metric.words} unchanged vs {base} ({fmt(row['mean_a'])})"
+    else:
+        better = (diff < 0) == metric.lower_is_better
+        lo, hi = (-row["ci_high"], -row["ci_low"]) if diff < 0 else (row["ci_low"], row["ci_high"])
+        ci = f" [{fmt(lo)}, {fmt(hi)}]" if math.isfinite(lo) else ""
+        head = (f"{arm} {'lowers' if diff < 0 else 'raises'} {metric.words} by {fmt(abs(diff))}{ci} vs {base} "
+                f"({'better' if better else 'worse'})")
+    if row["test"] == "none" or not math.isfinite(row["p"]):
+        return f"{head}; {row['note']}."
+    d = row["cohens_d"]
+    stats_part = f"d = {fmt(abs(d), 2)}, " if math.isfinite(d) else ""
+    stats_part += f"p_holm = {fmt_p(row['p_holm'])} ({row['test']} t-test)"
+    mde = f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}"
+    if row["p_holm"] < alpha:
+        return f"{head}, {stats_part}: significant after Holm at alpha = {alpha}. {mde}."
+    more = ""
+    if math.isfinite(row["n_for_80pct_power"]):
+        more = f"; about {row['n_for_80pct_power']:.0f} seeds per arm would detect d = {fmt(abs(d), 2)}"
+    return f"{head}, {stats_part}: not significant after Holm. {mde}{more}."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> str:
+    counts = {}
+    for job in sweep.jobs:
+        counts[job.status] = counts.get(job.status, 0) + 1
+    hardware = sorted({str(j.results.get("choices", {}).get("hardware")) for j in sweep.jobs if j.usable})
+    factors = "; ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in sweep.factors.items()) or "none (one arm)"
+    lines = [f"# Report: {name}", "", f"- sweep: `{sweep.path}`",
+             f"- jobs: {len(sweep.jobs)} ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})",
+             f"- swept factors: {factors}", f"- baseline arm: `{comp.baseline}` ({comp.baseline_rule})",
+             f"- target val loss for time-to-target: {fmt(comp.target_loss, 4)}",
+             f"- timing metrics ({', '.join(TIMING_METRICS)}) measured on hardware: {', '.join(hardware) or 'n/a'}"]
+    problems = sweep.problems
+    lines += ["", f"## Jobs not counted ({len(problems)})", ""]
+    if problems:
+        lines += _table(["job", "arm", "seed", "status", "reason"],
+                        [[j.name, j.arm or "", str(j.seed), j.status, first_line(j.error)[:160]]
+                         for j in problems])
+    else:
+        lines.append("None: every job the sweep defined completed.")
+    lines += ["", "## Arms (mean ± SD over seeds)", ""]
+    summary = {(s["metric"], s["arm"]): s for s in comp.summaries}
+    rows = []
+    for arm in sweep.arms:
+        cells = [f"{fmt(summary[m, arm.label]['mean'], 4)} ± {fmt(summary[m, arm.label]['sd'], 2)}"
+                 for m in SUMMARY_METRICS]
+        rows.append([f"`{arm.label}`", f"{len(arm.completed)}/{len(arm.jobs)}",
+                     " ".join(str(j.seed) for j in arm.completed), *cells])
+    lines += _table(["arm", "completed", "seeds", *SUMMARY_METRICS], rows)
+    lines += ["", "## Comparisons vs the baseline", ""]
+    for metric in METRICS:
+        rows = [r for r in comp.rows if r["metric"] == metric.name]
+        base = summary[metric.name, comp.baseline]
+        better = "lower" if metric.lower_is_better else "higher"
+        lines += [f"### {metric.name} ({better} is better; baseline {fmt(base['mean'], 4)}, n = {base['n']})", ""]
+        if metric.name in comp.censored:
+            lines += [f"No value for {len(comp.censored[metric.name])} completed run(s) (target not reached or run "
+                      f"too short): {', '.join(comp.censored[metric.name])}.", ""]
+        lines += _table(["arm", "n", "mean", "diff [95% CI]", "test", "p", "p_holm", "p_fdr_bh", "d", "g", "power",
+                         "MDE d", "n for 80%"],
+                        [[f"`{r['arm']}`", str(r["n_a"]), fmt(r["mean_a"], 4),
+                          f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", r["test"], fmt_p(r["p"]),
+                          fmt_p(r["p_holm"]), fmt_p(r["p_fdr_bh"]), fmt(r["cohens_d"], 2), fmt(r["hedges_g"], 2),
+                          fmt(r["power"], 2), fmt(r["mde_d"], 3), fmt(r["n_for_80pct_power"])] for r in rows])
+        lines += [""] + [f"- {verdict(r, comp.alpha)}" for r in rows] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["## Method", "", *METHOD_NOTES]
+    return "\n".join(lines) + "\n"
+
+
+METHOD_NOTES = [
+    "- One run = one seed; metrics are final values (never the best step of a run). Steps of one run are never "
+    "treated as samples.",
+    "- Arms share seeds and data order is a function of the seed, so when both arms have the same seeds the test is "
+    "a paired t-test (`scipy.stats.ttest_rel`); otherwise Welch's t-test (`ttest_ind(equal_var=False)`). "
+    "CI: 95 % t-interval of the difference from the same test.",
+    "- d: Cohen's d with the pooled SD; g: Hedges' g (exact small-sample correction). "
+    "power / MDE / n for 80 %: `statsmodels` `TTestIndPower`, two-sided (for paired rows this ignores the pairing "
+    "gain, so it is conservative).",
+    "- Corrections (`multipletests`, method passed explicitly): the family is all comparisons of one metric; "
+    "Holm is the headline, Bonferroni and Benjamini-Hochberg FDR are listed too.",
+    f"- Time to target: first validation with val loss <= the target (resolution: one validation interval). "
+    f"Loss spike: a step with train loss > {1 + LOSS_SPIKE_REL:.2f} x the median of the previous {SPIKE_WINDOW} "
+    f"steps; grad-norm spike: the largest ratio of grad norm to that running median.",
+]
+
+
+def latex(comp: Comparison) -> str:
+    """A booktabs table of every comparison (requires \\usepackage{booktabs})."""
+    esc = lambda s: str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+    lines = [r"\begin{tabular}{llrrrrrr}", r"\toprule",
+             r"Metric & Arm & $\Delta$ & 95\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE $d$ \\", r"\midrule"]
+    for i, metric in enumerate(METRICS):
+        rows = [r for r in comp.rows if r["metric"] == metric.name]
+        if i and rows:
+            lines.append(r"\midrule")
+        for r in rows:
+            lines.append(f"{esc(metric.name)} & {esc(r['arm'])} & {fmt(r['diff'])} & [{fmt(r['ci_low'])}, "
+                         f"{fmt(r['ci_high'])}] & {fmt(r['cohens_d'], 2)} & {fmt(r['hedges_g'], 2)} & "
+                         f"{esc(fmt_p(r['p_holm']))} & {fmt(r['mde_d'], 3)} \\\\")
+    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    cell = lambda v: "" if isinstance(v, float) and not math.isfinite(v) else (repr(v) if isinstance(v, float) else v)  # noqa: E731
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: cell(r[k]) for k in COLUMNS} for r in rows)
+
+
+def report_json(sweep: Sweep, comp: Comparison, name: str) -> dict:
+    return _clean({
+        "name": name, "sweep": str(sweep.path), "alpha": comp.alpha, "baseline": comp.baseline,
+        "baseline_rule": comp.baseline_rule, "target_loss": comp.target_loss, "factors": sweep.factors,
+        "arms": [{"label": a.label, "factors": a.factors, "jobs": [j.name for j in a.jobs],
+                  "completed": [j.name for j in a.completed], "seeds": [j.seed for j in a.completed]}
+                 for a in sweep.arms],
+        "jobs": [{"name": j.name, "arm": j.arm, "seed": j.seed, "status": j.status, "error": j.error,
+                  "overrides": j.overrides} for j in sweep.jobs],
+        "not_counted": [j.name for j in sweep.problems], "censored": comp.censored,
+        "summaries": comp.summaries, "comparisons": comp.rows,
+    })
+
+
+def sweep_name(path: Path) -> str:
+    """multirun/2026-11-23/12-00-00-000000-norm -> 2026-11-23_12-00-00-000000-norm; else the folder name."""
+    parts = path.resolve().parts
+    if "multirun" in parts[:-1]:
+        return "_".join(parts[len(parts) - parts[::-1].index("multirun"):])
+    return path.resolve().name
+
+
+def newest_sweep(root: Path = Path("multirun")) -> Path:
+    """The sweep whose multirun.yaml is newest under ``root``."""
+    found = sorted(root.glob("**/multirun.yaml"), key=lambda p: (p.stat().st_mtime, natural_key(str(p))))
+    if not found:
+        raise FileNotFoundError(f"no sweep under {root}/ (run `python train.py -m ...` first, or pass SWEEP=path)")
+    return found[-1].parent
+
+
+def write_report(sweep_path: Path, out: Path | None = None, baseline: str | None = None,
+                 target_loss: float | None = None, alpha: float = ALPHA, pairing: bool = True,
+                 plots: bool = True) -> tuple[Path, Sweep, Comparison]:
+    """Collect, compare and write every report file; returns (folder, sweep, comparison)."""
+    sweep = collect_sweep(sweep_path)
+    comp = compare_sweep(sweep, baseline=baseline, target_loss=target_loss, alpha=alpha, pairing=pairing)
+    name = sweep_name(sweep.path)
+    out = Path(out) if out is not None else Path("reports") / name
+    out.mkdir(parents=True, exist_ok=True)
+    written_plots = []
+    if plots:
+        from kimi_lab.stats.plots import write_plots
+
+        written_plots = write_plots(sweep, comp, out)
+    write_csv(out / "comparisons.csv", comp.rows)
+    (out / "report.json").write_text(json.dumps(report_json(sweep, comp, name), indent=2) + "\n")
+    (out / "report.md").write_text(markdown(sweep, comp, name, written_plots))
+    (out / "report.tex").write_text(latex(comp))
+    return out, sweep, comp
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kimi_lab.stats.report", description=__doc__)
+    parser.add_argument("sweep", nargs="?", help="sweep folder (default: the newest under multirun/)")
+    parser.add_argument("--baseline", help="the baseline arm, e.g. norm=layernorm,optimizer=adamw "
+                                           "(default: the first value of each swept factor)")
+    parser.add_argument("--out", help="output folder (default: reports/<sweep name>)")
+    parser.add_argument("--target-loss", type=float, help="val loss for time-to-target (default: the worst final "
+                                                          "val loss of the completed runs)")
+    parser.add_argument("--alpha", type=float, default=ALPHA)
+    parser.add_argument("--no-pairing", action="store_true", help="always Welch, even when the arms share seeds")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        sweep_path = Path(args.sweep) if args.sweep else newest_sweep()
+        out, sweep, comp = write_report(sweep_path, args.out, args.baseline, args.target_loss, args.alpha,
+                                        not args.no_pairing, not args.no_plots)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(sweep.jobs)} jobs, {len(sweep.arms)} arms, {len(sweep.problems)} not counted; baseline "
+          f"{comp.baseline}")
+    for job in sweep.problems:
+        print(f"  not counted: {job.name} [{job.status}] {first_line(job.error)[:120]}")
+    for row in comp.rows:
+        if row["metric"] == "val_loss":
+            print(f"  {verdict(row, comp.alpha)}")
+    print(f"report: {out}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
