@@ -59,3 +59,33 @@ def test_norm_kernel_and_timing_on_cuda():
     rms = norm_kernel(torch.nn.RMSNorm(64), "cuda")  # fused (aten._fused_rms_norm) where torch has it for CUDA
     assert rms.startswith("torch.nn.RMSNorm: ") and " on cuda " in rms
     assert norm_fwd_bwd_ms([torch.nn.RMSNorm(64).cuda() for _ in range(3)], 4, 128) > 0
+
+
+@pytest.mark.parametrize("attention", ["standard", "sdpa"])
+def test_qk_norm_normalises_each_head_of_q_and_k(attention):
+    """QK-norm makes attention invariant to the scale of q_proj/k_proj (per head); without it the scale matters."""
+    from kimi_lab.model import build_model
+
+    x = torch.randint(0, 1000, (2, 16))
+    outs = {}
+    for qk_norm in (True, False):
+        cfg = compose_config([f"attention={attention}", f"norm.qk_norm={str(qk_norm).lower()}", "norm.eps=1e-12",
+                              "model.vocab_size=1024"])
+        torch.manual_seed(0)
+        model = build_model(cfg).double().eval()
+        attn = model.layers[0].self_attn
+        assert isinstance(attn.q_norm, torch.nn.RMSNorm) == qk_norm and attn.q_norm is not attn.k_norm
+        with torch.no_grad():
+            before = model(x).logits
+            attn.q_proj.weight.mul_(7.0)
+            attn.k_proj.weight.mul_(0.3)
+            outs[qk_norm] = (before, model(x).logits)
+    torch.testing.assert_close(*outs[True], rtol=1e-9, atol=1e-9)
+    assert (outs[False][0] - outs[False][1]).abs().max() > 1e-3
+
+
+def test_qk_norm_is_rejected_for_mla():
+    from kimi_lab.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="norm.qk_norm"):
+        validate_config(compose_config(["attention=mla", "norm.qk_norm=true"]))

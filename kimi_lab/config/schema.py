@@ -127,6 +127,7 @@ class AttentionConfig:
 class NormConfig:
     name: NormName = NormName.rmsnorm
     eps: float = 1e-5
+    qk_norm: bool = False  # per-head norm of q and k before RoPE (MHA options; MLA normalises its latents)
 
 
 @dataclass

@@ -84,6 +84,8 @@ def _check_attention(cfg: DictConfig) -> None:
     attn, name = cfg.attention, _name(cfg.attention.name)
     kernel = name if name != "mla" else _name(attn.kernel)
     if name == "mla":
+        _check(not cfg.norm.qk_norm, "norm.qk_norm", cfg.norm.qk_norm,
+               "false for attention=mla (it normalises its latents); true only for standard, sdpa or flash")
         _check(attn.kernel is not None, "attention.kernel", attn.kernel, "standard, sdpa or flash for attention=mla")
         for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
             _check(attn[key] is not None and attn[key] > 0, f"attention.{key}", attn[key], "> 0 for attention=mla")

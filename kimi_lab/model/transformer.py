@@ -27,7 +27,7 @@ class Block(nn.Module):
         super().__init__()
         d_model = int(cfg.model.d_model)
         self.input_layernorm = build_norm(cfg.norm, d_model)
-        self.self_attn = build_attention(d_model, cfg.attention)
+        self.self_attn = build_attention(d_model, cfg.attention, cfg.norm if cfg.norm.qk_norm else None)
         self.post_attention_layernorm = build_norm(cfg.norm, d_model)
         self.mlp = build_ffn(d_model, int(cfg.model.d_ff), cfg.moe, layer_idx)
         self.dropout = nn.Dropout(float(cfg.model.dropout))

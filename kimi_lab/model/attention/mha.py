@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from kimi_lab.model.attention.kernels import KernelRunner, planned_label
+from kimi_lab.model.norm import build_norm
 from kimi_lab.model.rope import apply_rotary
 
 
 class MultiHeadAttention(nn.Module):
     """One parameter layout (q/k/v/o_proj, as in HF Llama) shared by every kernel, so checkpoints move between them."""
 
-    def __init__(self, d_model: int, attn_cfg, kernel: str):
+    def __init__(self, d_model: int, attn_cfg, kernel: str, qk_norm=None):
         super().__init__()
         self.n_heads = int(attn_cfg.n_heads)
         self.n_kv_heads = int(attn_cfg.n_kv_heads or attn_cfg.n_heads)
@@ -25,6 +26,9 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=bias)
+        # QK-norm (Dehghani et al. 2023; names as HF Qwen3 / OLMo-2): one norm over head_dim, shared by the heads
+        self.q_norm = build_norm(qk_norm, self.head_dim) if qk_norm is not None else nn.Identity()
+        self.k_norm = build_norm(qk_norm, self.head_dim) if qk_norm is not None else nn.Identity()
 
     def kernel_label(self, device_type: str | None = None) -> str:
         """What the last forward ran; before one (or for another ``device_type``), what it will run there."""
@@ -40,9 +44,9 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
-        # (B, T, H*d) -> (B, H, T, d)
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, T, H*d) -> (B, T, H, d) -> norm per head (QK-norm, or identity) -> (B, H, T, d)
+        q = self.q_norm(self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.attend(q, k, v).transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim)
