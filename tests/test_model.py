@@ -184,10 +184,11 @@ def test_layernorm_formula():
 
 @pytest.mark.parametrize("norm", group_options("norm"))
 def test_norm_eps_reaches_every_model_norm(norm):
-    model, _ = _model([f"norm={norm}", "norm.eps=0.125"])
-    norms = [m for name, m in model.named_modules() if name.endswith("norm") or name.endswith("layernorm")]
-    assert len(norms) == 2 * 2 + 1  # two per block + final
-    assert all(m.eps == 0.125 for m in norms)
+    for qk_norm, count in ((False, 2 * 2 + 1), (True, 2 * 4 + 1)):  # two per block + final (+ q_norm, k_norm)
+        model, _ = _model([f"norm={norm}", "norm.eps=0.125", f"norm.qk_norm={str(qk_norm).lower()}"])
+        norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+        assert len(norms) == count
+        assert all(m.eps == 0.125 for m in norms)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
