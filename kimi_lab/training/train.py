@@ -118,16 +118,14 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except RunInterrupted as stop:
             log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run.path)
-            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="interrupted") | \
-                _norm_summary(cfg, norm_profile, callbacks)
+            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="interrupted")
         if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)  # final-step validation
         trainer.save_checkpoint(run.checkpoints / "last.ckpt")
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
-    results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, status="completed")
+    results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="completed")
     results.update({k: float(v) for k, v in test_metrics.items()})
-    results.update(_norm_summary(cfg, norm_profile, callbacks))
     results.update(length_metrics)
     return results
 
@@ -146,7 +144,7 @@ def _peak_mem_mb(rss) -> tuple[float, str]:
     return rss.peak_bytes / 2**20, "cpu_peak_rss"
 
 
-def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) -> dict:
+def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status: str) -> dict:
     from kimi_lab.model import flops_per_token, parameter_counts
 
     vals = callbacks.metrics.val_history
@@ -154,6 +152,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
     best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
     peak_mb, peak_kind = _peak_mem_mb(rss)
     choices = {g: _choice(cfg, g) for g in ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")}
+    choices["moe.topk_method"] = getattr(cfg.moe.topk_method, "value", cfg.moe.topk_method)  # moe.name is only moe/dense
     return {
         "status": status,
         "seed": int(cfg.seed),
@@ -173,6 +172,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, status: str) 
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
         **_rope_summary(module.model),
+        **_norm_summary(cfg, norm_profile, callbacks),
         **_optimizer_summary(cfg, module, callbacks),
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
