@@ -32,6 +32,21 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["train_loss"]], [r for r in rows if r["val_loss"]]
 
 
+def _tensorboard_hparams(folder: Path) -> dict[str, float]:
+    """hp/* scalars of the event file that carries the hparams plugin's session data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        try:
+            events.PluginTagToContent("hparams")
+        except KeyError:
+            continue
+        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
+    raise AssertionError(f"no TensorBoard hparams in {folder}")
+
+
 def run_cli(*args: str, cwd: Path, multirun: bool = False) -> subprocess.CompletedProcess:
     flags = ["-m"] if multirun else []  # Hydra flags must come before the overrides
     cmd = [sys.executable, str(REPO_ROOT / "train.py"), *flags, "model=tiny", f"paths.data_dir={DATA_DIR}", *args]
@@ -55,6 +70,9 @@ def test_cli_run_writes_the_run_folder(tmp_path):
     assert (run_dir / ".hydra" / "overrides.yaml").exists() and (run_dir / "config_resolved.yaml").exists()
     assert "${" not in (run_dir / "config_resolved.yaml").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    hparams = _tensorboard_hparams(run_dir / "tensorboard")  # HParams tab: config + final metrics
+    assert math.isclose(hparams["hp/val_loss"], results["val_loss"], rel_tol=1e-6)
+    assert math.isclose(hparams["hp/test_loss"], results["test_loss"], rel_tol=1e-6)
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and list((run_dir / "checkpoints").glob("best-*.ckpt"))
     train_rows, val_rows = read_metrics(run_dir)
     assert [int(r["step"]) for r in train_rows] == list(range(1, 7))

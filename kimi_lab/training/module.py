@@ -19,7 +19,9 @@ class LanguageModelModule(L.LightningModule):
     def __init__(self, cfg, max_steps: int):
         super().__init__()
         # the resolved config travels in every checkpoint (and TensorBoard's hparams)
-        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)})
+        # logger=False: the run logs its hparams once, at the end, with its final metrics (TensorBoard HParams tab)
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)},
+                                  logger=False)
         self.cfg = cfg
         self.max_steps = max_steps
         self.model = build_model(cfg)

@@ -127,7 +127,25 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="completed")
     results.update({k: float(v) for k, v in test_metrics.items()})
     results.update(length_metrics)
+    _log_hparams(trainer, cfg, results)
     return results
+
+
+HPARAM_METRICS = ("val_loss", "val_ppl", "val_acc", "test_loss", "best_val_loss", "tokens_per_s", "peak_mem_mb",
+                  "train_time_s", "moe_maxvio_batch_mean")
+
+
+def _log_hparams(trainer, cfg: DictConfig, results: dict) -> None:
+    """TensorBoard HParams: the resolved config (flattened by Lightning) with the run's final metrics as hp/*,
+    so the HParams tab of a sweep folder compares its jobs."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    metrics = {f"hp/{k}": float(results[k]) for k in HPARAM_METRICS if isinstance(results.get(k), (int, float))}
+    params = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics)
+            logger.finalize("success")
 
 
 def _check_vocab(cfg: DictConfig, tokenizer_vocab: int) -> None:

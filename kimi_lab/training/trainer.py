@@ -61,7 +61,8 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     ]
     loggers = []
     if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version="",
+                                         default_hp_metric=False))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ours.interrupt is not None:
         callbacks.append(ours.interrupt)  # last: sees the step's metrics row already written
