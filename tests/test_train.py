@@ -186,3 +186,16 @@ def test_loss_falls_on_the_real_corpus(tmp_path):
     assert last < first - 2.0, (first, last)
     assert float(val_rows[-1]["val_loss"]) < math.log(32768) - 2.0
     assert results["val_acc"] > 0.05
+
+
+def test_skip_completed_keeps_finished_jobs_and_reruns_the_rest(tmp_path):
+    overrides = ["trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.warmup_steps=1"]
+    done = train(compose_config(overrides, output_dir=tmp_path / "done"))
+    stamp = (tmp_path / "done" / "metrics.csv").stat().st_mtime_ns
+    again = train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "done"))
+    assert again == done and (tmp_path / "done" / "metrics.csv").stat().st_mtime_ns == stamp  # not retrained
+    with pytest.raises(ValueError):  # a failed job ...
+        train(compose_config([*overrides, "optimizer.lr=-1"], output_dir=tmp_path / "failed"))
+    rerun = train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "failed"))
+    assert rerun["status"] == "completed"  # ... is run again
+    assert json.loads((tmp_path / "failed" / "status.json").read_text())["status"] == "completed"

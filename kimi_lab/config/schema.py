@@ -252,6 +252,13 @@ class PathsConfig:
 
 
 @dataclass
+class SweepConfig:
+    # re-running a sweep command (same hydra.sweep.dir) skips jobs whose folder already holds a completed run of
+    # the same overrides, so a killed or partly failed sweep is filled in without redoing finished jobs
+    skip_completed: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -264,6 +271,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 1
     resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
     ckpt_path: Optional[str] = None  # explicit checkpoint to resume from

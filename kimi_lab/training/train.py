@@ -22,6 +22,11 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> dict:
     """Run one training job; always leaves status.json saying completed, interrupted or failed."""
     run = RunDir(resolve_output_dir(cfg))
+    if cfg.sweep.skip_completed:
+        previous = _completed_results(run)
+        if previous is not None:
+            log.info("skipping: %s already holds a completed run of these overrides (sweep.skip_completed)", run.path)
+            return previous
     run.write_status("running", pid=os.getpid())
     try:
         validate_config(cfg)
@@ -35,6 +40,25 @@ def train(cfg: DictConfig) -> dict:
     run.write_status(results["status"])
     log.info("%s: results in %s", results["status"], run.path)
     return results
+
+
+def _completed_results(run: RunDir) -> dict | None:
+    """The folder's results.json if it records a completed run of the same overrides (sweep.skip_completed aside)."""
+    import json
+
+    if not run.results_json.exists() or not run.status_json.exists():
+        return None
+    try:
+        status = json.loads(run.status_json.read_text())["status"]
+        previous = json.loads(run.results_json.read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    same_job = _without_skip(previous.get("overrides", [])) == _without_skip(_overrides())
+    return previous if status == "completed" and previous.get("status") == "completed" and same_job else None
+
+
+def _without_skip(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.lstrip("+~").startswith("sweep.skip_completed=")]
 
 
 def steps_and_tokens(cfg: DictConfig, world_size: int) -> tuple[int, int]:
