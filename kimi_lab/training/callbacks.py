@@ -36,7 +36,6 @@ class ExpertLoadMonitor(L.Callback):
 
     def __init__(self):
         self.run_counts: list[torch.Tensor] = []  # per layer (E,)
-        self.maxvio_history: list[float] = []
         self.layer_maxvio_sums: list[float] = []  # per layer, sum over steps of the per-step MaxVio
         self.aux_loss_sums: list[float] = []  # per layer, sum over steps of the per-step mean aux loss
         self.tokens_dropped: list[float] = []  # per layer, run total
@@ -72,30 +71,21 @@ class ExpertLoadMonitor(L.Callback):
         self.n_steps += 1
         self.last_step = {"moe_cv": sum(s[0] for s in stats) / len(stats),
                           "moe_maxvio": sum(s[1] for s in stats) / len(stats)}
-        self.maxvio_history.append(self.last_step["moe_maxvio"])
         self.last_bias = [_bias(layer) for layer in layers]
+        scalars = {}  # TensorBoard: the same per-layer values as the metrics.csv columns
         for j, c in enumerate(counts):
-            self.layer_maxvio_sums[j] += stats[j][1]
-            self.aux_loss_sums[j] += aux[j].item()
-            self.tokens_dropped[j] += dropped[j].item()
-            self.last_step.update({
-                f"moe{j}_load": json.dumps([round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]),
-                f"moe{j}_cv": stats[j][0], f"moe{j}_maxvio": stats[j][1], f"moe{j}_aux_loss": aux[j].item(),
-                f"moe{j}_tokens_dropped": dropped[j].item(),
-                f"moe{j}_bias": json.dumps(self.last_bias[j]) if self.last_bias[j] is not None else ""})
-        self._log_tensorboard(trainer)
-
-    def _log_tensorboard(self, trainer: L.Trainer) -> None:
-        scalars = {}
-        for key, value in self.last_step.items():
-            if not key.startswith("moe") or "_" not in key or key in ("moe_cv", "moe_maxvio"):
-                continue
-            layer, name = key.split("_", 1)
-            if name in ("load", "bias"):
-                for e, v in enumerate(json.loads(value) if value else []):
-                    scalars[f"moe/layer{layer[3:]}/{name}/expert{e}"] = v
-            else:
-                scalars[f"moe/layer{layer[3:]}/{name}"] = value
+            load = [round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]
+            values = {"cv": stats[j][0], "maxvio": stats[j][1], "aux_loss": aux[j].item(),
+                      "tokens_dropped": dropped[j].item()}
+            self.layer_maxvio_sums[j] += values["maxvio"]
+            self.aux_loss_sums[j] += values["aux_loss"]
+            self.tokens_dropped[j] += values["tokens_dropped"]
+            self.last_step.update({f"moe{j}_{k}": v for k, v in values.items()})
+            self.last_step[f"moe{j}_load"] = json.dumps(load)
+            self.last_step[f"moe{j}_bias"] = json.dumps(self.last_bias[j]) if self.last_bias[j] is not None else ""
+            scalars.update({f"moe/layer{j}/{k}": v for k, v in values.items()})
+            for name, vector in (("load", load), ("bias", self.last_bias[j] or [])):
+                scalars.update({f"moe/layer{j}/{name}/expert{e}": v for e, v in enumerate(vector)})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step + 1)  # the step this optimizer step completes
 
@@ -109,7 +99,8 @@ class ExpertLoadMonitor(L.Callback):
             "expert_load": fractions,  # per MoE layer, share of routed tokens per expert over the run
             "expert_load_cv": [s[0] for s in run_stats],
             "moe_maxvio_run": [s[1] for s in run_stats],
-            "moe_maxvio_batch_mean": statistics.fmean(self.maxvio_history) if self.maxvio_history else 0.0,
+            # mean over steps of the per-step MaxVio averaged over layers
+            "moe_maxvio_batch_mean": statistics.fmean(self.layer_maxvio_sums) / steps,
             "moe_maxvio_batch_mean_per_layer": [v / steps for v in self.layer_maxvio_sums],
             "moe_aux_loss": [v / steps for v in self.aux_loss_sums],  # per layer, mean over steps
             "moe_tokens_dropped": self.tokens_dropped,  # per layer, run total (dropless: 0)
@@ -117,16 +108,13 @@ class ExpertLoadMonitor(L.Callback):
         }
 
     def state_dict(self) -> dict:
-        return {"run_counts": self.run_counts, "maxvio_history": self.maxvio_history,
-                "layer_maxvio_sums": self.layer_maxvio_sums, "aux_loss_sums": self.aux_loss_sums,
-                "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps}
+        return {"run_counts": self.run_counts, "layer_maxvio_sums": self.layer_maxvio_sums,
+                "aux_loss_sums": self.aux_loss_sums, "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.run_counts, self.maxvio_history = state["run_counts"], state["maxvio_history"]
-        self.layer_maxvio_sums = state.get("layer_maxvio_sums", [0.0] * len(self.run_counts))
-        self.aux_loss_sums = state.get("aux_loss_sums", [0.0] * len(self.run_counts))
-        self.tokens_dropped = state.get("tokens_dropped", [0.0] * len(self.run_counts))
-        self.n_steps = state.get("n_steps", len(self.maxvio_history))
+        self.run_counts, self.layer_maxvio_sums = state["run_counts"], state["layer_maxvio_sums"]
+        self.aux_loss_sums, self.tokens_dropped, self.n_steps = (state["aux_loss_sums"], state["tokens_dropped"],
+                                                                 state["n_steps"])
 
 
 def _bias(layer) -> list[float] | None:

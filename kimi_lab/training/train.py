@@ -125,8 +125,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     module = LanguageModelModule(cfg, max_steps=max_steps)
     # the kernel planned on the configured device (raises now if attention=flash cannot run there); results.json
     # records the one the training forwards actually ran
-    accelerator = getattr(cfg.hardware.accelerator, "value", cfg.hardware.accelerator)
-    kernel = module.model.attention_kernel("cuda" if accelerator == "gpu" else "cpu")
+    kernel = module.model.attention_kernel("cuda" if _value(cfg.hardware.accelerator) == "gpu" else "cpu")
     norm_profile = _profile_norms(cfg, module.model)
     log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
@@ -193,8 +192,9 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
     final = vals[-1] if vals else {}
     best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
     peak_mb, peak_kind = _peak_mem_mb(rss)
-    choices = {g: _choice(cfg, g) for g in ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")}
-    choices["moe.topk_method"] = getattr(cfg.moe.topk_method, "value", cfg.moe.topk_method)  # moe.name is only moe/dense
+    groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
+    choices = {g: _choice(cfg, g) for g in groups}
+    choices["moe.topk_method"] = _value(cfg.moe.topk_method)  # moe.name only says moe or dense
     return {
         "status": status,
         "seed": int(cfg.seed),
@@ -278,7 +278,7 @@ def _optimizer_summary(cfg, module, callbacks) -> dict:
 
 def _choice(cfg: DictConfig, group: str):
     name = OmegaConf.select(cfg, f"{group}.name")
-    return getattr(name, "value", name)
+    return _value(name)
 
 
 def _overrides() -> list[str]:
