@@ -80,6 +80,19 @@ class TokenizerName(str, Enum):
     cl100k_32k = "cl100k_32k"  # cl100k_base ranks < 32767 + <|endoftext|> = 32767
 
 
+class EvalName(str, Enum):
+    none = "none"  # no downstream evaluation (held-out test-split loss / perplexity are always computed)
+    downstream = "downstream"  # zero-shot log-likelihood benchmarks after training (kimi_lab/evaluation)
+
+
+class EvalTask(str, Enum):
+    hellaswag = "hellaswag"  # validation, 10,042 items, 4 endings
+    piqa = "piqa"  # validation, 1,838 items, 2 solutions
+    arc_easy = "arc_easy"  # validation, 570 items
+    arc_challenge = "arc_challenge"  # validation, 299 items
+    lambada = "lambada"  # lambada_openai test, 5,153 items: last-word accuracy and perplexity
+
+
 class Accelerator(str, Enum):
     cpu = "cpu"
     gpu = "gpu"
@@ -259,6 +272,14 @@ class SweepConfig:
 
 
 @dataclass
+class EvalConfig:
+    name: EvalName = EvalName.none
+    tasks: list[EvalTask] = field(default_factory=list)  # eval=downstream: which benchmarks (in this order)
+    limit: Optional[int] = None  # score only the first `limit` items of each task (quick runs); null = all
+    batch_size: int = 32  # sequences per forward pass (results do not depend on it)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -272,6 +293,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
     resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
     ckpt_path: Optional[str] = None  # explicit checkpoint to resume from

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from kimi_lab.config.schema import PRECISIONS
+from kimi_lab.config.schema import PRECISIONS, EvalTask
 
 MOMENTUM_OPTIMIZERS: tuple[str, ...] = ("muon",)  # optimizers that read optimizer.momentum
 MUON_KEYS = ("adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")  # read by muon only: null for the others
@@ -34,6 +34,8 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.rope.scaling is not None:
         _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
+    if "eval" in cfg:
+        _check_eval(cfg.eval)
 
 
 def _check_rope_scaling(scaling: DictConfig) -> None:
@@ -191,3 +193,12 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
     if trainer.interrupt_at_step is not None:
         _check(trainer.interrupt_at_step >= 1, "trainer.interrupt_at_step", trainer.interrupt_at_step, ">= 1 or null")
     _check(cfg.seed is not None and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+
+
+def _check_eval(ev: DictConfig) -> None:
+    tasks = [_name(t) for t in ev.tasks]
+    if _name(ev.name) == "downstream":
+        _check(len(tasks) > 0, "eval.tasks", tasks, "a non-empty list of " + ", ".join(t.value for t in EvalTask))
+    _check(len(set(tasks)) == len(tasks), "eval.tasks", tasks, "each task at most once")
+    _check(ev.limit is None or ev.limit >= 1, "eval.limit", ev.limit, "null (every item) or >= 1")
+    _check(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")

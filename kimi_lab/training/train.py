@@ -118,6 +118,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
         from kimi_lab.training.length_eval import token_budget
 
         token_budget(cfg.data, datamodule.n_tokens("val"))
+    _prepare_downstream(cfg)  # fail before training when the benchmark files are missing
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # seed 0 is a valid seed
     from kimi_lab.training.module import LanguageModelModule
@@ -150,6 +151,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="completed")
     results.update({k: float(v) for k, v in test_metrics.items()})
     results.update(length_metrics)
+    results.update(_downstream(cfg, module, trainer))  # after PeakRSS: peak_mem_mb stays the training peak
     _log_hparams(trainer, cfg, results)
     return results
 
@@ -238,6 +240,26 @@ def _length_generalisation(cfg: DictConfig, module, trainer, datamodule) -> dict
     from kimi_lab.training.length_eval import val_loss_at_lengths
 
     return val_loss_at_lengths(module, trainer, datamodule, cfg.data)
+
+
+def _prepare_downstream(cfg: DictConfig) -> None:
+    if _value(cfg.eval.name) == "downstream":
+        from kimi_lab.evaluation import load_task
+
+        for task in cfg.eval.tasks:
+            load_task(task, str(cfg.paths.data_dir), cfg.eval.limit)  # builds the item cache once
+
+
+def _downstream(cfg: DictConfig, module, trainer) -> dict:
+    """eval=downstream: zero-shot benchmarks on the final weights (the ones test_loss scores) -> {"downstream": ...}."""
+    if _value(cfg.eval.name) != "downstream":
+        return {}
+    from kimi_lab.evaluation import evaluate_model
+
+    device = trainer.strategy.root_device
+    model = module.model.to(device)  # Lightning's teardown left it on the CPU
+    return {"downstream": evaluate_model(model, cfg.eval, cfg.data, str(cfg.paths.data_dir), device=device,
+                                         forward_context=trainer.precision_plugin.forward_context)}
 
 
 def _profile_norms(cfg: DictConfig, model) -> dict:
