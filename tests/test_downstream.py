@@ -18,6 +18,7 @@ from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, la
                                  loglikelihoods, model_inputs, multiple_choice_metrics, parse_task, score_items)
 from kimi_lab.evaluation import tasks as tasks_module
 from tests.helpers import DATA_DIR, compose_config
+from tests.test_stats import sweep_dir  # noqa: F401  (fixture: a synthetic sweep folder)
 
 ITEMS = json.loads((Path(__file__).parent / "data" / "downstream_items.json").read_text())
 VOCAB = 128
@@ -274,3 +275,37 @@ def test_training_run_with_eval_downstream_writes_results(tmp_path):
     assert on_disk["downstream"]["arc_easy"]["n"] == 3 and set(on_disk["downstream"]["lambada"]) >= {"acc", "ppl"}
     assert 0 <= on_disk["downstream"]["arc_easy"]["acc_norm"] <= 1
     assert on_disk["test_ppl"] == pytest.approx(math.exp(on_disk["test_loss"]), rel=1e-5)  # always computed
+    # the CLI rebuilds the model from the run folder and last.ckpt: the same numbers
+    from kimi_lab.evaluation.__main__ import main
+
+    cli = main([str(tmp_path / "on"), "--tasks", "arc_easy", "lambada", "--limit", "3", "--write"])["downstream"]
+    for task, metrics in on_disk["downstream"].items():
+        for key, value in metrics.items():
+            if key != "seconds":
+                assert cli[task][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
+    assert json.loads((tmp_path / "on" / "results.json").read_text())["downstream_checkpoint"].endswith("last.ckpt")
+
+
+# ------------------------------------------------------------------------------------------------ report
+def test_report_compares_downstream_scores_when_runs_have_them(sweep_dir, tmp_path):
+    """`make report` lists downstream.<task>.* metrics for sweeps run with eval=downstream, and none otherwise."""
+    from kimi_lab.stats.report import write_report
+
+    _, _, plain = write_report(sweep_dir, tmp_path / "plain", target_loss=3.1, plots=False)
+    assert not any(r["metric"].startswith("downstream.") for r in plain.rows)
+    values = {}
+    for results_json in sweep_dir.rglob("results.json"):
+        results = json.loads(results_json.read_text())
+        lr, seed = next(o for o in results["overrides"] if o.startswith("optimizer.lr=")), results["seed"]
+        values[lr, seed] = 0.5 + 0.01 * seed + (0.05 if lr == "optimizer.lr=0.002" else 0.0)
+        results["downstream"] = {"piqa": {"acc": 0.5, "acc_norm": values[lr, seed], "n": 100},
+                                 "lambada": {"acc": 0.1, "ppl": 100.0 + seed, "n": 100}}
+        results_json.write_text(json.dumps(results))
+    out, _, comp = write_report(sweep_dir, tmp_path / "rep", target_loss=3.1, plots=False)
+    row = next(r for r in comp.rows if r["metric"] == "downstream.piqa.acc_norm" and r["arm"] == "optimizer.lr=0.002")
+    assert row["test"] == "paired" and row["diff"] == pytest.approx(0.05)
+    assert {r["metric"] for r in comp.rows} >= {"downstream.lambada.ppl", "downstream.piqa.acc"}
+    assert not any(r["metric"].startswith("downstream.hellaswag") for r in comp.rows)  # no run has it
+    md = (out / "report.md").read_text()
+    assert "### downstream.piqa.acc_norm (higher is better" in md and "### downstream.lambada.ppl (lower is better" in md
+    assert "raises PIQA accuracy (length-normalised) by 0.05" in md

@@ -187,6 +187,8 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
     values = arm_values(sweep, target)
     for metric in METRICS:
         per_arm = values[metric.name]
+        if metric.optional and not any(per_arm.values()):
+            continue  # e.g. downstream scores in a sweep run without eval=downstream
         missing = [j.name for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
         if missing:
             result.censored[metric.name] = missing

@@ -20,7 +20,8 @@ class Metric:
     name: str
     words: str  # for verdicts: "<arm> lowers <words> by ..."
     lower_is_better: bool
-    source: str  # results.json field, or "curve" (computed from metrics.csv)
+    source: str  # results.json field (dotted for nested: downstream.piqa.acc), or "curve" (from metrics.csv)
+    optional: bool = False  # compared only when some completed run has it (downstream: runs with eval=downstream)
 
 
 METRICS = [
@@ -36,6 +37,14 @@ METRICS = [
     Metric("grad_norm_spike", "largest grad-norm spike (x running median)", True, "curve"),
     Metric("loss_spikes", "number of loss spikes", True, "curve"),
 ]
+# eval=downstream (kimi_lab/evaluation): zero-shot benchmark scores of the final weights
+DOWNSTREAM_TASKS = {"hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge"}
+METRICS += [Metric(f"downstream.{task}.{key}", f"{label} {words}", False, f"downstream.{task}.{key}", optional=True)
+            for task, label in DOWNSTREAM_TASKS.items()
+            for key, words in (("acc_norm", "accuracy (length-normalised)"), ("acc", "accuracy"))]
+METRICS += [Metric("downstream.lambada.acc", "LAMBADA last-word accuracy", False, "downstream.lambada.acc",
+                   optional=True),
+            Metric("downstream.lambada.ppl", "LAMBADA perplexity", True, "downstream.lambada.ppl", optional=True)]
 METRICS_BY_NAME = {m.name: m for m in METRICS}
 TIMING_METRICS = ("tokens_per_s", "train_time_s", "train_time_to_target_s")
 
@@ -87,7 +96,19 @@ def stability(job: Job) -> tuple[float, float]:
 
 def job_metrics(job: Job, target_loss: float) -> dict[str, float]:
     """Every metric of METRICS for one completed job (NaN where the run does not define it)."""
-    values = {m.name: _finite(job.results.get(m.source)) for m in METRICS if m.source != "curve"}
+    values = {m.name: _finite(_lookup(job.results, m.source)) for m in METRICS if m.source != "curve"}
     values["tokens_to_target"], values["train_time_to_target_s"] = time_to_target(job, target_loss)
     values["grad_norm_spike"], values["loss_spikes"] = stability(job)
     return values
+
+
+def _lookup(results: dict, source: str):
+    """results[source], or the nested value for a dotted source (``downstream.piqa.acc``); None when absent."""
+    if source in results:
+        return results[source]
+    value = results
+    for part in source.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value

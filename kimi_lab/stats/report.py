@@ -111,6 +111,8 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
     lines += _table(["arm", "completed", "seeds", *SUMMARY_METRICS], rows)
     lines += ["", "## Comparisons vs the baseline", ""]
     for metric in METRICS:
+        if (metric.name, comp.baseline) not in summary:
+            continue  # an optional metric no run has
         rows = [r for r in comp.rows if r["metric"] == metric.name]
         base = summary[metric.name, comp.baseline]
         better = "lower" if metric.lower_is_better else "higher"

@@ -1,0 +1,102 @@
+"""Score an existing run folder's checkpoint on the downstream tasks.
+
+    python -m kimi_lab.evaluation RUN_DIR [--tasks piqa lambada] [--limit N] [--checkpoint last|best|FILE]
+                                          [--batch-size 32] [--device cpu] [--data-dir DIR] [--write]
+
+The model is rebuilt from ``RUN_DIR/config_resolved.yaml`` (same tokenizer, same ``data.seq_len`` context) and the
+checkpoint's weights (``last``: the final weights, as ``eval=downstream`` scores them; ``best``: the lowest-val-loss
+checkpoint). Prints ``{"checkpoint": ..., "downstream": {task: metrics}}`` as JSON; ``--write`` also stores it in
+``RUN_DIR/results.json`` under ``downstream`` (so ``make report`` compares it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from kimi_lab.config.schema import EvalTask
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    tasks = [t.value for t in EvalTask]
+    parser = argparse.ArgumentParser(prog="python -m kimi_lab.evaluation", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder (holds config_resolved.yaml and checkpoints/)")
+    parser.add_argument("--tasks", nargs="+", default=tasks, choices=tasks, metavar="TASK",
+                        help=f"tasks to score (default: all of {', '.join(tasks)})")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    parser.add_argument("--checkpoint", default="last", help="last (default), best, or a .ckpt file")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--data-dir", default=None,
+                        help="item cache folder (default: $KIMI_LAB_DATA_DIR, else the run's paths.data_dir)")
+    parser.add_argument("--write", action="store_true", help="store the result in RUN_DIR/results.json")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit {args.limit}: allowed: >= 1")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: allowed: >= 1")
+    return args
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """``last`` -> checkpoints/last.ckpt, ``best`` -> checkpoints/best-step<N>.ckpt, else a path."""
+    if which == "last":
+        path = run_dir / "checkpoints" / "last.ckpt"
+    elif which == "best":
+        found = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"), key=lambda p: p.stat().st_mtime)
+        path = found[-1] if found else run_dir / "checkpoints" / "best-step<N>.ckpt"
+    else:
+        path = Path(which)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {which}: no checkpoint at {path}; allowed: last, best or a .ckpt file")
+    return path
+
+
+def load_run(run_dir: Path, checkpoint: Path):
+    """(config, Transformer with the checkpoint's weights) of a run folder."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from kimi_lab.config import Config
+    from kimi_lab.model import build_model
+
+    config_file = run_dir / "config_resolved.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: RUN_DIR must be a kimi_lab run folder")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
+    model = build_model(cfg)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return cfg, model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from omegaconf import OmegaConf
+
+    from kimi_lab.evaluation.runner import evaluate_model
+    from kimi_lab.training.rundir import atomic_write_json
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    checkpoint = find_checkpoint(args.run_dir, args.checkpoint)
+    cfg, model = load_run(args.run_dir, checkpoint)
+    model.to(args.device)
+    data_dir = args.data_dir or os.environ.get("KIMI_LAB_DATA_DIR") or str(cfg.paths.data_dir)
+    eval_cfg = OmegaConf.create({"tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size})
+    downstream = evaluate_model(model, eval_cfg, cfg.data, data_dir, device=args.device)
+    out = {"checkpoint": str(checkpoint), "downstream": downstream}
+    if args.write:
+        results_json = args.run_dir / "results.json"
+        results = json.loads(results_json.read_text()) if results_json.exists() else {}
+        atomic_write_json(results_json, {**results, "downstream": downstream, "downstream_checkpoint": str(checkpoint)})
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
