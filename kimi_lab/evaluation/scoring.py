@@ -22,7 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids (B, T) long -> logits (B, T, V)
+# scorer(input_ids (B, T) long, rows (N,), cols (N,)) -> logits (N, V) at positions (rows[i], cols[i]) only
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def from_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor]) -> Scorer:
+    """A scorer from any callable returning all logits (B, T, V), e.g. ``lambda ids: hf_model(ids).logits``."""
+    return lambda ids, rows, cols: logits_fn(ids)[rows, cols]
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ def model_inputs(request: Request, max_len: int) -> list[int]:
 
 
 @torch.no_grad()
-def loglikelihoods(logits_fn: LogitsFn, requests: Sequence[Request], max_len: int, batch_size: int,
+def loglikelihoods(scorer: Scorer, requests: Sequence[Request], max_len: int, batch_size: int,
                    device: torch.device | str = "cpu", pad_id: int = 0) -> list[tuple[float, bool]]:
     """(sum of continuation log-probabilities, every continuation token is the argmax) for each request.
 
@@ -76,8 +82,7 @@ def loglikelihoods(logits_fn: LogitsFn, requests: Sequence[Request], max_len: in
             rows += [b] * len(cont)
             cols += range(n_in - len(cont), n_in)
             targets += cont
-        logits = logits_fn(ids.to(device))  # (B, T, V)
-        picked = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)]
+        picked = scorer(ids.to(device), torch.tensor(rows, device=device), torch.tensor(cols, device=device))
         logp = torch.log_softmax(picked.float(), dim=-1)  # (N, V): continuation positions only
         target = torch.tensor(targets, device=logp.device)
         token_ll = logp.gather(-1, target[:, None])[:, 0].double().cpu()
