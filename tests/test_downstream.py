@@ -43,10 +43,8 @@ class BigramModel:
 
     def __init__(self, table: torch.Tensor):
         self.table = table  # (V, V) float64 log-probabilities of the next id given the current one
-        self.calls = 0
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
         return self.table[ids].float()  # (B, T, V)
 
 
@@ -121,7 +119,8 @@ def test_lambada_last_word_accuracy_and_perplexity_on_a_hand_made_model():
     table = _lambada_table()
     lambada = ITEMS["lambada"]["items"]
     items = [Item(d["context"], (d["word"],), 0) for d in lambada]
-    metrics = score_items(from_logits(BigramModel(table)), CharTokenizer(), items, "last_word", max_len=16, batch_size=2)
+    scorer = from_logits(BigramModel(table))
+    metrics = score_items(scorer, CharTokenizer(), items, "last_word", max_len=16, batch_size=2)
     lls = []
     for d in lambada:  # direct: sum of log p(next | previous) over " word"
         text = d["context"] + " " + d["word"]
@@ -224,7 +223,8 @@ def test_real_items_are_formatted_like_lm_eval():
     assert piqa.context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
     assert len(piqa.choices) == 2 and piqa.gold == 0
     lam = load_task("lambada", DATA_DIR, limit=1)[0]
-    assert lam.context.endswith("his mouth curved in a confident grin, I don't care about") and lam.choices == ("signs",)
+    assert lam.context.endswith("his mouth curved in a confident grin, I don't care about")
+    assert lam.choices == ("signs",)
     assert len(load_task("arc_challenge", DATA_DIR)) == 299
 
 
@@ -309,5 +309,6 @@ def test_report_compares_downstream_scores_when_runs_have_them(sweep_dir, tmp_pa
     assert {r["metric"] for r in comp.rows} >= {"downstream.lambada.ppl", "downstream.piqa.acc"}
     assert not any(r["metric"].startswith("downstream.hellaswag") for r in comp.rows)  # no run has it
     md = (out / "report.md").read_text()
-    assert "### downstream.piqa.acc_norm (higher is better" in md and "### downstream.lambada.ppl (lower is better" in md
+    assert "### downstream.piqa.acc_norm (higher is better" in md
+    assert "### downstream.lambada.ppl (lower is better" in md
     assert "raises PIQA accuracy (length-normalised) by 0.05" in md

@@ -34,8 +34,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.rope.scaling is not None:
         _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
-    if "eval" in cfg:
-        _check_eval(cfg.eval)
+    _check_eval(cfg.eval)
 
 
 def _check_rope_scaling(scaling: DictConfig) -> None:

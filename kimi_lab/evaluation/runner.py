@@ -1,4 +1,4 @@
-"""Run the configured downstream tasks with a logits callable: items -> requests -> log-likelihoods -> metrics."""
+"""Run the configured downstream tasks with a scorer: items -> requests -> log-likelihoods -> metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from kimi_lab.evaluation.scoring import (Scorer, encode_pair, last_word_metrics, loglikelihoods,
                                          multiple_choice_metrics)
-from kimi_lab.evaluation.tasks import SOURCES, Item, load_task, parse_task, source_version, SOURCE_DIST
+from kimi_lab.evaluation.tasks import SOURCE_DIST, SOURCES, Item, load_task, parse_task, source_version
 
 log = logging.getLogger(__name__)
 
