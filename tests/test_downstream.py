@@ -277,6 +277,10 @@ def test_training_run_with_eval_downstream_writes_results(tmp_path):
     assert on_disk["downstream"]["arc_easy"]["n"] == 3 and set(on_disk["downstream"]["lambada"]) >= {"acc", "ppl"}
     assert 0 <= on_disk["downstream"]["arc_easy"]["acc_norm"] <= 1
     assert on_disk["test_ppl"] == pytest.approx(math.exp(on_disk["test_loss"]), rel=1e-5)  # always computed
+    from tests.test_train import _tensorboard_hparams
+
+    hparams = _tensorboard_hparams(tmp_path / "on" / "tensorboard")
+    assert hparams["hp/downstream/arc_easy/acc_norm"] == pytest.approx(on_disk["downstream"]["arc_easy"]["acc_norm"])
     # the CLI rebuilds the model from the run folder and last.ckpt: the same numbers
     from kimi_lab.evaluation.__main__ import main
 

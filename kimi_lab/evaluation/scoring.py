@@ -45,8 +45,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> Request:
     if not context:
         return Request((tokenizer.eot_id,), tuple(tokenizer.encode(continuation)))
     whole = tokenizer.encode(context + continuation)
-    n_context = len(tokenizer.encode(context))
-    return Request(tuple(whole[:n_context]), tuple(whole[n_context:]))
+    context_ids = tokenizer.encode(context)
+    return Request(tuple(context_ids), tuple(whole[len(context_ids):]))
 
 
 def model_inputs(request: Request, max_len: int) -> list[int]:

@@ -166,6 +166,8 @@ def _log_hparams(trainer, cfg: DictConfig, results: dict) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     metrics = {f"hp/{k}": float(results[k]) for k in HPARAM_METRICS if isinstance(results.get(k), (int, float))}
+    metrics |= {f"hp/downstream/{task}/{k}": float(v) for task, scores in results.get("downstream", {}).items()
+                for k, v in scores.items() if k in ("acc", "acc_norm", "ppl")}
     params = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
