@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.training.rundir import RunDir, git_commit, now_iso, versions
+from kimi_lab.training.rundir import RunDir, git_commit, host, now_iso, versions
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),
+        "host": host(),
         "git_commit": git_commit(),
         "finished": now_iso(),
     }
