@@ -126,8 +126,8 @@ class GpuPoolLauncher(Launcher):
     def _run(self, job: PoolJob, device: str) -> JobReturn:
         log.info("\t#%d (device %s) : %s", job.index, device, " ".join(filter_overrides(job.overrides)))
         job.job_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device, "KIMI_LAB_POOL_DEVICE": device}
-        with open(job.job_dir / "launcher.log", "w") as out:  # the job's stdout/stderr; train.log has the logs
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+        with open(job.job_dir / "launcher.log", "a") as out:  # the job's console output, appended on re-runs
             code = subprocess.run(self._command(job), env=env, stdout=out, stderr=subprocess.STDOUT).returncode
         ret = JobReturn(overrides=job.overrides, working_dir=str(job.job_dir), hydra_cfg=None)
         ret.cfg = OmegaConf.create({})
