@@ -18,6 +18,13 @@ from kimi_lab.data.tokenizer import CL100K_PAT_STR, ENDOFTEXT, get_tokenizer
 TOKENIZER_NOTE = "TOKENIZER.md"
 
 
+def hf_pattern(pat_str: str) -> str:
+    """tiktoken's regex for ``tokenizers`` (Oniguruma, Ruby syntax): there ``X{1,3}+`` is not possessive but means
+    ``(X{1,3})+`` (so "1234567" would stay one piece); tiktoken's possessive ``\\p{N}{1,3}+`` ends its alternative,
+    so plain greedy ``\\p{N}{1,3}`` matches the same. ``?+``, ``*+``, ``++`` are possessive in both."""
+    return pat_str.replace("{1,3}+", "{1,3}")
+
+
 def hf_tokenizer(name: str):
     """A ``PreTrainedTokenizerFast`` equal to ``kimi_lab.data.tokenizer.get_tokenizer(name)`` (ordinary text)."""
     from transformers import PreTrainedTokenizerFast
@@ -31,7 +38,7 @@ def hf_tokenizer(name: str):
         def load_tiktoken_bpe(self, tiktoken_url):  # ranks in memory, not a file: nothing is downloaded
             return ranks
 
-    converter = _Converter(vocab_file="in-memory", pattern=CL100K_PAT_STR, extra_special_tokens=[ENDOFTEXT])
+    converter = _Converter(vocab_file="in-memory", pattern=hf_pattern(CL100K_PAT_STR), extra_special_tokens=[ENDOFTEXT])
     backend = converter.converted()
     if backend.token_to_id(ENDOFTEXT) != ours.eot_id:
         raise RuntimeError(f"{ENDOFTEXT} got id {backend.token_to_id(ENDOFTEXT)}, expected {ours.eot_id}")
@@ -47,7 +54,9 @@ def write_tokenizer(name: str, out_dir: Path, seq_len: int) -> None:
         f"# Tokenizer `{name}`\n\n"
         f"`tokenizer.json` is a byte-level BPE equal to the training tokenizer: load it with\n"
         f"`transformers.AutoTokenizer.from_pretrained(this_folder)`. Vocabulary {ours.n_vocab}; "
-        f"`{ENDOFTEXT}` = {ours.eot_id} separates documents (no BOS, no padding token).\n"
+        f"`{ENDOFTEXT}` = {ours.eot_id} separates documents (no BOS, no padding token); `tokenizer.json` reads\n"
+        f"the literal string `{ENDOFTEXT}` as that token (tiktoken: `enc.encode(text, allowed_special={{'{ENDOFTEXT}'}})`,\n"
+        "while training encoded each document with `encode_ordinary` and inserted the id between documents).\n"
         f"The model was trained on windows of {seq_len} tokens.\n\n"
         "The same ids with tiktoken (what training used):\n\n"
         "```python\n"
