@@ -195,7 +195,8 @@ def test_tokenizer_json_encodes_like_tiktoken():
 
 def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
     """A real tiny training run -> `python -m kimi_lab.export RUN OUT` -> from_pretrained + AutoTokenizer; logits
-    equal the best checkpoint's; `--import` writes a run folder that `--ckpt last` exports again."""
+    equal the best checkpoint's; `--import` writes a run folder that exports again and that train.py fine-tunes
+    (init_from)."""
     from kimi_lab.training import train
 
     run = tmp_path / "run"
@@ -218,7 +219,30 @@ def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
     again = export(back, tmp_path / "hf2", ckpt="last", tokenizer=False)
     assert (again / "model.safetensors").exists()
 
+    # fine-tune the imported model: train.py with its overrides.txt and init_from (one step at lr 1e-7: the
+    # weights start from the import, not from a fresh initialisation)
+    overrides = (back / "overrides.txt").read_text().split()
+    tuned = tmp_path / "tuned"
+    train(compose_config([*overrides, "init_from=" + str(back), "trainer.max_steps=1", "optimizer.lr=1e-7",
+                          "optimizer.warmup_steps=0", "data.eval_lengths=[]", "logger.tensorboard=false"],
+                         output_dir=tuned))
+    _, fine_tuned = load_run(tuned, "last")
+    start, after = imported.state_dict(), fine_tuned.state_dict()
+    assert max((after[k] - start[k]).abs().max().item() for k in start) < 1e-5
+
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert export_cli([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
     assert "config_resolved.yaml" in capsys.readouterr().err
+
+
+def test_init_from_refuses_weights_of_another_architecture(tmp_path):
+    from kimi_lab.export import write_run
+    from kimi_lab.training.init_weights import load_model_weights
+
+    cfg, model = tiny_model(["moe=dense"])
+    write_run(cfg, model, tmp_path / "dense")
+    _, other = tiny_model([])
+    with pytest.raises(ValueError, match="do not fit this model's config"):
+        load_model_weights(other, tmp_path / "dense")
+    assert load_model_weights(model, tmp_path / "dense").name == "last.ckpt"  # no best-step*.ckpt: last

@@ -1,7 +1,7 @@
 """Run folders <-> (config, inner model): read a training run's checkpoint, or write an imported model as a run.
 
-A run folder holds ``config_resolved.yaml`` and ``checkpoints/{last.ckpt, best-step<N>.ckpt}``: Lightning
-checkpoints of ``LanguageModelModule``, whose inner ``Transformer`` is ``self.model`` (keys ``model.<name>``).
+A run folder holds ``config_resolved.yaml`` and ``checkpoints/{last.ckpt, best-step<N>.ckpt}``
+(see ``kimi_lab.training.init_weights``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config.schema import Config
 from kimi_lab.model import Transformer, build_model
+from kimi_lab.training.init_weights import MODEL_PREFIX, find_checkpoint, model_state
 
-MODEL_PREFIX = "model."  # LanguageModelModule.model
 MODEL_GROUPS = ("model", "attention", "norm", "moe", "rope", "data")  # what build_model reads
 
 
@@ -32,34 +32,6 @@ def read_config(run_dir: Path) -> DictConfig:
     return structured_config({group: raw[group] for group in MODEL_GROUPS if group in raw})
 
 
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """``best`` (lowest val_loss: checkpoints/best-step<N>.ckpt), ``last`` (checkpoints/last.ckpt) or a path."""
-    folder = run_dir / "checkpoints"
-    if which == "last":
-        path = folder / "last.ckpt"
-    elif which == "best":
-        best = sorted(folder.glob("best-step*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not best:
-            raise FileNotFoundError(f"no best-step*.ckpt in {folder} (the run never validated?); use --ckpt last")
-        path = best[-1]
-    else:
-        path = Path(which)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found (--ckpt: best, last or a file)")
-    return path
-
-
-def model_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
-    """The inner model's state dict from a Lightning checkpoint (``state_dict`` keys ``model.*``)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # the user's own run: hparams, loop state
-    state = ckpt.get("state_dict", ckpt)
-    inner = {k.removeprefix(MODEL_PREFIX): v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
-    if not inner:
-        raise ValueError(f"{ckpt_path} holds no '{MODEL_PREFIX}*' weights (not a kimi-lab LanguageModelModule "
-                         "checkpoint)")
-    return {k.removeprefix("_orig_mod."): v for k, v in inner.items()}  # torch.compile'd modules
-
-
 def load_run(run_dir: str | Path, ckpt: str = "best") -> tuple[DictConfig, Transformer]:
     """(config, Transformer in eval mode with the checkpoint's weights) of a training run."""
     run_dir = Path(run_dir)
@@ -69,12 +41,38 @@ def load_run(run_dir: str | Path, ckpt: str = "best") -> tuple[DictConfig, Trans
     return cfg, model.eval()
 
 
+def architecture_overrides(cfg: DictConfig) -> list[str]:
+    """``group.key=value`` for every key of the architecture groups: with them ``train.py`` builds this model."""
+    lines: list[str] = []
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                lines.append(f"{prefix}{key}={_hydra_value(value)}")
+
+    groups = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for group in ("model", "attention", "norm", "moe", "rope"):
+        walk(f"{group}.", groups[group])
+    return lines
+
+
+def _hydra_value(value) -> str:
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def write_run(cfg: DictConfig, model: Transformer, run_dir: str | Path) -> Path:
-    """A run folder (``config_resolved.yaml`` + ``checkpoints/last.ckpt``) that ``load_run`` and the export CLI
-    read; the checkpoint holds weights and config only (no optimizer or loop state)."""
+    """A run folder (``config_resolved.yaml`` + ``checkpoints/last.ckpt``) that ``load_run``, the export CLI and
+    ``train.py init_from=...`` read (weights and config only: no optimizer or loop state), plus ``overrides.txt``:
+    the architecture as train.py overrides (``python train.py $(cat RUN/overrides.txt) init_from=RUN``)."""
     run_dir = Path(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    cfg = structured_config({g: OmegaConf.to_container(cfg[g], resolve=True) for g in MODEL_GROUPS})  # no ${hydra:}
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "overrides.txt").write_text("\n".join(architecture_overrides(cfg)) + "\n")
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     state = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "hyper_parameters": {"config": config}}, run_dir / "checkpoints" / "last.ckpt")
