@@ -43,8 +43,9 @@ CASES = {
                                                 "data.seq_len=16"], "DeepseekV2ForCausalLM"),
     "v2_greedy_softmax": (MLA + ["moe.norm_topk_prob=false"], "DeepseekV2ForCausalLM"),
     "llama_mha": (["moe=dense"], "LlamaForCausalLM"),
-    "llama_gqa_yarn_bias_untied": (["moe=dense", "attention.n_kv_heads=2", "attention.bias=true",
-                                    "model.tie_embeddings=false", *YARN_SHORT], "LlamaForCausalLM"),
+    "llama_gqa_yarn_mscale_bias_untied": (["moe=dense", "attention.n_kv_heads=2", "attention.bias=true",
+                                           "model.tie_embeddings=false", *YARN_SHORT, "rope.scaling.mscale=1.0",
+                                           "rope.scaling.mscale_all_dim=0.5"], "LlamaForCausalLM"),
     "llama_mqa_dynamic": (["moe=dense", "attention.n_kv_heads=1", "rope=dynamic", "data.seq_len=16"],
                           "LlamaForCausalLM"),
     "qwen2_moe_norm_topk": ([], "Qwen2MoeForCausalLM"),
@@ -52,7 +53,8 @@ CASES = {
                                                   "attention.n_kv_heads=2", "rope=linear"], "Qwen2MoeForCausalLM"),
     "qwen3_moe_qk_norm_bias_yarn": (["norm.qk_norm=true", "attention.bias=true", "attention.n_kv_heads=2",
                                      *YARN_SHORT], "Qwen3MoeForCausalLM"),
-    "qwen3_dense_qk_norm": (["moe=dense", "norm.qk_norm=true", "norm.eps=1e-6"], "Qwen3ForCausalLM"),
+    "qwen3_dense_qk_norm_bias": (["moe=dense", "norm.qk_norm=true", "norm.eps=1e-6", "attention.bias=true"],
+                                 "Qwen3ForCausalLM"),
 }
 
 
@@ -92,7 +94,9 @@ def test_export_logits_match_and_import_round_trips(case, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     ours = logits(model, ids)
     assert ours.std() > 0.3  # not a near-constant output that any mapping would match
-    assert (logits(hf, ids) - ours).abs().max() <= TOL
+    diff = (logits(hf, ids) - ours).abs().max().item()
+    print(f"{case}: max |logits diff| {diff:.2e}")
+    assert diff <= TOL
 
     cfg_back, back = load(tmp_path)  # transformers -> kimi-lab
     assert (logits(back, ids) - ours).abs().max() <= 1e-5
