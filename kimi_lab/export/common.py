@@ -159,7 +159,7 @@ def check_common(cfg) -> None:
 
 
 def check_hf_common(hf_config) -> None:
-    """Import checks shared by all families: SwiGLU with SiLU, RMSNorm, no sliding window, no tensor-parallel slicing."""
+    """Import checks shared by all families: SwiGLU with SiLU, no MLP biases, no sliding window."""
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
         raise refuse("hidden_act", act, "kimi-lab's MLPs and experts are SwiGLU with SiLU")

@@ -55,7 +55,8 @@ def hf_config(model_type: str, cfg, routing: Routing | None, eos_token_id: int |
     rope, max_pos = rope_parameters(cfg.rope, int(cfg.data.seq_len), mla=True)
     config = dict(vocab_size=int(cfg.model.vocab_size), hidden_size=int(cfg.model.d_model), num_hidden_layers=n_layers,
                   num_attention_heads=n_heads, num_key_value_heads=n_heads, intermediate_size=int(cfg.model.d_ff),
-                  hidden_act="silu", rms_norm_eps=float(cfg.norm.eps), tie_word_embeddings=bool(cfg.model.tie_embeddings),
+                  hidden_act="silu", rms_norm_eps=float(cfg.norm.eps),
+                  tie_word_embeddings=bool(cfg.model.tie_embeddings),
                   rope_parameters=rope, max_position_embeddings=max_pos, initializer_range=float(cfg.model.init_std),
                   attention_dropout=float(attn.dropout), attention_bias=bool(attn.attention_bias),
                   q_lora_rank=None if attn.q_lora_rank is None else int(attn.q_lora_rank),

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config.schema import Config
 from kimi_lab.model import Transformer, build_model
-from kimi_lab.training.init_weights import MODEL_PREFIX, find_checkpoint, model_state
+from kimi_lab.training.init_weights import MODEL_PREFIX, load_model_weights
 
 MODEL_GROUPS = ("model", "attention", "norm", "moe", "rope", "data")  # what build_model reads
 
@@ -33,11 +33,12 @@ def read_config(run_dir: Path) -> DictConfig:
 
 
 def load_run(run_dir: str | Path, ckpt: str = "best") -> tuple[DictConfig, Transformer]:
-    """(config, Transformer in eval mode with the checkpoint's weights) of a training run."""
+    """(config, Transformer in eval mode with the checkpoint's weights) of a run folder; ``best`` falls back to
+    ``last`` when the run has no best checkpoint (never validated, or imported). ``model.checkpoint`` names the file."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     model = build_model(cfg)
-    model.load_state_dict(model_state(find_checkpoint(run_dir, ckpt)), strict=True)
+    model.checkpoint = load_model_weights(model, run_dir, ckpt)
     return cfg, model.eval()
 
 

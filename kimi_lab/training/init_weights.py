@@ -58,6 +58,6 @@ def load_model_weights(model: nn.Module, source: str | Path, which: str = "best"
     try:
         model.load_state_dict(model_state(path), strict=True)
     except RuntimeError as err:
-        raise ValueError(f"init_from={source}: the weights do not fit this model's config (pass the overrides the "
-                         f"source was built with, e.g. its overrides.txt): {str(err)[:600]}") from err
+        raise ValueError(f"the weights of {path} do not fit this model's config (pass the overrides the source was "
+                         f"built with, e.g. its overrides.txt): {str(err)[:600]}") from err
     return path
