@@ -64,11 +64,7 @@ def to_hf(cfg: DictConfig, model: Transformer):
     with warnings.catch_warnings():  # zero-width shared experts: "Initializing zero-element tensors is a no-op"
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    if model_type.startswith("deepseek"):
-        hf_state = family.to_hf_state(model_type, state, cfg, routing)
-    else:
-        hf_state = family.to_hf_state(model_type, state, cfg)
-    _load_strict(hf_model, hf_state, model_type)
+    _load_strict(hf_model, family.to_hf_state(model_type, state, cfg, routing), model_type)
     return hf_model.eval()
 
 

@@ -76,7 +76,7 @@ def hf_config(model_type: str, cfg, routing: Routing | None, eos_token_id: int |
     return config
 
 
-def to_hf_state(model_type: str, state: dict, cfg) -> dict:
+def to_hf_state(model_type: str, state: dict, cfg, routing: Routing | None) -> dict:
     """Our state dict -> the HF one (``model.`` prefix; Qwen2-MoE: no o_proj bias, a zero-width shared expert)."""
     out = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state.items()
            if not (model_type == "qwen2_moe" and k.endswith(_O_BIAS))}
