@@ -6,7 +6,7 @@ PYTHON := $(BIN)/python
 # torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
 TORCH ?= torch==2.13.0
 
-.PHONY: help install demo test test-all data bench clean report
+.PHONY: help install demo test test-all data bench clean report export
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
+	@echo "make export   - RUN=run folder OUT=folder [CKPT=best|last|path]: a transformers checkpoint (from_pretrained)"
 	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"
 
 $(PYTHON):
@@ -52,6 +53,11 @@ bench-%: install
 # OUT=folder replaces reports/<sweep name>
 report: install
 	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
+
+# RUN=<run folder> OUT=<output folder> [CKPT=best|last|file.ckpt]; transformers comes with the dev extra (`hf` alone: pip install -e ".[hf]")
+export: install
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=<run folder> OUT=<output folder> [CKPT=best|last|path]"; exit 2; }
+	$(PYTHON) -m kimi_lab.export '$(RUN)' '$(OUT)' --ckpt '$(or $(CKPT),best)'
 
 clean:
 	rm -rf outputs multirun/2* .pytest_cache

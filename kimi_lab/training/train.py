@@ -123,6 +123,10 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     from kimi_lab.training.module import LanguageModelModule
 
     module = LanguageModelModule(cfg, max_steps=max_steps)
+    if cfg.init_from is not None and ckpt_path is None:  # a resume restores its own weights
+        from kimi_lab.training.init_weights import load_model_weights
+
+        log.info("weights from %s", load_model_weights(module.model, cfg.init_from))
     # the kernel planned on the configured device (raises now if attention=flash cannot run there); results.json
     # records the one the training forwards actually ran
     kernel = module.model.attention_kernel("cuda" if _value(cfg.hardware.accelerator) == "gpu" else "cpu")
