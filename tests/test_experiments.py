@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -54,3 +55,33 @@ def test_study_axes():
     assert rope["rope.theta"] == ["10000", "50000", "100000", "200000"]
     cfg = compose_config(["experiment=rope"], model=None)
     assert cfg.data.seq_len * max(cfg.data.eval_lengths) == 4096
+
+
+COMPONENTS = {"attention": ["attention"], "norm": ["norm"], "moe": ["moe"], "optimizer": ["optimizer"],
+              "rope": ["rope"]}  # leave-one-out arm minus_<component> -> the config subtrees it may change
+
+
+@pytest.mark.parametrize("experiment", ["combined", "combined_cpu"])
+def test_combined_study_arms_differ_from_full_by_exactly_their_component(experiment):
+    """full vs minus_<c>: only component c's subtree differs; baseline differs in every component; the rest of the
+    config (model, data, trainer budget) is the same for all 7 arms."""
+    from omegaconf import OmegaConf
+
+    params = _sweep_params(experiment)
+    assert params.pop("seed") == ["1", "2", "3"]
+    arms = params.pop("ablation")
+    assert not params and arms[0] == "full"  # the report's default baseline arm is the full combination
+    assert sorted(arms) == sorted(["full", "baseline", *(f"minus_{c}" for c in COMPONENTS)])
+    configs = {}
+    for arm in arms:
+        cfg = compose_config([f"experiment={experiment}", f"ablation={arm}"], output_dir=Path("/out"), model=None)
+        validate_config(cfg)
+        configs[arm] = OmegaConf.to_container(cfg, resolve=True)
+    full = configs["full"]
+    assert (full["attention"]["name"], full["norm"]["name"], full["moe"]["topk_method"], full["optimizer"]["name"],
+            full["rope"]["theta"]) == ("mla", "rmsnorm", "noaux_tc", "muon", 50000.0)
+    for arm, cfg in configs.items():
+        changed = {key for key in cfg if cfg[key] != full[key]}
+        expected = set(COMPONENTS) if arm == "baseline" else set(COMPONENTS.get(arm.removeprefix("minus_"), []))
+        assert changed == expected, (arm, changed)
+    assert configs["full"]["model"]["name"] == ("small" if experiment.endswith("_cpu") else "base")

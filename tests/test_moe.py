@@ -457,9 +457,19 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     assert "ratio" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("experiment", "n_jobs"), [("moe_routing", 324), ("moe_routing_cpu", 108)])
-def test_routing_study_grid_is_valid(experiment, n_jobs):
-    """Every job of the study's sweep (hydra.sweeper.params) composes and validates."""
+ROUTING_GRIDS = [  # (experiment, axes added on the command line as its comments document, jobs)
+    ("moe_routing", {}, 324),
+    ("moe_routing_cpu", {}, 9),
+    ("moe_routing_cpu", {"moe.n_routed_experts": ["4", "8", "16", "32"]}, 36),
+    ("moe_routing_cpu", {"moe.num_experts_per_tok": ["1", "2", "4"]}, 27),
+    ("moe_routing_cpu", {"moe.routed_scaling_factor": ["0.1", "0.5", "1.0"]}, 27),
+]
+
+
+@pytest.mark.parametrize(("experiment", "cli_axes", "n_jobs"), ROUTING_GRIDS)
+def test_routing_study_grid_is_valid(experiment, cli_axes, n_jobs):
+    """Every job of the study's sweep (hydra.sweeper.params, plus the documented command-line axes) composes and
+    validates."""
     import itertools
 
     from hydra import compose, initialize_config_dir
@@ -471,10 +481,11 @@ def test_routing_study_grid_is_valid(experiment, n_jobs):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         params = compose(config_name="config", overrides=[f"experiment={experiment}"],
                          return_hydra_config=True).hydra.sweeper.params
-    axes = {key: str(values).split(",") for key, values in params.items()}
-    assert set(axes["moe.topk_method"]) == {"noaux_tc", "aux_tc", "greedy"}
-    assert axes["moe.n_routed_experts"] == ["4", "8", "16", "32"] and axes["moe.num_experts_per_tok"] == ["1", "2", "4"]
-    assert axes["seed"] == ["1", "2", "3"]
+    axes = {key: str(values).split(",") for key, values in params.items()} | cli_axes
+    assert set(axes["moe.topk_method"]) == {"noaux_tc", "aux_tc", "greedy"} and axes["seed"] == ["1", "2", "3"]
+    if experiment == "moe_routing":
+        assert axes["moe.n_routed_experts"] == ["4", "8", "16", "32"]
+        assert axes["moe.num_experts_per_tok"] == ["1", "2", "4"]
     jobs = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
     assert len(jobs) == n_jobs
     base = compose_config([f"experiment={experiment}"], model=None)

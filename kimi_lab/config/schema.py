@@ -297,6 +297,9 @@ class Config:
     seed: int = 1
     resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
     ckpt_path: Optional[str] = None  # explicit checkpoint to resume from
+    # fine-tune: start from these weights (a run folder -> its best, else last checkpoint; or a .ckpt), with a fresh
+    # optimizer, schedule and step count (not a resume); e.g. a folder from `python -m kimi_lab.export --import`
+    init_from: Optional[str] = None
     tags: list[str] = field(default_factory=list)
 
 

@@ -1,8 +1,12 @@
-"""PNG plots of a report, only when matplotlib is installed (the optional `report` extra)."""
+"""PNG plots of a report, only when matplotlib is installed (the optional `report` extra).
+
+Each ``figure_*`` function returns a matplotlib Figure (or None when the sweep has nothing to show), so
+``notebooks/analysis.ipynb`` redraws exactly what ``make report`` wrote."""
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,26 @@ from kimi_lab.stats.collect import Arm, Sweep
 from kimi_lab.stats.compare import Comparison
 
 EFFECT_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")
+ABLATION_KEY = "ablation"  # the combined study's factor: full, baseline, minus_<component>
+LEAVE_ONE_OUT_METRICS = ("val_loss", "tokens_per_s", "peak_mem_mb")
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only backend, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        if "matplotlib.pyplot" not in sys.modules:  # a notebook's inline backend stays as it is
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def comparison_rows(report: dict) -> list[dict]:
+    """report.json's comparisons with its nulls back to NaN, as ``figure_effects`` / ``figure_leave_one_out`` take."""
+    return [{k: math.nan if v is None else v for k, v in row.items()} for row in report["comparisons"]]
 
 
 def _mean_band(arm: Arm, x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -25,16 +49,9 @@ def _mean_band(arm: Arm, x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return x, y.mean(axis=0), y.min(axis=0), y.max(axis=0)
 
 
-def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
-    """val loss vs tokens and vs wall time per arm (mean, band = min..max over seeds); effect sizes with CIs."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    written = []
+def figure_curves(sweep: Sweep):
+    """val loss vs training tokens and vs wall time per arm: mean over seeds, band = min..max."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, (x_key, x_label) in zip(axes, (("tokens", "training tokens"), ("wall_time_s", "wall time (s)"))):
         for arm in sweep.arms:
@@ -47,23 +64,118 @@ def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
         ax.set(xlabel=x_label, ylabel="val loss", title=f"val loss vs {x_label} (band: seed min..max)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    written.append(out / "val_loss_curves.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    return fig
 
-    height = (0.35 * max(len(sweep.arms) - 1, 1) + 1.0) * len(EFFECT_METRICS)
-    fig, axes = plt.subplots(len(EFFECT_METRICS), 1, figsize=(8, height), constrained_layout=True)
-    for ax, metric in zip(axes, EFFECT_METRICS):
-        rows = [r for r in comp.rows if r["metric"] == metric]
-        y = np.arange(len(rows))
-        diff = np.array([r["diff"] for r in rows], dtype=float)
-        err = np.array([[r["diff"] - r["ci_low"], r["ci_high"] - r["diff"]] for r in rows], dtype=float).T
-        ax.errorbar(diff, y, xerr=np.nan_to_num(err.reshape(2, -1)), fmt="o", capsize=3)
+
+def _error_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    diff = np.array([r["diff"] for r in rows], dtype=float)
+    err = np.array([[r["diff"] - r["ci_low"], r["ci_high"] - r["diff"]] for r in rows], dtype=float).reshape(-1, 2)
+    return diff, np.nan_to_num(err.T)  # no CI (one seed): a bare point
+
+
+def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS):
+    """Each arm minus the baseline with its 95 % CI, one panel per metric (``rows``: the report's comparisons)."""
+    plt = pyplot()
+    n_arms = max(len({r["arm"] for r in rows}), 1)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, (0.35 * n_arms + 1.0) * len(metrics)),
+                             constrained_layout=True, squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        metric_rows = [r for r in rows if r["metric"] == metric]
+        y = np.arange(len(metric_rows))
+        diff, err = _error_bars(metric_rows)
+        ax.errorbar(diff, y, xerr=err, fmt="o", capsize=3)
         ax.axvline(0, color="grey", linewidth=1)
-        ax.set_yticks(y, [r["arm"] for r in rows], fontsize=8)
+        ax.set_yticks(y, [r["arm"] for r in metric_rows], fontsize=8)
         ax.set_title(metric, fontsize=10, loc="left")
-    fig.suptitle(f"arm - baseline ({comp.baseline}), 95 % CI", fontsize=10)
-    written.append(out / "effects.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"arm - baseline ({baseline}), 95 % CI", fontsize=10)
+    return fig
+
+
+def ablation_name(arm_label: str) -> str | None:
+    """'ablation=minus_norm' -> 'minus_norm'; None for arms of sweeps without the ablation factor."""
+    for part in arm_label.split(", "):
+        key, _, value = part.partition("=")
+        if key == ABLATION_KEY:
+            return value
+    return None
+
+
+def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_METRICS):
+    """The combined study: what removing each component (arm ``minus_<c>``) and all of them (``baseline``) costs
+    relative to the full combination, with 95 % CIs. None unless the baseline arm is an ``ablation`` arm."""
+    if ablation_name(baseline) is None:
+        return None
+    plt = pyplot()
+    n_arms = len({r["arm"] for r in rows})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * n_arms + 1.8),
+                             constrained_layout=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        metric_rows = [r for r in rows if r["metric"] == metric]
+        names = [ablation_name(r["arm"]) or r["arm"] for r in metric_rows]
+        labels = [f"without {n.removeprefix('minus_')}" if n.startswith("minus_") else n for n in names]
+        diff, err = _error_bars(metric_rows)
+        y = np.arange(len(metric_rows))
+        ax.barh(y, np.nan_to_num(diff), xerr=err, capsize=3, color="tab:red", alpha=0.7)
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{metric}: arm - {ablation_name(baseline)}", fontsize=10, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("leave-one-out ablation (95 % CI)", fontsize=10)
+    return fig
+
+
+def expert_load_by_arm(sweep: Sweep) -> dict[str, np.ndarray]:
+    """arm -> (MoE layers, experts) share of routed tokens, mean over the arm's completed seeds."""
+    loads = {}
+    for arm in sweep.arms:
+        per_seed = [np.asarray(j.results["expert_load"], dtype=float) for j in arm.completed
+                    if j.results.get("expert_load")]
+        if per_seed and len({a.shape for a in per_seed}) == 1:
+            loads[arm.label] = np.mean(per_seed, axis=0)
+    return loads
+
+
+def figure_expert_load(sweep: Sweep):
+    """One heat map per MoE arm: load of each expert in each layer relative to uniform (1 = balanced)."""
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
+    loads = expert_load_by_arm(sweep)
+    if not loads:
+        return None
+    plt = pyplot()
+    cols = min(3, len(loads))
+    rows = math.ceil(len(loads) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 2.6 * rows), constrained_layout=True, squeeze=False)
+    top = max(2.0, max(float((load * load.shape[1]).max()) for load in loads.values()))
+    for ax, (label, load) in zip(axes.flat, loads.items()):
+        relative = load * load.shape[1]  # share x experts: 1 everywhere when balanced
+        image = ax.imshow(relative, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(1.0, 0.0, top))
+        cv = (load.std(axis=1) / load.mean(axis=1)).mean()
+        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{label}\nmean CV {cv:.2f}")
+        ax.title.set_fontsize(8)
+        ax.set_yticks(range(load.shape[0]))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in list(axes.flat)[len(loads):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, label="load / uniform load", shrink=0.8)
+    return fig
+
+
+def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
+    """Every figure the sweep has data for, as PNGs in ``out``; [] without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    figures = {"val_loss_curves": figure_curves(sweep), "effects": figure_effects(comp.rows, comp.baseline),
+               "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline),
+               "expert_load": figure_expert_load(sweep)}
+    written = []
+    for name, fig in figures.items():
+        if fig is None:
+            continue
+        written.append(out / f"{name}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
     return written

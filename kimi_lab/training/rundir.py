@@ -95,6 +95,19 @@ def versions() -> dict[str, str]:
     return out
 
 
+def host() -> dict:
+    """Where the run ran: host name, CPU threads, the devices it could see (gpu_pool / SLURM pin them)."""
+    import socket
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
 class PeakRSS:
     """Samples this process's resident memory every 50 ms while active: a per-job CPU peak even when
     several sweep jobs share one process (ru_maxrss would only ever grow)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.training.rundir import RunDir, git_commit, now_iso, versions
+from kimi_lab.training.rundir import RunDir, git_commit, host, now_iso, versions
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,10 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     from kimi_lab.training.module import LanguageModelModule
 
     module = LanguageModelModule(cfg, max_steps=max_steps)
+    if cfg.init_from is not None and ckpt_path is None:  # a resume restores its own weights
+        from kimi_lab.training.init_weights import load_model_weights
+
+        log.info("weights from %s", load_model_weights(module.model, cfg.init_from))
     # the kernel planned on the configured device (raises now if attention=flash cannot run there); results.json
     # records the one the training forwards actually ran
     kernel = module.model.attention_kernel("cuda" if _value(cfg.hardware.accelerator) == "gpu" else "cpu")
@@ -223,6 +227,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),
+        "host": host(),
         "git_commit": git_commit(),
         "finished": now_iso(),
     }

@@ -1,0 +1,104 @@
+"""Report plots (leave-one-out chart, expert-load heat maps) on a synthetic combined-study sweep, and
+notebooks/analysis.ipynb executed against that report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kimi_lab.stats.collect import collect_sweep
+from kimi_lab.stats.report import write_report
+from tests.helpers import REPO_ROOT
+
+pytest.importorskip("matplotlib", reason="plots need the `report` extra (matplotlib)")
+
+ARMS = ["full", "baseline", "minus_norm", "minus_moe"]
+VAL = {"full": 3.00, "baseline": 3.30, "minus_norm": 3.05, "minus_moe": 3.12}  # + 0.01 * seed
+LOAD = {  # per arm, 2 MoE layers x 4 experts, before the per-seed wobble
+    "full": [[0.25, 0.25, 0.25, 0.25], [0.3, 0.2, 0.25, 0.25]],
+    "baseline": [[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]],
+    "minus_norm": [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]],
+    "minus_moe": [[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]],
+}
+
+
+def _load(arm: str, seed: int) -> list[list[float]]:
+    load = np.array(LOAD[arm])
+    load[:, 0] += 0.01 * (seed - 2)  # seeds 1..3 average back to LOAD
+    load[:, 1] -= 0.01 * (seed - 2)
+    return load.tolist()
+
+
+@pytest.fixture
+def ablation_sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun" / "2026-01-02" / "09-00-00-000000-combined"
+    root.mkdir(parents=True)
+    multirun = {"hydra": {"overrides": {"task": ["experiment=combined_cpu", f"ablation={','.join(ARMS)}",
+                                                 "seed=1,2,3"]}}}
+    (root / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    for index, (arm, seed) in enumerate((a, s) for a in ARMS for s in (1, 2, 3)):
+        job = root / str(index)
+        (job / ".hydra").mkdir(parents=True)
+        overrides = ["experiment=combined_cpu", f"ablation={arm}", f"seed={seed}"]
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (job / "status.json").write_text(json.dumps({"status": "completed"}))
+        val = VAL[arm] + 0.01 * seed
+        results = {"status": "completed", "seed": seed, "overrides": overrides, "val_loss": val,
+                   "test_loss": val + 0.02, "val_acc": 0.3, "tokens_per_s": 1000.0 - 10 * seed,
+                   "peak_mem_mb": 800.0, "train_time_s": 60.0, "expert_load": _load(arm, seed),
+                   "choices": {"hardware": "cpu"}}
+        (job / "results.json").write_text(json.dumps(results))
+        rows = ["step,tokens,wall_time_s,train_time_s,train_loss,grad_norm,val_loss",
+                f"5,500,5,2.5,5.0,1.0,", f"5,500,5.1,,,,{val + 1.0}", f"10,1000,10,5,4.0,1.0,",
+                f"10,1000,10.1,,,,{val}"]
+        (job / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_leave_one_out_and_expert_load_plots(ablation_sweep, tmp_path):
+    from kimi_lab.stats.plots import ablation_name, expert_load_by_arm, figure_leave_one_out
+
+    out, sweep, comp = write_report(ablation_sweep, tmp_path / "rep")
+    assert comp.baseline == "ablation=full"  # the first value: every arm is read against the full combination
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {"val_loss_curves.png", "effects.png", "leave_one_out.png", "expert_load.png"}
+    assert "![leave_one_out](leave_one_out.png)" in (out / "report.md").read_text()
+    val = {r["arm"]: r for r in comp.rows if r["metric"] == "val_loss"}
+    assert val["ablation=minus_moe"]["diff"] == pytest.approx(0.12)  # removing the MoE gate costs 0.12
+    assert val["ablation=baseline"]["diff"] == pytest.approx(0.30)
+    loads = expert_load_by_arm(sweep)
+    assert set(loads) == {f"ablation={a}" for a in ARMS}
+    np.testing.assert_allclose(loads["ablation=baseline"], LOAD["baseline"], atol=1e-12)
+    assert [ablation_name(a) for a in ("ablation=minus_norm", "norm=rmsnorm")] == ["minus_norm", None]
+    lr_rows = [{**r, "arm": "optimizer.lr=0.002"} for r in comp.rows]
+    assert figure_leave_one_out(lr_rows, "optimizer.lr=0.001") is None  # not a leave-one-out sweep
+
+
+def test_no_expert_load_heat_map_without_moe_arms(ablation_sweep, tmp_path):
+    for results in ablation_sweep.glob("*/results.json"):
+        data = json.loads(results.read_text())
+        data["expert_load"] = []  # dense arms record no MoE layer
+        results.write_text(json.dumps(data))
+    out, _, _ = write_report(ablation_sweep, tmp_path / "rep")
+    assert not (out / "expert_load.png").exists() and (out / "leave_one_out.png").exists()
+
+
+def test_analysis_notebook_redraws_the_report(ablation_sweep, tmp_path, monkeypatch):
+    """notebooks/analysis.ipynb runs top to bottom on a report and shows every plot and the verdicts."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    out, _, _ = write_report(ablation_sweep, tmp_path / "rep", plots=False)
+    monkeypatch.setenv("KIMI_LAB_REPORT", str(out))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4  # curves, effects, leave-one-out, expert load
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "baseline ablation=full" in text and "ablation=baseline raises val loss by 0.3" in text
