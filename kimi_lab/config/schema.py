@@ -224,6 +224,11 @@ class HardwareConfig:
     strategy: Strategy = Strategy.auto
     precision: str = "32-true"  # one of PRECISIONS
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+    compile: bool = False  # torch.compile the inner model (LanguageModelModule.model), not the LightningModule
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint per block)
+    # training loss: head + cross-entropy over chunks of this many tokens (never the full (B*T, V) logits);
+    # null = full logits
+    loss_chunk_tokens: Optional[int] = 2048
 
 
 @dataclass

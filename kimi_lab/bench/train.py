@@ -1,0 +1,275 @@
+"""End-to-end training benchmark: ``python -m kimi_lab.bench train [--quick] [--sizes small base] [--arms ...]``.
+
+For each model size and each major option (one option changed from the defaults at a time: attention kernel, norm,
+MoE method, optimizer) it builds the real ``LanguageModelModule`` from the composed config and times training steps
+(its ``training_step``, backward, clipping, ``optimizer.step``; warm-up steps excluded) on batches from the real data
+loader. Reported per arm: median step time, tokens/s, peak memory (CPU: malloc bytes in use, one extra step sampled
+by ``HeapPeak``; CUDA: max allocated), model FLOPs/token, MFU, the optimizer step's share of the step. Plus, per
+size, a plain-PyTorch dense reference of the same shape (``PlainGPT``, nanoGPT-style) timed step-interleaved with the
+framework's dense arm, so the framework's overhead ratio is robust to a shared machine, and the data loader's
+tokens/s. Writes ``benchmarks/<date>-<device>.json`` and ``.md``.
+
+FLOPs/token (the issue's formula, Kaplan et al. 2020 / PaLM App. B with the causal half):
+    6 * N_matmul + 3 * L * T * H * (d_qk + d_v),
+N_matmul = active non-embedding parameters per token incl. the output head (routed experts counted k of E; the head
+counts even when tied), the second term = QK^T and PV, forward + backward, of a causal mask (half of T^2).
+MFU = FLOPs/token * tokens/s / peak, the peak measured in the same run by a large matmul in the training dtype
+(CPU fp32 2048^3, CUDA bf16 8192^3; best of several, re-measured before every arm, the run's maximum used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from kimi_lab.bench._plain import PlainGPT, plain_step_fn
+from kimi_lab.bench._train_report import markdown
+
+ARMS: dict[str, list[str]] = {  # arm -> overrides on top of the defaults (sdpa, rmsnorm, greedy 8e top-2, adamw)
+    "default": [],
+    "attention=standard": ["attention=standard"],
+    "attention=flash": ["attention=flash"],
+    "attention=mla": ["attention=mla"],
+    "norm=layernorm": ["norm=layernorm"],
+    "moe=dense": ["moe=dense"],
+    "moe=deepseek_v3": ["moe=deepseek_v3"],
+    "optimizer=adam": ["optimizer=adam"],
+    "optimizer=muon": ["optimizer=muon"],
+}
+GPU_ARMS = {"moe 64e top-6": ["moe.n_routed_experts=64", "moe.num_experts_per_tok=6", "moe.moe_intermediate_size=256"]}
+GPU_SIZES = {"d768-12L-seq1024": ["model.d_model=768", "model.n_layers=12", "attention.n_heads=12", "model.d_ff=3072",
+                                  "data.seq_len=1024", "moe=dense"]}
+QUICK_ARMS = ("default", "moe=dense")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m kimi_lab.bench train", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small size, default + dense arms, 2 timed steps")
+    parser.add_argument("--tiny", action="store_true", help="tiny size (tests)")
+    parser.add_argument("--sizes", nargs="+", default=None, help="model presets (default: small base)")
+    parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(ARMS)}")
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on CPU, the preset's on GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 4 CPU, 20 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--out", default="benchmarks")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else ["small", "base"])
+    args.arms = args.arms or (list(QUICK_ARMS) if args.quick or args.tiny else list(ARMS) + (list(GPU_ARMS) if gpu
+                                                                                           else []))
+    args.steps = args.steps or (2 if args.quick or args.tiny else 20 if gpu else 4)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    return args
+
+
+def matmul_peak_flops(device: str, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Best FLOP/s of an n^3 matmul in ``dtype`` (the MFU denominator, measured, not a datasheet number)."""
+    n = n or (8192 if device == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def causal_flops_per_token(model, seq_len: int) -> int:
+    """6 * active non-embedding matmul params (incl. the head) + causal attention 3 * L * T * H * (d_qk + d_v)."""
+    from kimi_lab.model import parameter_counts
+
+    counts = parameter_counts(model)
+    matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
+    attention = sum(3 * seq_len * a.n_heads * (a.qk_head_dim + a.v_head_dim) for a in (l.self_attn for l in model.layers))
+    return int(6 * matmul_params + attention)
+
+
+def compose(size: str, overrides: list[str], args) -> "DictConfig":  # noqa: F821
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from kimi_lab.config import register_configs, validate_config
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    extra = GPU_SIZES.get(size, [])
+    base = ["model=base" if size in GPU_SIZES else f"model={size}", *extra, f"paths.output_dir={args.out}"]
+    if args.device == "cuda":
+        base += ["hardware=gpu"]
+    if args.batch or args.device == "cpu":
+        base += [f"data.batch_size={args.batch or 8}"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[*base, *overrides])
+    GlobalHydra.instance().clear()
+    validate_config(cfg)
+    return cfg
+
+
+def _batches(cfg, n: int, device: str) -> tuple[list, float]:
+    """``n`` training batches from the real data loader, and the loader's tokens/s producing them."""
+    from kimi_lab.data import LMDataModule
+
+    data = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
+                        num_train_samples=n * int(cfg.data.batch_size))
+    data.prepare_data()
+    data.setup("fit")
+    start = time.perf_counter()
+    batches = [batch for _, batch in zip(range(n), data.train_dataloader())]
+    loader_s = time.perf_counter() - start
+    tokens = sum(b[0].numel() for b in batches)
+    return [(x.to(device), y.to(device)) for x, y in batches], tokens / loader_s
+
+
+def module_step_fn(cfg, batches: list, device: str):
+    """(model, step) for the framework's LanguageModelModule: step(i) runs one optimizer step on batch i and
+    returns (step seconds, optimizer seconds)."""
+    from kimi_lab.training.module import LanguageModelModule
+
+    torch.manual_seed(int(cfg.seed))
+    module = LanguageModelModule(cfg, max_steps=1000).to(device)
+    module.train()
+    opt_cfg = module.configure_optimizers()
+    optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    precision = str(cfg.hardware.precision)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    clip = cfg.trainer.gradient_clip_val
+
+    def step(i: int) -> tuple[float, float]:
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = module.training_step(batches[i % len(batches)], i)
+        loss.backward()
+        _sync(device)
+        opt_start = time.perf_counter()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), float(clip))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        end = time.perf_counter()
+        return end - start, end - opt_start
+
+    return module.model, step
+
+
+def peak_memory_mb(step, device: str, i: int) -> float:
+    """Peak memory of one more step: CUDA max allocated, or CPU malloc bytes in use (HeapPeak) over the whole
+    process, model, gradients and optimizer state included."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step(i)
+        return torch.cuda.max_memory_allocated() / 2**20
+    from kimi_lab.bench.attention import HeapPeak
+
+    with HeapPeak() as heap:
+        step(i)
+    return heap.peak / 2**20
+
+
+def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool = False) -> dict:
+    """One arm's row; with ``plain`` the framework arm and the plain reference are timed step-interleaved."""
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    peaks.append(matmul_peak_flops(args.device, dtype))
+    model, step = module_step_fn(cfg, batches, args.device)
+    tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
+    flops = causal_flops_per_token(model, int(cfg.data.seq_len))
+    rows = {name: (step, flops)}
+    if plain:
+        ref = PlainGPT.from_config(cfg).to(args.device)
+        rows["plain_pytorch_dense"] = (plain_step_fn(ref, cfg, batches, args.device), ref.flops_per_token())
+    for i in range(args.warmup):
+        for fn, _ in rows.values():
+            fn(i)
+    timed = {arm: [] for arm in rows}
+    for i in range(args.steps):  # interleaved: both arms see the same machine load
+        for arm, (fn, _) in rows.items():
+            timed[arm].append(fn(args.warmup + i))
+    out = {}
+    for arm, (fn, arm_flops) in rows.items():
+        step_s = statistics.median(t[0] for t in timed[arm])
+        opt_s = statistics.median(t[1] for t in timed[arm])
+        out[arm] = {"arm": arm, "size": str(cfg.model.name), "batch": int(cfg.data.batch_size),
+                    "seq_len": int(cfg.data.seq_len), "step_time_ms": 1000 * step_s, "tokens_per_s": tokens / step_s,
+                    "optimizer_step_ms": 1000 * opt_s, "optimizer_step_share": opt_s / step_s,
+                    "flops_per_token": arm_flops, "achieved_tflops": arm_flops * tokens / step_s / 1e12,
+                    "peak_mem_mb": peak_memory_mb(fn, args.device, args.warmup + args.steps),
+                    "matmul_peak_tflops_adjacent": peaks[-1] / 1e12}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: nothing to log to
+    peaks: list[float] = []
+    rows, loader = [], {}
+    for size in args.sizes:
+        cfg0 = compose(size, [], args)
+        batches, loader[size] = _batches(cfg0, args.warmup + args.steps + 1, args.device)
+        for arm in args.arms:
+            overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm]
+            cfg = compose(size, overrides, args)
+            result = run_arm(arm, cfg, batches, args, peaks, plain=arm == "moe=dense")
+            for row in result.values():
+                row["size"] = size
+                rows.append(row)
+                print(f"{size:>8} {row['arm']:>20} {row['step_time_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s "
+                      f"{row['achieved_tflops'] * 1e3:7.1f} GFLOP/s peak-mem {row['peak_mem_mb']:8.0f} MiB "
+                      f"opt {100 * row['optimizer_step_share']:4.1f}%", flush=True)
+    peak = max(peaks)
+    for row in rows:
+        row["mfu"] = row["achieved_tflops"] * 1e12 / peak
+    report = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device_name(args.device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "dtype": "bf16-mixed" if args.device == "cuda" else "fp32", "matmul_peak_tflops": peak / 1e12,
+        "matmul_peaks_tflops": [p / 1e12 for p in peaks], "loader_tokens_per_s": min(loader.values()),
+        "loader_tokens_per_s_by_size": loader, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
+        "flops_formula": "6 * (active non-embedding matmul params incl. output head) + 3 * L * T * H * (d_qk + d_v)",
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{dt.date.today().isoformat()}-{_device_slug(args.device)}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _device_slug(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name().lower().replace(" ", "-")
+    return f"cpu{torch.get_num_threads()}t"
