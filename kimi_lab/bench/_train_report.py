@@ -31,9 +31,12 @@ def markdown(report: dict) -> str:
         if plain and dense:
             lines.append(f"- {size}: plain PyTorch / framework `{dense['arm']}` tokens/s = "
                          f"{plain['tokens_per_s'] / dense['tokens_per_s']:.2f}x (step-interleaved)")
-        if "default" in rows and "moe=dense" in rows:
-            lines.append(f"- {size}: MoE (`default`) / dense (`moe=dense`) step time = "
-                         f"{rows['default']['step_time_ms'] / rows['moe=dense']['step_time_ms']:.2f}x")
+        for moe in ("default", "moe 64e top-6"):
+            if moe in rows and "moe=dense" in rows:
+                lines.append(f"- {size}: MoE (`{moe}`) / dense (`moe=dense`) step time = "
+                             f"{rows[moe]['step_time_ms'] / rows['moe=dense']['step_time_ms']:.2f}x")
+        if "optimizer=muon" in rows:
+            lines.append(f"- {size}: Muon's share of the step: {rows['optimizer=muon']['optimizer_step_share']:.1%}")
         loader = report["loader_tokens_per_s_by_size"][size]
         fastest = max(r["tokens_per_s"] for r in rows.values())
         lines.append(f"- {size}: data loader {loader:,.0f} tokens/s = {loader / fastest:,.0f}x the fastest arm's "

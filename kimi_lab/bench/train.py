@@ -65,7 +65,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
-    args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else ["small", "base"])
+    args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else
+                                ["small", "base", *(GPU_SIZES if gpu else [])])
     args.arms = args.arms or (list(QUICK_ARMS) if args.quick or args.tiny else list(ARMS) + (list(GPU_ARMS) if gpu
                                                                                            else []))
     args.steps = args.steps or (2 if args.quick or args.tiny else 20 if gpu else 4)
