@@ -3,8 +3,8 @@
 For each model size and each major option (one option changed from the defaults at a time: attention kernel, norm,
 MoE method, optimizer) it builds the real ``LanguageModelModule`` from the composed config and times training steps
 (its ``training_step``, backward, clipping, ``optimizer.step``; warm-up steps excluded) on batches from the real data
-loader. Reported per arm: median step time, tokens/s, peak memory (CPU: malloc bytes in use, one extra step sampled
-by ``HeapPeak``; CUDA: max allocated), model FLOPs/token, MFU, the optimizer step's share of the step. Plus, per
+loader. Reported per arm: median step time, tokens/s, peak memory the arm adds (``ArmMemory``: CPU malloc bytes in
+use, CUDA max allocated, above the level before the arm was built), model FLOPs/token, MFU, the optimizer step's share of the step. Plus, per
 size, a plain-PyTorch dense reference of the same shape (``PlainGPT``, nanoGPT-style) timed step-interleaved with the
 framework's dense arm, so the framework's overhead ratio is robust to a shared machine, and the data loader's
 tokens/s. Writes ``benchmarks/<date>-<device>.json`` and ``.md``.
@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from kimi_lab.bench._plain import PlainGPT, plain_step_fn
 from kimi_lab.bench._train_report import markdown
@@ -59,7 +60,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(ARMS)}")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on CPU, the preset's on GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 4 CPU, 20 GPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 GPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first measuring memory (default 1 CPU, 5 GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default="benchmarks")
@@ -67,8 +68,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     gpu = args.device == "cuda"
     args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else
                                 ["small", "base", *(GPU_SIZES if gpu else [])])
-    args.arms = args.arms or (list(QUICK_ARMS) if args.quick or args.tiny else list(ARMS) + (list(GPU_ARMS) if gpu
-                                                                                           else []))
+    if not args.arms:
+        args.arms = list(QUICK_ARMS) if args.quick or args.tiny else [*ARMS, *(GPU_ARMS if gpu else [])]
     args.steps = args.steps or (2 if args.quick or args.tiny else 20 if gpu else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     return args
@@ -103,7 +104,8 @@ def causal_flops_per_token(model, seq_len: int) -> int:
     return int(6 * matmul_params + attention)
 
 
-def compose(size: str, overrides: list[str], args) -> "DictConfig":  # noqa: F821
+def compose(size: str, overrides: list[str], args) -> DictConfig:
+    """conf/config.yaml composed as train.py would, at ``size`` (a preset or a GPU_SIZES entry), plus overrides."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -174,48 +176,61 @@ def module_step_fn(cfg, batches: list, device: str):
     return module.model, step
 
 
-def peak_memory_mb(step, device: str, i: int) -> float:
-    """Peak memory of one more step: CUDA max allocated, or CPU malloc bytes in use (HeapPeak) over the whole
-    process, model, gradients and optimizer state included."""
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        step(i)
-        return torch.cuda.max_memory_allocated() / 2**20
-    from kimi_lab.bench.attention import HeapPeak
+class ArmMemory:
+    """Peak memory an arm adds to the process: created before the arm's model is built, ``step_peak_mb(step)`` runs
+    one step (its first: the optimizer state is allocated there too) and returns the peak above that starting level,
+    i.e. parameters, gradients, optimizer state and activations of this arm alone. CPU: malloc bytes in use
+    (``HeapPeak``, glibc mallinfo2 sampled every 0.5 ms); CUDA: ``max_memory_allocated``."""
 
-    with HeapPeak() as heap:
-        step(i)
-    return heap.peak / 2**20
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            self.base = torch.cuda.memory_allocated()
+            return
+        from kimi_lab.bench.attention import HeapPeak
+
+        self.heap = HeapPeak()
+
+    def step_peak_mb(self, step) -> float:
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step(0)
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        with self.heap:
+            step(0)
+        return (self.heap.peak - self.heap.base) / 2**20
 
 
 def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool = False) -> dict:
-    """One arm's row; with ``plain`` the framework arm and the plain reference are timed step-interleaved."""
+    """One arm's row; with ``plain`` the framework arm and the plain reference are timed step-interleaved.
+    Each arm's first step measures its memory (and counts as a warm-up step)."""
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peaks.append(matmul_peak_flops(args.device, dtype))
+    memory = ArmMemory(args.device)
     model, step = module_step_fn(cfg, batches, args.device)
     tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
-    flops = causal_flops_per_token(model, int(cfg.data.seq_len))
-    rows = {name: (step, flops)}
+    rows = {name: (step, causal_flops_per_token(model, int(cfg.data.seq_len)), memory.step_peak_mb(step))}
     if plain:
+        memory = ArmMemory(args.device)
         ref = PlainGPT.from_config(cfg).to(args.device)
-        rows["plain_pytorch_dense"] = (plain_step_fn(ref, cfg, batches, args.device), ref.flops_per_token())
-    for i in range(args.warmup):
-        for fn, _ in rows.values():
+        ref_step = plain_step_fn(ref, cfg, batches, args.device)
+        rows["plain_pytorch_dense"] = (ref_step, ref.flops_per_token(), memory.step_peak_mb(ref_step))
+    for i in range(1, args.warmup):
+        for fn, _, _ in rows.values():
             fn(i)
     timed = {arm: [] for arm in rows}
     for i in range(args.steps):  # interleaved: both arms see the same machine load
-        for arm, (fn, _) in rows.items():
-            timed[arm].append(fn(args.warmup + i))
+        for arm, (fn, _, _) in rows.items():
+            timed[arm].append(fn(max(args.warmup, 1) + i))
     out = {}
-    for arm, (fn, arm_flops) in rows.items():
+    for arm, (fn, arm_flops, mem_mb) in rows.items():
         step_s = statistics.median(t[0] for t in timed[arm])
         opt_s = statistics.median(t[1] for t in timed[arm])
         out[arm] = {"arm": arm, "size": str(cfg.model.name), "batch": int(cfg.data.batch_size),
                     "seq_len": int(cfg.data.seq_len), "step_time_ms": 1000 * step_s, "tokens_per_s": tokens / step_s,
                     "optimizer_step_ms": 1000 * opt_s, "optimizer_step_share": opt_s / step_s,
                     "flops_per_token": arm_flops, "achieved_tflops": arm_flops * tokens / step_s / 1e12,
-                    "peak_mem_mb": peak_memory_mb(fn, args.device, args.warmup + args.steps),
-                    "matmul_peak_tflops_adjacent": peaks[-1] / 1e12}
+                    "peak_mem_mb": mem_mb, "matmul_peak_tflops_adjacent": peaks[-1] / 1e12}
     return out
 
 
@@ -223,12 +238,26 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: nothing to log to
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: nothing to log
+        rows, loader, peaks = _run_all(args)
+    report = _report(args, rows, loader, peaks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{dt.date.today().isoformat()}-{_device_slug(args.device)}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _run_all(args) -> tuple[list[dict], dict[str, float], list[float]]:
     peaks: list[float] = []
     rows, loader = [], {}
     for size in args.sizes:
         cfg0 = compose(size, [], args)
-        batches, loader[size] = _batches(cfg0, args.warmup + args.steps + 1, args.device)
+        batches, loader[size] = _batches(cfg0, max(args.warmup, 1) + args.steps, args.device)
         for arm in args.arms:
             overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm]
             cfg = compose(size, overrides, args)
@@ -239,10 +268,14 @@ def main(argv: list[str]) -> int:
                 print(f"{size:>8} {row['arm']:>20} {row['step_time_ms']:9.1f} ms {row['tokens_per_s']:9.0f} tok/s "
                       f"{row['achieved_tflops'] * 1e3:7.1f} GFLOP/s peak-mem {row['peak_mem_mb']:8.0f} MiB "
                       f"opt {100 * row['optimizer_step_share']:4.1f}%", flush=True)
+    return rows, loader, peaks
+
+
+def _report(args, rows: list[dict], loader: dict[str, float], peaks: list[float]) -> dict:
     peak = max(peaks)
     for row in rows:
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
-    report = {
+    return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device_name(args.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "dtype": "bf16-mixed" if args.device == "cuda" else "fp32", "matmul_peak_tflops": peak / 1e12,
@@ -250,14 +283,6 @@ def main(argv: list[str]) -> int:
         "loader_tokens_per_s_by_size": loader, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
         "flops_formula": "6 * (active non-embedding matmul params incl. output head) + 3 * L * T * H * (d_qk + d_v)",
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{dt.date.today().isoformat()}-{_device_slug(args.device)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
-    return 0
 
 
 def _device_name(device: str) -> str:
