@@ -238,7 +238,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_check_interval: int = 100  # optimizer steps between validations
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = 10  # host reads of losses / expert counts (and Lightning logging) every N steps
     checkpoint_every_n_steps: int = 100
     interrupt_at_step: Optional[int] = None  # stop after this step as if preempted (resume tests)
     deterministic: bool = True
