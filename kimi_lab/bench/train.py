@@ -45,9 +45,12 @@ ARMS: dict[str, list[str]] = {  # arm -> overrides on top of the defaults (sdpa,
     "optimizer=adam": ["optimizer=adam"],
     "optimizer=muon": ["optimizer=muon"],
 }
-GPU_ARMS = {"moe 64e top-6": ["moe.n_routed_experts=64", "moe.num_experts_per_tok=6", "moe.moe_intermediate_size=256"]}
+# GPU only: 64 experts top-6 with the dense arm's active width (6 * I = d_ff); the d768 size runs its dense arm only
+GPU_ARMS = {"moe 64e top-6": lambda d_ff: ["moe.n_routed_experts=64", "moe.num_experts_per_tok=6",
+                                           f"moe.moe_intermediate_size={d_ff // 6}"]}
 GPU_SIZES = {"d768-12L-seq1024": ["model.d_model=768", "model.n_layers=12", "attention.n_heads=12", "model.d_ff=3072",
-                                  "data.seq_len=1024", "moe=dense"]}
+                                  "data.seq_len=1024"]}
+GPU_SIZE_ARMS = ("moe=dense",)
 QUICK_ARMS = ("default", "moe=dense")
 
 
@@ -258,8 +261,8 @@ def _run_all(args) -> tuple[list[dict], dict[str, float], list[float]]:
     for size in args.sizes:
         cfg0 = compose(size, [], args)
         batches, loader[size] = _batches(cfg0, max(args.warmup, 1) + args.steps, args.device)
-        for arm in args.arms:
-            overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm]
+        for arm in [a for a in args.arms if size not in GPU_SIZES or a in GPU_SIZE_ARMS]:
+            overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm](int(cfg0.model.d_ff))
             cfg = compose(size, overrides, args)
             result = run_arm(arm, cfg, batches, args, peaks, plain=arm == "moe=dense")
             for row in result.values():
