@@ -148,3 +148,7 @@ def test_bench_train_quick_runs_end_to_end(tmp_path, one_thread):
         assert 0 < row["mfu"] and row["peak_mem_mb"] > 0
     assert data["matmul_peak_tflops"] > 0 and data["loader_tokens_per_s"] > 0
     assert report.with_suffix(".md").exists()
+    from kimi_lab.bench.train import loss_chunking_check
+
+    loss = loss_chunking_check("cpu", n_tokens=1024, vocab=2048, dim=16, chunk=128, repeats=1)
+    assert loss["memory_ratio"] < 0.5 and loss["full_ms"] > 0 and loss["chunked_ms"] > 0

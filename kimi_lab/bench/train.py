@@ -67,6 +67,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--loss-only", action="store_true", help="only the chunked-vs-full loss check")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else
@@ -237,14 +238,55 @@ def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool
     return out
 
 
+def loss_chunking_check(device: str, n_tokens: int = 16384, vocab: int = 32768, dim: int = 384,
+                        chunk: int = 2048, repeats: int = 3) -> dict:
+    """The issue's loss check: chunked head + CE vs full logits at B*T = 16k tokens, vocab 32k (d 384, base's width),
+    forward + backward: median time of each (interleaved) and the loss's peak memory (``ArmMemory``)."""
+    from kimi_lab.model.loss import linear_cross_entropy
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n_tokens, dim, generator=gen).to(device, dtype).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, dim, generator=gen)).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (n_tokens,), generator=gen).to(device)
+
+    def run(chunk_tokens):
+        def step(_: int = 0) -> float:
+            hidden.grad = weight.grad = None
+            _sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens)
+            loss.backward()
+            _sync(device)
+            return time.perf_counter() - start
+        return step
+
+    full, chunked = run(None), run(chunk)
+    memory = {name: ArmMemory(device).step_peak_mb(fn) for name, fn in (("full", full), ("chunked", chunked))}
+    times = {"full": [], "chunked": []}
+    for _ in range(repeats):
+        times["full"].append(full())
+        times["chunked"].append(chunked())
+    full_s, chunked_s = statistics.median(times["full"]), statistics.median(times["chunked"])
+    return {"tokens": n_tokens, "vocab": vocab, "dim": dim, "chunk_tokens": chunk, "full_ms": 1000 * full_s,
+            "chunked_ms": 1000 * chunked_s, "time_ratio": chunked_s / full_s, "full_peak_mb": memory["full"],
+            "chunked_peak_mb": memory["chunked"], "memory_ratio": memory["chunked"] / memory["full"]}
+
+
 def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.loss_only:
+        print(json.dumps(loss_chunking_check(args.device), indent=2))
+        return 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: nothing to log
         rows, loader, peaks = _run_all(args)
     report = _report(args, rows, loader, peaks)
+    if not (args.quick or args.tiny):
+        report["loss_chunking"] = loss_chunking_check(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{dt.date.today().isoformat()}-{_device_slug(args.device)}"
