@@ -17,7 +17,7 @@ help:
 	@echo "make test     - the test suite (not slow, not gpu)"
 	@echo "make test-all - every test, slow ones too"
 	@echo "make data     - build / verify the default corpus cache"
-	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME)"
+	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME; bench-train writes benchmarks/)"
 	@echo "make export   - RUN=run folder OUT=folder [CKPT=best|last|path]: a transformers checkpoint (from_pretrained)"
 	@echo "make downstream RUN=dir - zero-shot HellaSwag/PIQA/ARC/LAMBADA of a run's last.ckpt into its results.json (LIMIT=n)"
 	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"

@@ -113,6 +113,7 @@ def test_wrong_type_is_rejected():
         (["data.val_fraction=0.7"], "data.val_fraction"),
         (["trainer.max_steps=0"], "trainer.max_steps"),
         (["hardware.precision=fp8"], "hardware.precision"),
+        (["hardware.loss_chunk_tokens=0"], "hardware.loss_chunk_tokens"),
         (["rope.theta=-1"], "rope.theta"),
         (["seed=-1"], "seed"),
     ],

@@ -237,6 +237,11 @@ class HardwareConfig:
     strategy: Strategy = Strategy.auto
     precision: str = "32-true"  # one of PRECISIONS
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+    compile: bool = False  # torch.compile the inner model (LanguageModelModule.model), not the LightningModule
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint per block)
+    # training loss: head + cross-entropy over chunks of this many tokens (never the full (B*T, V) logits);
+    # null = full logits
+    loss_chunk_tokens: Optional[int] = 2048
 
 
 @dataclass
@@ -246,7 +251,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
     val_check_interval: int = 100  # optimizer steps between validations
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = 10  # host reads of losses / expert counts (and Lightning logging) every N steps
     checkpoint_every_n_steps: int = 100
     interrupt_at_step: Optional[int] = None  # stop after this step as if preempted (resume tests)
     deterministic: bool = True

@@ -35,6 +35,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
     _check_eval(cfg.eval)
+    chunk = cfg.hardware.loss_chunk_tokens
+    _check(chunk is None or chunk > 0, "hardware.loss_chunk_tokens", chunk, "> 0 or null (full logits)")
 
 
 def _check_rope_scaling(scaling: DictConfig) -> None:

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from kimi_lab.model.attention import build_attention
-from kimi_lab.model.moe import MoE, build_ffn
+from kimi_lab.model.moe import MoE, build_ffn, recomputing
 from kimi_lab.model.norm import build_norm
 from kimi_lab.model.rope import RotaryEmbedding, mla_softmax_mscale
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor | None  # (B, T, vocab); None when the forward was asked for hidden states only
     aux_loss: torch.Tensor  # scalar: sum of the MoE balance losses (0 for dense models)
+    hidden: torch.Tensor | None = None  # (B, T, D) final-norm output (the head's input), with return_hidden=True
 
 
 class Block(nn.Module):
@@ -56,6 +59,8 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if hasattr(layer.self_attn, "set_rope_mscale"):
                 layer.self_attn.set_rope_mscale(mla_softmax_mscale(cfg.rope.scaling))
+        # hardware.activation_checkpointing: keep only each block's input, recompute its inside in backward
+        self.activation_checkpointing = bool(getattr(cfg.hardware, "activation_checkpointing", False))
         self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
 
     def _init_weights(self, std: float, n_layers: int) -> None:
@@ -69,13 +74,23 @@ class Transformer(nn.Module):
             elif "norm" in name and name.endswith("weight"):
                 nn.init.ones_(param)
 
-    def forward(self, input_ids: torch.Tensor) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False) -> CausalLMOutput:
+        """Logits (B, T, V); with ``return_hidden`` the head's input (B, T, D) instead, for a loss that applies
+        the head itself in chunks (``kimi_lab.model.loss.linear_cross_entropy``)."""
         _, seq_len = input_ids.shape  # (B, T)
         cos, sin = self.rotary(seq_len, apply_attention_scaling=self.scale_rotary_tables)
         x = self.dropout(self.embed_tokens(input_ids))  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # recomputing() tells the MoE layers not to count the recomputed forward in their load statistics
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False,
+                               context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+            else:
+                x = layer(x, cos, sin)
+        hidden = self.norm(x)  # (B, T, D)
+        if return_hidden:
+            return CausalLMOutput(logits=None, aux_loss=self.aux_loss(hidden), hidden=hidden)
+        logits = self.lm_head(hidden)  # (B, T, vocab)
         return CausalLMOutput(logits=logits, aux_loss=self.aux_loss(logits))
 
     def aux_loss(self, like: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,8 @@ class ExpertLoadMonitor(L.Callback):
     Per MoE layer j (the j-th MoE layer of the model) it also records, per step, the load fractions, CV, MaxVio,
     mean aux loss over the micro-batches, tokens dropped and the noaux_tc selection bias (after this step's update):
     columns ``moe{j}_*`` of metrics.csv, scalars ``moe/layer{j}/*`` in TensorBoard, run summaries in results.json.
+    ``collect`` keeps each step's counts on the device; ``flush`` (every ``trainer.log_every_n_steps`` steps, driven
+    by StepMetrics) copies the pending steps to the host in one transfer, so no step waits on the GPU for logging.
     """
 
     def __init__(self):
@@ -42,6 +44,10 @@ class ExpertLoadMonitor(L.Callback):
         self.n_steps = 0
         self.last_step: dict[str, float] = {}
         self.last_bias: list[list[float] | None] = []
+        # per collected, not yet flushed step: (logger step, (L_moe, E + 2) counts | aux | dropped, biases)
+        self._pending: list[tuple[int, torch.Tensor, list[torch.Tensor | None]]] = []
+        self._rows: list[dict] = []  # flushed steps' metrics.csv fragments, until StepMetrics takes them
+        self._trainer: L.Trainer | None = None
 
     @staticmethod
     def csv_fields(model) -> list[str]:
@@ -50,28 +56,50 @@ class ExpertLoadMonitor(L.Callback):
         return [f"moe{j}_{key}" for j in range(len(model.moe_layers())) for key in keys]
 
     def collect(self, trainer: L.Trainer, model) -> None:
+        """Snapshot and zero the step's counters (device tensors only: no host sync)."""
         layers = model.moe_layers()
+        self._trainer = trainer
         if not layers:
             return
         per_layer = torch.stack([torch.cat([layer.tokens_per_expert, layer.aux_loss_sum.view(1),
                                             layer.tokens_dropped.view(1)]).detach().float() for layer in layers])
-        n_forwards = max(float(layers[0].n_forwards), 1.0) * trainer.world_size
-        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum").cpu()  # (L_moe, E + 2), one all-reduce
+        per_layer[:, -2] /= layers[0].n_forwards.clamp_min(1.0) * trainer.world_size  # mean aux loss per forward
+        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum")  # (L_moe, E + 2), one all-reduce
         for layer in layers:
             for buffer in (layer.tokens_per_expert, layer.aux_loss_sum, layer.tokens_dropped, layer.n_forwards):
                 buffer.zero_()
-        counts, aux, dropped = per_layer[:, :-2], per_layer[:, -2] / n_forwards, per_layer[:, -1]
+        biases = [layer.gate.e_score_correction_bias.detach().clone() if getattr(layer.gate, "updates_bias", False)
+                  else None for layer in layers]
+        self._pending.append((trainer.global_step + 1, per_layer, biases))  # the step this optimizer step completes
+
+    def flush(self) -> None:
+        """Host-side statistics of every pending step, in order; their metrics.csv fragments wait in ``take_rows``."""
+        if not self._pending:
+            return
+        host = torch.stack([p[1] for p in self._pending]).cpu()  # (S, L_moe, E + 2): one device-to-host copy
+        biases = [[None if b is None else b.cpu() for b in p[2]] for p in self._pending]
+        steps = [p[0] for p in self._pending]
+        self._pending = []
+        self._rows += [self._record(step, per_layer, bias) for step, per_layer, bias in zip(steps, host, biases)]
+
+    def take_rows(self) -> list[dict]:
+        """The flushed steps' metrics.csv fragments not yet taken (StepMetrics writes them into its rows)."""
+        rows, self._rows = self._rows, []
+        return rows
+
+    def _record(self, step: int, per_layer: torch.Tensor, biases: list[torch.Tensor | None]) -> dict:
+        counts, aux, dropped = per_layer[:, :-2], per_layer[:, -2], per_layer[:, -1]
         if not self.run_counts:
             self.run_counts = [torch.zeros_like(c, dtype=torch.float64) for c in counts]
-            self.layer_maxvio_sums = [0.0] * len(layers)
-            self.aux_loss_sums, self.tokens_dropped = [0.0] * len(layers), [0.0] * len(layers)
+            self.layer_maxvio_sums = [0.0] * len(counts)
+            self.aux_loss_sums, self.tokens_dropped = [0.0] * len(counts), [0.0] * len(counts)
         stats = [load_stats(c) for c in counts]
         for total, c in zip(self.run_counts, counts):
             total += c.double()
         self.n_steps += 1
         self.last_step = {"moe_cv": sum(s[0] for s in stats) / len(stats),
                           "moe_maxvio": sum(s[1] for s in stats) / len(stats)}
-        self.last_bias = [_bias(layer) for layer in layers]
+        self.last_bias = [None if b is None else [round(v, 8) for v in b.tolist()] for b in biases]
         scalars = {}  # TensorBoard: the same per-layer values as the metrics.csv columns
         for j, c in enumerate(counts):
             load = [round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]
@@ -86,10 +114,12 @@ class ExpertLoadMonitor(L.Callback):
             scalars.update({f"moe/layer{j}/{k}": v for k, v in values.items()})
             for name, vector in (("load", load), ("bias", self.last_bias[j] or [])):
                 scalars.update({f"moe/layer{j}/{name}/expert{e}": v for e, v in enumerate(vector)})
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step + 1)  # the step this optimizer step completes
+        for logger in (self._trainer.loggers if self._trainer is not None else []):
+            logger.log_metrics(scalars, step=step)
+        return dict(self.last_step)
 
     def summary(self) -> dict:
+        self.flush()
         if not self.run_counts:
             return {}
         fractions = [(c / c.sum().clamp_min(1)).tolist() for c in self.run_counts]
@@ -108,6 +138,7 @@ class ExpertLoadMonitor(L.Callback):
         }
 
     def state_dict(self) -> dict:
+        self.flush()  # a checkpoint holds every collected step
         return {"run_counts": self.run_counts, "layer_maxvio_sums": self.layer_maxvio_sums,
                 "aux_loss_sums": self.aux_loss_sums, "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps}
 
@@ -117,19 +148,20 @@ class ExpertLoadMonitor(L.Callback):
                                                                  state["n_steps"])
 
 
-def _bias(layer) -> list[float] | None:
-    """The layer's noaux_tc selection bias, or None when its gate does not use one."""
-    gate = layer.gate
-    if not getattr(gate, "updates_bias", False):
-        return None
-    return [round(v, 8) for v in gate.e_score_correction_bias.tolist()]
-
-
 class StepMetrics(L.Callback):
-    """Aggregates micro-batches into one metrics.csv row per optimizer step, plus a row per validation."""
+    """Aggregates micro-batches into one metrics.csv row per optimizer step, plus a row per validation.
 
-    def __init__(self, csv_path: Path, tokens_per_micro_batch: int, expert_monitor: ExpertLoadMonitor):
+    Losses, grad norm and expert counts stay on the device until ``flush``, every ``log_every_n_steps`` optimizer
+    steps (and before validation, checkpoints and the end of training): one device-to-host copy per N steps
+    instead of several synchronising ``.item()`` calls per step. Every step still gets its own row.
+    """
+
+    def __init__(self, csv_path: Path, tokens_per_micro_batch: int, expert_monitor: ExpertLoadMonitor,
+                 log_every_n_steps: int = 1):
         self.csv_path = Path(csv_path)
+        self.log_every_n_steps = max(int(log_every_n_steps), 1)
+        self._pending: list[tuple[dict, torch.Tensor]] = []  # (row without losses, [ce, aux, grad_norm])
+        self._trainer: L.Trainer | None = None
         self.tokens_per_micro_batch = tokens_per_micro_batch
         self.experts = expert_monitor
         self.tokens = 0
@@ -138,7 +170,7 @@ class StepMetrics(L.Callback):
         self.step_times_ms: list[float] = []
         self.val_history: list[dict] = []
         self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._grad_norm = float("nan")
+        self._grad_norm = torch.full((), float("nan"))
         self._lr = float("nan")
         self._step_start: float | None = None
         self._fit_start = time.perf_counter()
@@ -146,6 +178,7 @@ class StepMetrics(L.Callback):
 
     # -- resume support: everything needed to continue the curve is in the checkpoint
     def state_dict(self) -> dict:
+        self.flush()  # a checkpoint holds every finished step's row
         return {"tokens": self.tokens, "train_time_s": self.train_time_s, "step_times_ms": self.step_times_ms,
                 "val_history": self.val_history, "wall_time_s": self._wall_time()}
 
@@ -188,7 +221,8 @@ class StepMetrics(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self._grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0  # before clipping
+        # before clipping; a device tensor, read at the next flush
+        self._grad_norm = torch.nn.utils.get_total_norm(grads).detach() if grads else torch.zeros(())
         self._lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler steps after it)
         self.experts.collect(trainer, pl_module.model)
 
@@ -202,13 +236,32 @@ class StepMetrics(L.Callback):
         self.step_times_ms.append(step_ms)
         ce = torch.stack([m[0] for m in self._micro]).mean()
         aux = torch.stack([m[1] for m in self._micro]).mean()
-        ce = trainer.strategy.reduce(ce, reduce_op="mean").item()
-        self._micro, self._step_start = [], None
+        ce = trainer.strategy.reduce(ce, reduce_op="mean")
+        self._micro, self._step_start, self._trainer = [], None, trainer
         row = {"step": trainer.global_step, "tokens": self.tokens, "wall_time_s": round(self._wall_time(), 4),
-               "train_time_s": round(self.train_time_s, 4), "lr": self._lr,
-               "train_loss": ce, "aux_loss": aux.item(), "grad_norm": self._grad_norm,
-               "step_time_ms": round(step_ms, 3), **self.experts.last_step}
-        self._append(trainer, row)
+               "train_time_s": round(self.train_time_s, 4), "lr": self._lr, "step_time_ms": round(step_ms, 3)}
+        losses = torch.stack([ce.float(), aux.float(), self._grad_norm.float().to(ce.device)])
+        self._pending.append((row, losses))
+        if trainer.global_step % self.log_every_n_steps == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows of the pending steps (one host copy of their losses and grad norms)."""
+        self.experts.flush()
+        moe = self.experts.take_rows()
+        if not self._pending:
+            return
+        values = torch.stack([p[1] for p in self._pending]).cpu().tolist()  # (S, 3)
+        for i, ((row, _), (ce, aux, grad_norm)) in enumerate(zip(self._pending, values)):
+            row.update({"train_loss": ce, "aux_loss": aux, "grad_norm": grad_norm, **(moe[i] if moe else {})})
+            self._append(self._trainer, row)
+        self._pending = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.flush()  # train rows before the validation row
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.flush()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -221,6 +274,7 @@ class StepMetrics(L.Callback):
         self._append(trainer, {**record, "wall_time_s": round(self._wall_time(), 4)})
 
     def summary(self) -> dict:
+        self.flush()
         median_ms = statistics.median(self.step_times_ms) if self.step_times_ms else float("nan")
         return {"tokens_seen": self.tokens, "train_time_s": self.train_time_s,
                 "tokens_per_s": self.tokens / self.train_time_s if self.train_time_s > 0 else 0.0,

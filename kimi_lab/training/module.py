@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kimi_lab.model import build_model
+from kimi_lab.model.loss import linear_cross_entropy
 from kimi_lab.optim import build_optimizer, build_scheduler
 
 
@@ -25,6 +26,9 @@ class LanguageModelModule(L.LightningModule):
         self.cfg = cfg
         self.max_steps = max_steps
         self.model = build_model(cfg)
+        if cfg.hardware.compile:  # in place: the module type and its state_dict keys stay as they are
+            self.model.compile()
+        self.loss_chunk_tokens = cfg.hardware.loss_chunk_tokens
         self.last_train_ce = torch.zeros(())  # mean CE of the latest micro-batch (for the step aggregator)
         self.last_aux_loss = torch.zeros(())
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # [sum NLL, n correct, n tokens]
@@ -34,8 +38,8 @@ class LanguageModelModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         input_ids, targets = batch  # (B, T), (B, T)
-        out = self.model(input_ids)
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten())
+        out = self.model(input_ids, return_hidden=True)  # (B, T, D): the loss applies the head, chunk by chunk
+        ce = linear_cross_entropy(out.hidden, self.model.lm_head.weight, targets, self.loss_chunk_tokens)
         self.last_train_ce, self.last_aux_loss = ce.detach(), out.aux_loss.detach()
         self.log("train/loss", ce, prog_bar=True)
         self.log("train/aux_loss", out.aux_loss)

@@ -39,7 +39,8 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
-        metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts),
+        metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts,
+                            log_every_n_steps=int(cfg.trainer.log_every_n_steps)),
         experts=experts,
         data_position=DataPosition(samples_per_step=cfg.data.batch_size * accumulate),
         interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt")

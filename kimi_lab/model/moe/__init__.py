@@ -10,6 +10,7 @@ from kimi_lab.model.moe.experts import GroupedExperts, grouped_linear, grouped_m
 from kimi_lab.model.moe.gate import GroupLimitedRouter, sequence_balance_loss, update_expert_biases
 from kimi_lab.model.moe.layer import MoE, ROUTERS
 from kimi_lab.model.moe.mlp import SwiGLU
+from kimi_lab.model.moe.recompute import recomputing
 from kimi_lab.model.moe.router import GreedyRouter, load_balance_loss
 
 FFNS: dict[str, Callable[[int, int, object], nn.Module]] = {
@@ -27,4 +28,5 @@ def build_ffn(d_model: int, d_ff: int, moe_cfg, layer_idx: int) -> nn.Module:
 
 
 __all__ = ["FFNS", "ROUTERS", "MoE", "SwiGLU", "GreedyRouter", "GroupLimitedRouter", "GroupedExperts", "build_ffn",
-           "grouped_linear", "grouped_mm_runs", "load_balance_loss", "sequence_balance_loss", "update_expert_biases"]
+           "grouped_linear", "grouped_mm_runs", "load_balance_loss", "recomputing", "sequence_balance_loss",
+           "update_expert_biases"]

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lab.model.moe.router import Routing, load_balance_loss, score
+from kimi_lab.model.moe.recompute import is_recomputing
+from kimi_lab.model.moe.router import Routing, expert_counts, load_balance_loss, score
 
 
 def sequence_balance_loss(scores: torch.Tensor, expert_idx: torch.Tensor, n_seqs: int) -> torch.Tensor:
@@ -88,8 +89,8 @@ class GroupLimitedRouter(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.scaling
-        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_experts)  # (E,)
-        if self.training and self.updates_bias:
+        counts = expert_counts(expert_idx, self.n_experts)  # (E,)
+        if self.training and self.updates_bias and not is_recomputing():
             self.bias_counts += counts.to(self.bias_counts.dtype)
         return Routing(expert_idx, weights, self._aux_loss(scores, expert_idx, n_seqs), counts)
 

@@ -14,6 +14,7 @@ from torch import nn
 from kimi_lab.model.moe.experts import GroupedExperts
 from kimi_lab.model.moe.gate import GroupLimitedRouter
 from kimi_lab.model.moe.mlp import SwiGLU
+from kimi_lab.model.moe.recompute import is_recomputing
 from kimi_lab.model.moe.router import GreedyRouter
 
 # registry: moe.topk_method -> router class
@@ -47,16 +48,19 @@ class MoE(nn.Module):
         batch, seq_len, d_model = x.shape
         routing = self.gate(x)  # over N = B*T tokens; the gate sees (B, T, D) for sequence-wise losses
         x_flat = x.reshape(-1, d_model)  # (N, D)
-        self.aux_loss = routing.aux_loss
         out, processed = self._dispatch(x_flat, routing.expert_idx, routing.weights, routing.counts)
+        if is_recomputing():  # activation checkpointing's backward pass: this forward was counted already
+            return self._add_shared(out, x_flat).view(batch, seq_len, d_model)
+        self.aux_loss = routing.aux_loss
         if self.training:
             self.tokens_per_expert += routing.counts.to(self.tokens_per_expert.dtype)
             self.tokens_dropped += routing.expert_idx.numel() - processed
             self.aux_loss_sum += routing.aux_loss.detach().to(self.aux_loss_sum.dtype)
             self.n_forwards += 1
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x_flat)
-        return out.view(batch, seq_len, d_model)
+        return self._add_shared(out, x_flat).view(batch, seq_len, d_model)
+
+    def _add_shared(self, out: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor:
+        return out if self.shared_experts is None else out + self.shared_experts(x_flat)
 
     def _dispatch(self, x_flat, expert_idx, weights, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> (output (N, D), assignments processed)."""

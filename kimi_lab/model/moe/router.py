@@ -17,13 +17,20 @@ class Routing:
     counts: torch.Tensor  # (E,) tokens routed to each expert in this batch
 
 
+def expert_counts(expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 assignments per expert. ``torch.bincount`` would do, but on CUDA it reads the maximum id back to
+    size its output (a host sync every forward); a scatter-add into a fixed-size vector never syncs."""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """E * sum_i f_i * P_i with f_i = share of the N*k assignments sent to i, P_i = mean router prob of i.
 
     Equals 1 for perfectly uniform routing and E under total collapse onto one expert.
     """
     n_assign = expert_idx.numel()
-    counts = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).to(probs.dtype)
+    counts = expert_counts(expert_idx, n_experts).to(probs.dtype)
     f = counts / n_assign  # (E,) no gradient: argmax is not differentiable
     p = probs.mean(dim=0)  # (E,)
     return n_experts * torch.sum(f * p)
@@ -57,7 +64,7 @@ class GreedyRouter(nn.Module):
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights * self.scaling
-        counts = torch.bincount(expert_idx.reshape(-1), minlength=self.n_experts)
+        counts = expert_counts(expert_idx, self.n_experts)
         normed = probs if self.scoring_func == "softmax" else probs / probs.sum(dim=-1, keepdim=True)
         aux = self.aux_loss_alpha * load_balance_loss(normed, expert_idx, self.n_experts)
         return Routing(expert_idx, weights, aux, counts)
