@@ -50,6 +50,7 @@ def ablation_sweep(tmp_path) -> Path:
         results = {"status": "completed", "seed": seed, "overrides": overrides, "val_loss": val,
                    "test_loss": val + 0.02, "val_acc": 0.3, "tokens_per_s": 1000.0 - 10 * seed,
                    "peak_mem_mb": 800.0, "train_time_s": 60.0, "expert_load": _load(arm, seed),
+                   "expert_load_cv": [0.1 * seed, 0.3 * seed] if arm == "baseline" else [0.1, 0.1],
                    "choices": {"hardware": "cpu"}}
         (job / "results.json").write_text(json.dumps(results))
         rows = ["step,tokens,wall_time_s,train_time_s,train_loss,grad_norm,val_loss",
@@ -70,6 +71,8 @@ def test_leave_one_out_and_expert_load_plots(ablation_sweep, tmp_path):
     val = {r["arm"]: r for r in comp.rows if r["metric"] == "val_loss"}
     assert val["ablation=minus_moe"]["diff"] == pytest.approx(0.12)  # removing the MoE gate costs 0.12
     assert val["ablation=baseline"]["diff"] == pytest.approx(0.30)
+    cv = {r["arm"]: r for r in comp.rows if r["metric"] == "expert_load_cv"}  # mean over layers, then seeds
+    assert cv["ablation=baseline"]["mean_a"] == pytest.approx(0.4) and cv["ablation=minus_norm"]["diff"] == 0
     loads = expert_load_by_arm(sweep)
     assert set(loads) == {f"ablation={a}" for a in ARMS}
     np.testing.assert_allclose(loads["ablation=baseline"], LOAD["baseline"], atol=1e-12)

@@ -45,11 +45,17 @@ METRICS += [Metric(f"downstream.{task}.{key}", f"{label} {words}", False, f"down
 METRICS += [Metric("downstream.lambada.acc", "LAMBADA last-word accuracy", False, "downstream.lambada.acc",
                    optional=True),
             Metric("downstream.lambada.ppl", "LAMBADA perplexity", True, "downstream.lambada.ppl", optional=True)]
+# MoE runs: load balance over the run (per layer in results.json; a list is averaged over the MoE layers)
+METRICS += [Metric("expert_load_cv", "expert-load CV (mean over MoE layers)", True, "expert_load_cv", optional=True),
+            Metric("moe_maxvio_batch_mean", "mean per-step MaxVio (load imbalance)", True, "moe_maxvio_batch_mean",
+                   optional=True)]
 METRICS_BY_NAME = {m.name: m for m in METRICS}
 TIMING_METRICS = ("tokens_per_s", "train_time_s", "train_time_to_target_s")
 
 
 def _finite(value) -> float:
+    if isinstance(value, list):  # per-layer values: their mean
+        value = float(np.mean(value)) if value else math.nan
     try:
         value = float(value)
     except (TypeError, ValueError):
