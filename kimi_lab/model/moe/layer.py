@@ -66,7 +66,8 @@ class MoE(nn.Module):
         """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> (output (N, D), assignments processed)."""
         order = expert_idx.reshape(-1).argsort(stable=True)  # (N*k,) assignments grouped by expert
         token_of = order // self.top_k  # (N*k,) source token of each sorted assignment
-        out_sorted = self.experts(x_flat[token_of], counts)  # (N*k, D)
-        gate_w = weights.reshape(-1)[order].unsqueeze(-1).to(out_sorted.dtype)  # (N*k, 1)
+        # index_select, not x_flat[token_of]: its backward is index_add_, not the CPU's slow accumulating index_put_
+        out_sorted = self.experts(x_flat.index_select(0, token_of), counts)  # (N*k, D)
+        gate_w = weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out_sorted.dtype)  # (N*k, 1)
         out = x_flat.new_zeros(x_flat.shape, dtype=out_sorted.dtype)
         return out.index_add_(0, token_of, out_sorted * gate_w), counts.sum()
