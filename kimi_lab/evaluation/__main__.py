@@ -42,35 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """``last`` -> checkpoints/last.ckpt, ``best`` -> checkpoints/best-step<N>.ckpt, else a path."""
-    if which == "last":
-        path = run_dir / "checkpoints" / "last.ckpt"
-    elif which == "best":
-        found = sorted((run_dir / "checkpoints").glob("best-step*.ckpt"), key=lambda p: p.stat().st_mtime)
-        path = found[-1] if found else run_dir / "checkpoints" / "best-step<N>.ckpt"
-    else:
-        path = Path(which)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {which}: no checkpoint at {path}; allowed: last, best or a .ckpt file")
-    return path
-
-
 def load_run(run_dir: Path, checkpoint: Path):
-    """(config, Transformer with the checkpoint's weights) of a run folder."""
-    import torch
+    """(config, Transformer with the checkpoint's weights) of a run folder: the whole resolved config (data and
+    paths too), the weights read as ``init_from`` and the export read them."""
     from omegaconf import OmegaConf
 
     from kimi_lab.config import Config
     from kimi_lab.model import build_model
+    from kimi_lab.training.init_weights import model_state
 
     config_file = run_dir / "config_resolved.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: RUN_DIR must be a kimi_lab run folder")
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
     model = build_model(cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    model.load_state_dict(model_state(checkpoint))
     return cfg, model
 
 
@@ -78,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from kimi_lab.evaluation.runner import evaluate_model
+    from kimi_lab.training.init_weights import find_checkpoint
     from kimi_lab.training.rundir import atomic_write_json
 
     args = parse_args(argv)
