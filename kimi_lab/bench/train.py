@@ -100,12 +100,9 @@ def _sync(device: str) -> None:
 
 def causal_flops_per_token(model, seq_len: int) -> int:
     """6 * active non-embedding matmul params (incl. the head) + causal attention 3 * L * T * H * (d_qk + d_v)."""
-    from kimi_lab.model import parameter_counts
+    from kimi_lab.model import flops_per_token
 
-    counts = parameter_counts(model)
-    matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
-    attention = sum(3 * seq_len * a.n_heads * (a.qk_head_dim + a.v_head_dim) for a in (l.self_attn for l in model.layers))
-    return int(6 * matmul_params + attention)
+    return flops_per_token(model, seq_len, 0, 0, causal=True)
 
 
 def compose(size: str, overrides: list[str], args) -> DictConfig:

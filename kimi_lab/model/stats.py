@@ -18,16 +18,17 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     return {"params_total": total, "params_embedding": embedding, "params_active": total - inactive}
 
 
-def flops_per_token(model: nn.Module, seq_len: int, d_model: int, n_layers: int) -> int:
+def flops_per_token(model: nn.Module, seq_len: int, d_model: int, n_layers: int, causal: bool = False) -> int:
     """Training FLOPs per token: 6 * (active non-embedding matmul params + lm_head) + 12 * L * T * D (PaLM, App. B),
     the attention term read from each layer's head dims (6 * T * H * (d_qk + d_v), so MLA is counted right;
     ``d_model`` and ``n_layers`` give the same number for MHA and stay in the signature for callers).
 
     The input embedding is a lookup (no FLOPs); the output head is a matmul, so it counts even when tied.
+    ``causal=True`` halves the attention term (the masked half of QK^T and PV is not useful work: the MFU count).
     """
     counts = parameter_counts(model)
     matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
     # QK^T and PV, fwd + bwd, causal mask not discounted: 6 * T * H * (d_qk + d_v) per layer (= 12 * T * D for MHA)
     attention = sum(6 * seq_len * a.n_heads * (a.qk_head_dim + a.v_head_dim)
                     for a in (layer.self_attn for layer in model.layers))
-    return int(6 * matmul_params + attention)
+    return int(6 * matmul_params + (attention // 2 if causal else attention))
