@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.model import build_model
 from kimi_lab.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention
-from kimi_lab.model.attention.kernels import FlashUnavailable, check_flash, flash_attention
+from kimi_lab.model.attention import kernels
+from kimi_lab.model.attention.kernels import (FlashUnavailable, check_flash, flash_attention,
+                                              query_blocked_attention, standard_attention)
 from kimi_lab.model.rope import RotaryEmbedding
 from tests.helpers import compose_config
 
@@ -134,6 +136,39 @@ def test_causality_per_option(name, kernel):
         a, b = module(x, cos, sin), module(changed, cos, sin)
     torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
     assert (a[:, 10:] - b[:, 10:]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize(("n_kv_heads", "block"), [(4, 5), (2, 8), (1, 30)])
+def test_query_blocks_equal_the_float64_reference(n_kv_heads, block):
+    """Query blocks over their past keys (MLA dims: d_v != d_qk; GQA; blocks not dividing T) = one causal softmax."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 23, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n_kv_heads, 23, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, n_kv_heads, 23, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 4, 23, 7, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (standard_attention, lambda *t, scale: query_blocked_attention(*t, block=block, scale=scale)):
+        out = fn(q, k, v, scale=0.3)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_sdpa_runs_math_in_query_blocks(monkeypatch, dtype):
+    """Where SDPA picks its math backend (MLA on CPU), T > MATH_QUERY_BLOCK runs in causal query blocks: the label
+    says so, the 2x rule and causality hold."""
+    monkeypatch.setattr(kernels, "MATH_QUERY_BLOCK", 7)  # SEQ 24: blocks of 7, 7, 7, 3
+    module = _module("mla", "sdpa")
+    x, cos, sin, grad_out = _inputs(module)
+    want = _run(_reference_of(module), x, cos, sin, grad_out, torch.float64)
+    got = _max_errors(_run(module, x, cos, sin, grad_out, dtype), want)
+    math = _max_errors(_run(_reference_of(module), x, cos, sin, grad_out, dtype), want)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    assert all(err <= 2 * math[key] + floor for key, err in got.items()), (got, math)
+    module(x, cos, sin)
+    assert module.kernel_label() == "sdpa_auto_math_cpu+query_blocks"
+    test_causality_per_option("mla", "sdpa")
 
 
 # ------------------------------------------------------------------------------------- MLA vs transformers

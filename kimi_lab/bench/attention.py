@@ -186,7 +186,7 @@ def _rows(args) -> list[dict]:
 
 
 def _format(row: dict) -> str:
-    return (f"{row['option']:<14} {row['kernel']:<26} {row['seq_len']:>6} {row['fwd_bwd_ms']:>11.2f} "
+    return (f"{row['option']:<14} {row['kernel']:<34} {row['seq_len']:>6} {row['fwd_bwd_ms']:>11.2f} "
             f"{row['tflops']:>8.3f} {row['peak_mem_mb']:>10.1f} {row['kv_cache_bytes_per_token']:>8}")
 
 
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
     title = (f"attention core fwd+bwd, batch {args.batch}, {args.heads} heads, MHA d={args.head_dim}, MLA qk/v="
              f"{args.head_dim * 3 // 2}/{args.head_dim}, {args.dtype}, {device_name}, torch {torch.__version__}")
     print(title)
-    print(f"{'option':<14} {'kernel':<26} {'seq':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'peak MiB':>10} {'KV B/tok':>8}")
+    print(f"{'option':<14} {'kernel':<34} {'seq':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'peak MiB':>10} {'KV B/tok':>8}")
     rows = _rows(args)
     checks = paired_mla_check(args, rounds=args.repeats * 3) if MLA_CHECK[0] in args.seq_lens else []
     for line in [*checks, *_write(rows, Path(args.out), title)]:
