@@ -453,8 +453,14 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
-    assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" for r in rows)
+    assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" and r["size"] == "small" for r in rows)
     assert "ratio" in capsys.readouterr().out
+    assert main(["--size", "base", "--batch", "1", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["size"], r["d_model"], r["moe_intermediate_size"], r["dense_d_ff"]) for r in rows] == [
+        ("base", "384", "768", "1536"), ("base", "384", "256", "1536")]
 
 
 ROUTING_GRIDS = [  # (experiment, axes added on the command line as its comments document, jobs)

@@ -22,8 +22,13 @@ from omegaconf import OmegaConf
 from kimi_lab.model.moe import experts as experts_module
 from kimi_lab.model.moe import MoE, SwiGLU
 
-# (n_routed_experts, num_experts_per_tok, moe_intermediate_size, target ratio); dense width k * I = 768 in both
-CASES = [(8, 2, 384, 1.10), (64, 6, 128, 2.0)]
+# --size -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok, moe_intermediate_size,
+# target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768) and `base` (the reference
+# size of the studies, 1536). The ratio falls with size: the dispatch moves O(k N d) bytes, the GEMMs do O(k N d I).
+SIZES = {
+    "small": (256, 16, 256, [(8, 2, 384, 1.10), (64, 6, 128, 2.0)]),
+    "base": (384, 16, 512, [(8, 2, 768, 1.10), (64, 6, 256, 2.0)]),
+}
 
 
 def _moe_cfg(n_experts: int, top_k: int, hidden: int, method: str):
@@ -91,20 +96,24 @@ def run_case(n_experts, top_k, hidden, target, args) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m kimi_lab.bench moe", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="model preset whose d_model, FFN width and tokens per batch are timed")
+    parser.add_argument("--batch", type=int, default=None, help="default: the size's")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the size's")
+    parser.add_argument("--d-model", type=int, default=None, help="default: the size's")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--method", default="noaux_tc",
                         choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
     args = parser.parse_args(argv)
-    rows = [run_case(*case, args) for case in CASES]
+    d_model, batch, seq_len, cases = SIZES[args.size]
+    args.d_model, args.batch, args.seq_len = args.d_model or d_model, args.batch or batch, args.seq_len or seq_len
+    rows = [{"size": args.size, **run_case(*case, args)} for case in cases]
     header = f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} " \
              f"{'segment':>8} {'kernel':>10}"
-    print(f"MoE fwd+bwd / dense SwiGLU, CPU fp32, {rows[0]['tokens']} tokens x d_model {args.d_model}, "
-          f"{rows[0]['threads']} threads, torch {torch.__version__}")
+    print(f"MoE fwd+bwd / dense SwiGLU, size {args.size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
+          f"{args.d_model}, {rows[0]['threads']} threads, torch {torch.__version__}")
     print(header)
     for r in rows:
         print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
