@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ RESULT_KEYS = {
     "status", "seed", "overrides", "val_loss", "val_ppl", "val_acc", "best_val_loss", "best_val_ppl",
     "best_val_acc", "test_loss", "test_ppl", "test_acc", "baseline_unigram_loss", "tokens_seen", "train_time_s",
     "tokens_per_s", "step_time_ms", "peak_mem_mb", "params_total", "params_active", "params_embedding",
-    "flops_per_token", "attention_kernel", "expert_load", "versions", "git_commit",
+    "flops_per_token", "attention_kernel", "expert_load", "versions", "git_commit", "malloc", "peak_rss_mb",
 }
 
 
@@ -66,6 +67,9 @@ def test_cli_run_writes_the_run_folder(tmp_path):
     assert results["params_active"] < results["params_total"]
     assert len(results["expert_load"]) == 2 and math.isclose(sum(results["expert_load"][0]), 1.0)
     assert results["baseline_unigram_loss"] > 0 and results["val_loss"] > 0
+    if platform.libc_ver()[0] == "glibc":  # hardware.malloc_retain's default on CPU; memory = malloc's in-use peak
+        assert results["malloc"] == "retain" and results["peak_mem_kind"] == "cpu_peak_malloc_in_use"
+        assert 0 < results["peak_mem_mb"] < results["peak_rss_mb"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert (run_dir / ".hydra" / "overrides.yaml").exists() and (run_dir / "config_resolved.yaml").exists()
     assert "${" not in (run_dir / "config_resolved.yaml").read_text()

@@ -17,7 +17,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Training benchmark {report['date']}", "",
-             f"{report['device']}, torch {report['torch']}, {report['dtype']}, {report['threads']} threads. "
+             f"{report['device']}, torch {report['torch']}, {report['dtype']}, {report['threads']} threads, "
+             f"malloc {report.get('malloc', 'default')}. "
              f"Matmul peak (best measured, {report['dtype']}): {report['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s "
              f"(per arm: {', '.join(f'{p * 1e3:.0f}' for p in report['matmul_peaks_tflops'])}).",
              f"FLOPs/token = {report['flops_formula']}.", "",

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kimi_lab.bench import _malloc
 from kimi_lab.model.attention import build_attention
 
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096)
@@ -42,6 +43,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed fwd+bwd calls (median); default 10 GPU, 3 CPU")
     parser.add_argument("--options", nargs="+", default=None, help="subset, e.g. sdpa flash mla:sdpa")
     parser.add_argument("--out", default="bench_out")
+    _malloc.add_flag(parser)
     args = parser.parse_args(argv)
     args.seq_lens = args.seq_lens or (QUICK_SEQ_LENS if args.quick else DEFAULT_SEQ_LENS)
     args.repeats = args.repeats or (10 if args.device == "cuda" else (2 if args.quick else 3))
@@ -70,20 +72,13 @@ class HeapPeak:
     and reported above the level at entry; RSS would miss memory the allocator reuses. CUDA uses its own counters."""
 
     def __init__(self):
-        import ctypes
+        from kimi_lab.training.malloc import in_use_reader
 
-        class _Info(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-        self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2  # OSError off glibc: the caller reports no memory
-        self._mallinfo2.restype = _Info
+        self.in_use = in_use_reader()
+        if self.in_use is None:  # off glibc >= 2.33: the caller reports no memory
+            raise OSError("malloc in-use bytes need glibc >= 2.33 (mallinfo2)")
         self._stop = threading.Event()
         self.base = self.peak = self.in_use()
-
-    def in_use(self) -> int:
-        info = self._mallinfo2()
-        return info.uordblks + info.hblkhd
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -222,13 +217,16 @@ def _write(rows: list[dict], out: Path, title: str) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"attention core fwd+bwd, batch {args.batch}, {args.heads} heads, MHA d={args.head_dim}, MLA qk/v="
-             f"{args.head_dim * 3 // 2}/{args.head_dim}, {args.dtype}, {device_name}, torch {torch.__version__}")
-    print(title)
-    print(f"{'option':<14} {'kernel':<34} {'seq':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'peak MiB':>10} {'KV B/tok':>8}")
-    rows = _rows(args)
-    checks = paired_mla_check(args, rounds=args.repeats * 3) if MLA_CHECK[0] in args.seq_lens else []
+    with _malloc.applied(args) as malloc:
+        device_name = (torch.cuda.get_device_name() if args.device == "cuda"
+                       else f"CPU, {torch.get_num_threads()} threads, malloc {malloc}")
+        title = (f"attention core fwd+bwd, batch {args.batch}, {args.heads} heads, MHA d={args.head_dim}, MLA qk/v="
+                 f"{args.head_dim * 3 // 2}/{args.head_dim}, {args.dtype}, {device_name}, torch {torch.__version__}")
+        print(title)
+        print(f"{'option':<14} {'kernel':<34} {'seq':>6} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'peak MiB':>10} "
+              f"{'KV B/tok':>8}")
+        rows = _rows(args)
+        checks = paired_mla_check(args, rounds=args.repeats * 3) if MLA_CHECK[0] in args.seq_lens else []
     for line in [*checks, *_write(rows, Path(args.out), title)]:
         print(line)
     return 0 if rows else 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kimi_lab.bench import _malloc
 from kimi_lab.model.moe import experts as experts_module
 from kimi_lab.model.moe import MoE, SwiGLU
 
@@ -106,14 +107,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--method", default="noaux_tc",
                         choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
+    _malloc.add_flag(parser)
     args = parser.parse_args(argv)
     d_model, batch, seq_len, cases = SIZES[args.size]
     args.d_model, args.batch, args.seq_len = args.d_model or d_model, args.batch or batch, args.seq_len or seq_len
-    rows = [{"size": args.size, **run_case(*case, args)} for case in cases]
+    with _malloc.applied(args) as malloc:
+        rows = [{"size": args.size, **run_case(*case, args), "malloc": malloc} for case in cases]
     header = f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} " \
              f"{'segment':>8} {'kernel':>10}"
     print(f"MoE fwd+bwd / dense SwiGLU, size {args.size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
-          f"{args.d_model}, {rows[0]['threads']} threads, torch {torch.__version__}")
+          f"{args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
     print(header)
     for r in rows:
         print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "

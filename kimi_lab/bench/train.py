@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from kimi_lab.bench import _malloc
 from kimi_lab.bench._plain import PlainGPT, plain_step_fn
 from kimi_lab.bench._train_report import markdown
 
@@ -68,6 +69,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--loss-only", action="store_true", help="only the chunked-vs-full loss check")
+    _malloc.add_flag(parser)
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     args.sizes = args.sizes or (["tiny"] if args.tiny else ["small"] if args.quick else
@@ -275,15 +277,16 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.loss_only:
-        print(json.dumps(loss_chunking_check(args.device), indent=2))
-        return 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer: nothing to log
-        rows, loader, peaks = _run_all(args)
-    report = _report(args, rows, loader, peaks)
-    if not (args.quick or args.tiny):
-        report["loss_chunking"] = loss_chunking_check(args.device)
+    with _malloc.applied(args) as args.malloc_in_force:
+        if args.loss_only:
+            print(json.dumps(loss_chunking_check(args.device), indent=2))
+            return 0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step outside a Trainer
+            rows, loader, peaks = _run_all(args)
+        report = _report(args, rows, loader, peaks)
+        if not (args.quick or args.tiny):
+            report["loss_chunking"] = loss_chunking_check(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{dt.date.today().isoformat()}-{_device_slug(args.device)}"
@@ -319,7 +322,7 @@ def _report(args, rows: list[dict], loader: dict[str, float], peaks: list[float]
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device_name(args.device),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "malloc": args.malloc_in_force, "torch": torch.__version__,
         "dtype": "bf16-mixed" if args.device == "cuda" else "fp32", "matmul_peak_tflops": peak / 1e12,
         "matmul_peaks_tflops": [p / 1e12 for p in peaks], "loader_tokens_per_s": min(loader.values()),
         "loader_tokens_per_s_by_size": loader, "args": {k: v for k, v in vars(args).items()}, "rows": rows,

@@ -242,6 +242,9 @@ class HardwareConfig:
     # training loss: head + cross-entropy over chunks of this many tokens (never the full (B*T, V) logits);
     # null = full logits
     loss_chunk_tokens: Optional[int] = 2048
+    # CPU runs: glibc keeps freed memory for the job instead of unmapping it (no page faults on every step's
+    # activations; kimi_lab/training/malloc.py); false leaves malloc alone
+    malloc_retain: bool = True
 
 
 @dataclass

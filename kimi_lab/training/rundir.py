@@ -109,11 +109,15 @@ def host() -> dict:
 
 
 class PeakRSS:
-    """Samples this process's resident memory every 50 ms while active: a per-job CPU peak even when
-    several sweep jobs share one process (ru_maxrss would only ever grow)."""
+    """Samples this process's resident memory and malloc's in-use bytes every 50 ms while active: a per-job CPU
+    peak even when several sweep jobs share one process (ru_maxrss would only ever grow). The in-use peak is
+    what the job's tensors needed; RSS also counts what the allocator keeps (hardware.malloc_retain)."""
 
     def __init__(self, interval_s: float = 0.05):
-        self.interval_s, self.peak_bytes = interval_s, 0
+        from kimi_lab.training.malloc import in_use_reader
+
+        self.interval_s, self.peak_bytes, self.peak_in_use_bytes = interval_s, 0, None
+        self._in_use = in_use_reader()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -125,6 +129,8 @@ class PeakRSS:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+            if self._in_use is not None:
+                self.peak_in_use_bytes = max(self.peak_in_use_bytes or 0, self._in_use())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":

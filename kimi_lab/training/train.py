@@ -89,13 +89,17 @@ def _resume_checkpoint(cfg: DictConfig, run: RunDir) -> str | None:
 def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
     import torch
 
+    from kimi_lab.training import malloc
+
     threads_before = torch.get_num_threads()  # sweep jobs share a process: never leak a job's setting
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(int(cfg.hardware.num_threads))
+    malloc.configure(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu")
     try:
         return _run_trainer(cfg, run)
     finally:
         torch.set_num_threads(threads_before)
+        malloc.release()
 
 
 def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
@@ -190,11 +194,14 @@ def _peak_mem_mb(rss) -> tuple[float, str]:
 
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+    if rss.peak_in_use_bytes is not None:
+        return rss.peak_in_use_bytes / 2**20, "cpu_peak_malloc_in_use"
     return rss.peak_bytes / 2**20, "cpu_peak_rss"
 
 
 def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status: str) -> dict:
     from kimi_lab.model import flops_per_token, parameter_counts
+    from kimi_lab.training.malloc import current as malloc_current
 
     vals = callbacks.metrics.val_history
     final = vals[-1] if vals else {}
@@ -217,7 +224,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         **callbacks.metrics.summary(),
         "steps": int(module.trainer.global_step),
         "max_steps": int(module.max_steps),
-        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind,
+        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind, "peak_rss_mb": rss.peak_bytes / 2**20,
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
@@ -228,6 +235,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         "data_manifest_key": datamodule.manifest.get("key"),
         "versions": versions(),
         "host": host(),
+        "malloc": malloc_current(),
         "git_commit": git_commit(),
         "finished": now_iso(),
     }
