@@ -448,14 +448,14 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     from kimi_lab.bench.moe import main
 
     out = tmp_path / "moe.csv"
-    assert main(["--batch", "2", "--seq-len", "32", "--d-model", "64", "--repeats", "1", "--warmup", "0",
-                 "--out", str(out)]) == 0
+    assert main(["--sizes", "small", "--batch", "2", "--seq-len", "32", "--d-model", "64", "--repeats", "1",
+                 "--warmup", "0", "--out", str(out)]) == 0
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
     assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" and r["size"] == "small" for r in rows)
     assert "ratio" in capsys.readouterr().out
-    assert main(["--size", "base", "--batch", "1", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
+    assert main(["--sizes", "base", "--batch", "1", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
                  "--out", str(out)]) == 0
     with out.open() as f:
         rows = list(csv.DictReader(f))

@@ -3,8 +3,8 @@
 Each case times the whole MoE layer (router, sort, grouped expert matmuls, index_add_ combine) against a dense
 SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
 warm-up, the three variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice)
-for comparison. Prints a table and writes ``bench_out/moe.csv``. Targets from the issue (CPU, fp32): <= 1.10 at
-8 experts top-2, <= 2.0 at 64 experts top-6.
+for comparison. Runs the ``small`` and ``base`` sizes (``--sizes``), prints a table per size and writes
+``bench_out/moe.csv``. Targets from the issue (CPU, fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from kimi_lab.bench import _malloc
 from kimi_lab.model.moe import experts as experts_module
 from kimi_lab.model.moe import MoE, SwiGLU
 
-# --size -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok, moe_intermediate_size,
-# target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768) and `base` (the reference
+# --sizes: name -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok,
+# moe_intermediate_size, target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768) and `base` (the reference
 # size of the studies, 1536). The ratio falls with size: the dispatch moves O(k N d) bytes, the GEMMs do O(k N d I).
 SIZES = {
     "small": (256, 16, 256, [(8, 2, 384, 1.10), (64, 6, 128, 2.0)]),
@@ -95,10 +95,27 @@ def run_case(n_experts, top_k, hidden, target, args) -> dict:
             "torch": torch.__version__, "device": "cpu", "dtype": "float32"}
 
 
+def _run_size(size: str, cli: argparse.Namespace, malloc: str) -> list[dict]:
+    """Time and print every case of one size; --batch / --seq-len / --d-model override the size's."""
+    d_model, batch, seq_len, cases = SIZES[size]
+    args = argparse.Namespace(**{**vars(cli), "d_model": cli.d_model or d_model, "batch": cli.batch or batch,
+                                 "seq_len": cli.seq_len or seq_len})
+    rows = [{"size": size, **run_case(*case, args), "malloc": malloc} for case in cases]
+    print(f"MoE fwd+bwd / dense SwiGLU, size {size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
+          f"{args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
+    print(f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} "
+          f"{'segment':>8} {'kernel':>10} {'verdict':>7}")
+    for r in rows:
+        print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
+              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} "
+              f"{r['kernel']:>10} {'ok' if r['ok'] else 'over':>7}")
+    return rows
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m kimi_lab.bench moe", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small",
-                        help="model preset whose d_model, FFN width and tokens per batch are timed")
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "base"],
+                        help="model presets whose d_model, FFN width and tokens per batch are timed")
     parser.add_argument("--batch", type=int, default=None, help="default: the size's")
     parser.add_argument("--seq-len", type=int, default=None, help="default: the size's")
     parser.add_argument("--d-model", type=int, default=None, help="default: the size's")
@@ -109,19 +126,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
     _malloc.add_flag(parser)
     args = parser.parse_args(argv)
-    d_model, batch, seq_len, cases = SIZES[args.size]
-    args.d_model, args.batch, args.seq_len = args.d_model or d_model, args.batch or batch, args.seq_len or seq_len
+    rows = []
     with _malloc.applied(args) as malloc:
-        rows = [{"size": args.size, **run_case(*case, args), "malloc": malloc} for case in cases]
-    header = f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} " \
-             f"{'segment':>8} {'kernel':>10}"
-    print(f"MoE fwd+bwd / dense SwiGLU, size {args.size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
-          f"{args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
-    print(header)
-    for r in rows:
-        print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
-              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} "
-              f"{r['kernel']:>10}")
+        for size in args.sizes:
+            rows += _run_size(size, args, malloc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
