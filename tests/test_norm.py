@@ -45,11 +45,30 @@ def test_norm_kernel_names_fused_or_composite():
 
 def test_norm_timing_and_bench_main(capsys):
     norms = [torch.nn.RMSNorm(16) for _ in range(3)]
-    assert norm_fwd_bwd_ms(norms, 2, 8, repeats=2) > 0
+    assert norm_fwd_bwd_ms(norms, [(2, 8, 16)] * 3, repeats=2) > 0
     assert all(n.weight.grad is None for n in norms)  # timing leaves no gradients behind
     assert bench_norm.main(["model=tiny", "norm=layernorm", "data.batch_size=2", "model.vocab_size=1024"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 1
+
+
+@pytest.mark.parametrize("overrides", [
+    ["attention=mla"], ["norm.qk_norm=true"], ["attention=mla", "attention.q_lora_rank=48"]])
+def test_norm_input_shapes_follow_each_norm(overrides):
+    """Block norms see (B, T, D); MLA's latent norms (B, T, rank); qk-norms (B, T, H, head_dim) — so the norm
+    profile of a run times every norm at its own width (a single (B, T, D) input crashed MLA runs)."""
+    from kimi_lab.model import build_model
+    from kimi_lab.model.norm import norm_input_shapes, norm_layers
+    from tests.helpers import compose_config
+
+    model = build_model(compose_config(overrides))
+    shapes = dict(zip(norm_layers(model), norm_input_shapes(model, 3, 16)))
+    assert model.training and all(shape is not None for shape in shapes.values())
+    d_model = model.norm.normalized_shape[0]
+    widths = {shape[-1] for shape in shapes.values()}
+    assert d_model in widths and len(widths) > 1
+    assert all(shape[:2] == (3, 16) and shape[-1] == norm.normalized_shape[0] for norm, shape in shapes.items())
+    assert norm_fwd_bwd_ms(list(shapes), list(shapes.values()), repeats=1) > 0
 
 
 @pytest.mark.gpu
@@ -58,7 +77,7 @@ def test_norm_kernel_and_timing_on_cuda():
     assert layer_norm.startswith("torch.nn.LayerNorm: fused on cuda")
     rms = norm_kernel(torch.nn.RMSNorm(64), "cuda")  # fused (aten._fused_rms_norm) where torch has it for CUDA
     assert rms.startswith("torch.nn.RMSNorm: ") and " on cuda " in rms
-    assert norm_fwd_bwd_ms([torch.nn.RMSNorm(64).cuda() for _ in range(3)], 4, 128) > 0
+    assert norm_fwd_bwd_ms([torch.nn.RMSNorm(64).cuda() for _ in range(3)], [(4, 128, 64)] * 3) > 0
 
 
 @pytest.mark.parametrize("attention", ["standard", "sdpa"])

@@ -192,6 +192,16 @@ def test_loss_falls_on_the_real_corpus(tmp_path):
     assert results["val_acc"] > 0.05
 
 
+@pytest.mark.parametrize("overrides", [["ablation=full"], ["ablation=baseline"], ["norm.qk_norm=true"]])
+def test_study_arms_train_end_to_end(tmp_path, overrides):
+    """The combined study's arms (full: MLA, DeepSeek-V3 gate, Muon, YaRN, RMSNorm) and qk-norm train and report:
+    the per-run norm profile once fed every norm a (B, T, d_model) input and crashed every MLA run."""
+    results = train(compose_config([*FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", *overrides],
+                                   output_dir=tmp_path / "run"))
+    assert results["status"] == "completed" and math.isfinite(results["val_loss"])
+    assert results["norm_fwd_bwd_ms"] > 0
+
+
 def test_skip_completed_keeps_finished_jobs_and_reruns_the_rest(tmp_path):
     overrides = ["trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.warmup_steps=1"]
     done = train(compose_config(overrides, output_dir=tmp_path / "done"))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lab.model.norm import _median_ms, norm_fwd_bwd_ms, norm_layers
+from kimi_lab.model.norm import _median_ms, norm_fwd_bwd_ms, norm_input_shapes, norm_layers
 
 def model_fwd_bwd_ms(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3) -> float:
     """Median ms of forward + cross-entropy backward of the whole model on (B, T) token ids."""
@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(0)
     model = build_model(cfg)
     batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
-    norm_ms, model_ms = norm_fwd_bwd_ms(norm_layers(model), batch, seq), model_fwd_bwd_ms(model, batch, seq)
+    norm_ms = norm_fwd_bwd_ms(norm_layers(model), norm_input_shapes(model, batch, seq))
+    model_ms = model_fwd_bwd_ms(model, batch, seq)
     result = {"norm": cfg.norm.name.value, "eps": cfg.norm.eps, "batch_size": batch, "seq_len": seq,
               "threads": torch.get_num_threads(), "norm_kernel": norm_kernel(model.norm),
               "norm_fwd_bwd_ms": norm_ms, "model_fwd_bwd_ms": model_ms, "norm_time_share": norm_ms / model_ms}

@@ -73,16 +73,46 @@ def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
-def norm_fwd_bwd_ms(norms: list[nn.Module], batch_size: int, seq_len: int, repeats: int = 5) -> float:
-    """Median ms of forward+backward of all ``norms`` (each on a (B, T, D) input, on their own device)."""
+def norm_input_shapes(model: nn.Module, batch_size: int, seq_len: int) -> list[tuple[int, ...] | None]:
+    """The input shape of each of ``norm_layers(model)`` in a forward of ``batch_size`` sequences of ``seq_len``
+    tokens (None for a norm that forward never calls): block norms see (B, T, D), MLA's latent norms (B, T, rank),
+    qk-norms (B, T, H, head_dim). Pre-hooks on one eval, no-grad forward of a single sequence; dim 0 is the batch."""
+    norms, shapes = norm_layers(model), []
+
+    def record(module: nn.Module, args: tuple) -> None:
+        shapes.append((module, (batch_size, *args[0].shape[1:])))
+
+    handles = [norm.register_forward_pre_hook(record) for norm in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():  # .forward: eager even when hardware.compile compiled the model's __call__
+            model.forward(torch.zeros(1, seq_len, dtype=torch.long, device=next(model.parameters()).device),
+                          return_hidden=True)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    first_seen = {}
+    for module, shape in shapes:
+        first_seen.setdefault(module, shape)
+    return [first_seen.get(norm) for norm in norms]
+
+
+def norm_fwd_bwd_ms(norms: list[nn.Module], input_shapes: list[tuple[int, ...] | None], repeats: int = 5) -> float:
+    """Median ms of forward+backward of all ``norms``, each on a random input of its shape (``norm_input_shapes``;
+    None: skipped), on the norms' own device."""
     device = next(norms[0].parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        x = torch.randn(batch_size, seq_len, norms[0].normalized_shape[-1], device=device, requires_grad=True)
-        grad = torch.randn_like(x)
+        pairs = []
+        for norm, shape in zip(norms, input_shapes):
+            if shape is not None:
+                x = torch.randn(shape, device=device, requires_grad=True)
+                pairs.append((norm, x, torch.randn_like(x)))
 
         def step():
-            for norm in norms:
+            for norm, x, grad in pairs:
                 norm(x).backward(grad)
 
         ms = _median_ms(step, device, repeats)

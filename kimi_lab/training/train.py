@@ -284,13 +284,13 @@ def _profile_norms(cfg: DictConfig, model) -> dict:
 
     import torch
 
-    from kimi_lab.model.norm import norm_fwd_bwd_ms, norm_kernel, norm_layers
+    from kimi_lab.model.norm import norm_fwd_bwd_ms, norm_input_shapes, norm_kernel, norm_layers
 
     on_gpu = _value(cfg.hardware.accelerator) == "gpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
+    shapes = norm_input_shapes(model, int(cfg.data.batch_size), int(cfg.data.seq_len))  # MLA / qk-norms differ
     norms = [copy.deepcopy(m).to(device) for m in norm_layers(model)]
-    return {"norm_kernel": norm_kernel(norms[0], device),
-            "norm_fwd_bwd_ms": norm_fwd_bwd_ms(norms, int(cfg.data.batch_size), int(cfg.data.seq_len))}
+    return {"norm_kernel": norm_kernel(norms[0], device), "norm_fwd_bwd_ms": norm_fwd_bwd_ms(norms, shapes)}
 
 
 def _norm_summary(cfg: DictConfig, profile: dict, callbacks) -> dict:
