@@ -192,10 +192,17 @@ def test_loss_falls_on_the_real_corpus(tmp_path):
     assert results["val_acc"] > 0.05
 
 
-@pytest.mark.parametrize("overrides", [["ablation=full"], ["ablation=baseline"], ["norm.qk_norm=true"]])
+ARMS = [  # options the other end-to-end tests do not train (they compose and build them elsewhere)
+    ["ablation=full"], ["ablation=baseline"], ["norm.qk_norm=true"], ["attention=mla", "attention.kernel=flash"],
+    ["attention=mla", "attention.kernel=standard", "rope=yarn"], ["moe.topk_method=group_limited_greedy"],
+    ["moe.topk_method=aux_tc"], ["rope=dynamic"], ["rope=linear"], ["hardware.precision=bf16-mixed"],
+]
+
+
+@pytest.mark.parametrize("overrides", ARMS, ids=lambda o: ",".join(o))
 def test_study_arms_train_end_to_end(tmp_path, overrides):
-    """The combined study's arms (full: MLA, DeepSeek-V3 gate, Muon, YaRN, RMSNorm) and qk-norm train and report:
-    the per-run norm profile once fed every norm a (B, T, d_model) input and crashed every MLA run."""
+    """The combined study's arms (full: MLA, DeepSeek-V3 gate, Muon, RMSNorm) and the other options train and
+    report: the per-run norm profile once fed every norm a (B, T, d_model) input and crashed every MLA run."""
     results = train(compose_config([*FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", *overrides],
                                    output_dir=tmp_path / "run"))
     assert results["status"] == "completed" and math.isfinite(results["val_loss"])
