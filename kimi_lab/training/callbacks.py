@@ -342,3 +342,20 @@ class OptimizerStepTimer(L.Callback):
         total_s = sum(self.times_ms) / 1000.0
         return {"optimizer_step_ms": statistics.median(self.times_ms) if self.times_ms else float("nan"),
                 "optimizer_step_share": total_s / train_time_s if train_time_s > 0 else float("nan")}
+
+
+class MemoryWindow(L.Callback):
+    """Opens the job's memory sampler (``rundir.PeakRSS``, set as ``.rss`` once it runs) for each training batch:
+    forward, backward and optimizer step. First in the callback list, so it closes before ModelCheckpoint saves
+    (Lightning moves checkpoint callbacks last)."""
+
+    def __init__(self):
+        self.rss = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.rss is not None:
+            self.rss.open_window()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.rss is not None:
+            self.rss.close_window()

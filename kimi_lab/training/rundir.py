@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -109,16 +110,22 @@ def host() -> dict:
 
 
 class PeakRSS:
-    """Samples this process's resident memory and malloc's in-use bytes every 50 ms while active: a per-job CPU
-    peak even when several sweep jobs share one process (ru_maxrss would only ever grow). The in-use peak is
-    what the job's tensors needed; RSS also counts what the allocator keeps (hardware.malloc_retain)."""
+    """Samples this process's resident memory and malloc's in-use bytes every 10 ms while a window is open (a
+    training batch, opened and closed by ``MemoryWindow``): a per-job CPU peak even when sweep jobs share one
+    process (ru_maxrss would only ever grow). The window keeps out checkpoint writes (Lightning serialises the
+    whole checkpoint into memory first), so the peak does not depend on whether a sample caught one. The in-use
+    peak counts from the level at construction, after collecting the garbage earlier jobs left (train() creates it
+    just before the model): what the job's model, optimizer and activations needed, as CUDA's max-allocated
+    counts on a GPU. RSS (absolute) also counts the data pipeline and what the allocator keeps."""
 
-    def __init__(self, interval_s: float = 0.05):
+    def __init__(self, interval_s: float = 0.01):
         from kimi_lab.training.malloc import in_use_reader
 
         self.interval_s, self.peak_bytes, self.peak_in_use_bytes = interval_s, 0, None
         self._in_use = in_use_reader()
-        self._stop = threading.Event()
+        gc.collect()
+        self.base_in_use_bytes = self._in_use() if self._in_use is not None else 0
+        self._stop, self._window = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
@@ -126,12 +133,26 @@ class PeakRSS:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def sample(self) -> None:
+        if not os.path.exists("/proc/self/statm"):
+            return
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes())
+        if self._in_use is not None:
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes or 0, self._in_use())
+
+    def open_window(self) -> None:
+        self.sample()
+        self._window.set()
+
+    def close_window(self) -> None:
+        self._window.clear()
+        self.sample()
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes())
-            if self._in_use is not None:
-                self.peak_in_use_bytes = max(self.peak_in_use_bytes or 0, self._in_use())
-            self._stop.wait(self.interval_s)
+            if self._window.wait(self.interval_s):
+                self.sample()
+                self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":
         if os.path.exists("/proc/self/statm"):

@@ -126,7 +126,9 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # seed 0 is a valid seed
     from kimi_lab.training.module import LanguageModelModule
+    from kimi_lab.training.rundir import PeakRSS
 
+    rss = PeakRSS()  # CPU memory counts from here: the model, optimizer and activations, not the data pipeline
     module = LanguageModelModule(cfg, max_steps=max_steps)
     if cfg.init_from is not None and ckpt_path is None:  # a resume restores its own weights
         from kimi_lab.training.init_weights import load_model_weights
@@ -141,11 +143,11 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     callbacks.data_position.samples_per_step = samples_per_step
 
     from kimi_lab.training.callbacks import RunInterrupted
-    from kimi_lab.training.rundir import PeakRSS
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
+    with rss:
+        callbacks.memory.rss = rss  # samples during training batches only
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except RunInterrupted as stop:
@@ -195,7 +197,7 @@ def _peak_mem_mb(rss) -> tuple[float, str]:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
     if rss.peak_in_use_bytes is not None:
-        return rss.peak_in_use_bytes / 2**20, "cpu_peak_malloc_in_use"
+        return (rss.peak_in_use_bytes - rss.base_in_use_bytes) / 2**20, "cpu_peak_malloc_in_use"
     return rss.peak_bytes / 2**20, "cpu_peak_rss"
 
 

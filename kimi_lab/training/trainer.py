@@ -11,7 +11,8 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, InterruptAt, OptimizerStepTimer, StepMetrics
+from kimi_lab.training.callbacks import (DataPosition, ExpertLoadMonitor, InterruptAt, MemoryWindow, OptimizerStepTimer,
+                                        StepMetrics)
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from kimi_lab.training.rundir import RunDir
 
@@ -23,6 +24,7 @@ class RunCallbacks:
     data_position: DataPosition
     interrupt: InterruptAt | None
     optimizer_timer: OptimizerStepTimer | None = None
+    memory: MemoryWindow | None = None
 
 
 def _single_lightning_log() -> None:
@@ -46,8 +48,10 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt")
                    if cfg.trainer.interrupt_at_step is not None else None),
         optimizer_timer=OptimizerStepTimer(),
+        memory=MemoryWindow(),
     )
     callbacks: list[L.Callback] = [
+        ours.memory,  # first: its window closes before any other batch-end work (checkpoint saves run last)
         experts,
         ExpertBiasUpdate(),  # before ours.metrics: the step's metrics row records the bias after its update
         ours.metrics,
