@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
@@ -27,13 +28,14 @@ RELEASE = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64
 _state = {"label": "default"}
 
 
-def _mallopt():
-    """glibc's ``mallopt``, or None off glibc (macOS, musl), where the setting does not apply."""
+@functools.cache
+def _glibc():
+    """The C library when it is glibc, else None (macOS, musl), where none of this applies."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return libc.mallopt
+    return libc
 
 
 class _MallInfo2(ctypes.Structure):
@@ -45,10 +47,8 @@ def in_use_reader():
     """A function returning the bytes malloc has handed out and not taken back (glibc >= 2.33 ``mallinfo2``:
     ``uordblks + hblkhd``, all arenas): the CPU analogue of ``torch.cuda.memory_allocated``, whatever the
     allocator keeps. None off glibc or on older glibc."""
-    if _mallopt() is None:
-        return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return None
     libc.mallinfo2.restype = _MallInfo2
 
@@ -60,16 +60,15 @@ def in_use_reader():
 
 
 def _apply(settings: dict[int, int]) -> None:
-    mallopt = _mallopt()
     for param, value in settings.items():
-        if mallopt(param, value) != 1:
+        if _glibc().mallopt(param, value) != 1:
             raise OSError(f"mallopt({param}, {value}) failed")
 
 
 def configure(retain: bool) -> str:
     """``hardware.malloc_retain=true``: keep freed memory from now on (process-wide) until ``release()``; false
     leaves malloc as it is. Returns ``current()``."""
-    if retain and _mallopt() is not None:
+    if retain and _glibc() is not None:
         _apply(RETAIN)
         _state["label"] = "retain"
     return current()
@@ -80,7 +79,7 @@ def release() -> str:
     process starts from a small resident set and its peak RSS is its own. Returns ``current()``."""
     if _state["label"] == "retain":
         _apply(RELEASE)
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _glibc().malloc_trim(0)
         _state["label"] = "released"
     return current()
 
@@ -88,6 +87,6 @@ def release() -> str:
 def current() -> str:
     """What is in force, as results.json records it: ``retain``, ``default`` (never touched), ``released`` (an
     earlier job's retain undone: glibc's thresholds fixed at their converged values) or ``unavailable (<why>)``."""
-    if _mallopt() is None:
+    if _glibc() is None:
         return f"unavailable (not glibc: {platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
     return _state["label"]

@@ -127,6 +127,7 @@ class PeakRSS:
         self.base_in_use_bytes = self._in_use() if self._in_use is not None else 0
         self._stop, self._window = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._has_statm = os.path.exists("/proc/self/statm")  # Linux
 
     @staticmethod
     def current_bytes() -> int:
@@ -134,7 +135,7 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def sample(self) -> None:
-        if not os.path.exists("/proc/self/statm"):
+        if not self._has_statm:
             return
         self.peak_bytes = max(self.peak_bytes, self.current_bytes())
         if self._in_use is not None:
@@ -155,7 +156,7 @@ class PeakRSS:
                 self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakRSS":
-        if os.path.exists("/proc/self/statm"):
+        if self._has_statm:
             self._thread.start()
         return self
 
