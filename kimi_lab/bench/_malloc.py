@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Iterator
 
 from kimi_lab.training import malloc
 
@@ -16,10 +15,6 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
                              "default: glibc as it comes (a page fault per fresh page of every large tensor)")
 
 
-@contextlib.contextmanager
-def applied(args: argparse.Namespace) -> Iterator[str]:
+def applied(args: argparse.Namespace) -> contextlib.AbstractContextManager[str]:
     """Malloc as ``args.malloc`` asks (CPU only) for the block, released after it; yields what is in force."""
-    try:
-        yield malloc.configure(args.malloc == "retain" and getattr(args, "device", "cpu") == "cpu")
-    finally:
-        malloc.release()
+    return malloc.retained(args.malloc == "retain" and getattr(args, "device", "cpu") == "cpu")

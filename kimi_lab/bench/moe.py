@@ -24,8 +24,9 @@ from kimi_lab.model.moe import experts as experts_module
 from kimi_lab.model.moe import MoE, SwiGLU
 
 # --sizes: name -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok,
-# moe_intermediate_size, target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768) and `base` (the reference
-# size of the studies, 1536). The ratio falls with size: the dispatch moves O(k N d) bytes, the GEMMs do O(k N d I).
+# moe_intermediate_size, target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768)
+# and `base` (the reference size of the studies, 1536). The ratio falls with size: the dispatch moves O(k N d)
+# bytes, the GEMMs do O(k N d I).
 SIZES = {
     "small": (256, 16, 256, [(8, 2, 384, 1.10), (64, 6, 128, 2.0)]),
     "base": (384, 16, 512, [(8, 2, 768, 1.10), (64, 6, 256, 2.0)]),

@@ -77,10 +77,10 @@ def norm_input_shapes(model: nn.Module, batch_size: int, seq_len: int) -> list[t
     """The input shape of each of ``norm_layers(model)`` in a forward of ``batch_size`` sequences of ``seq_len``
     tokens (None for a norm that forward never calls): block norms see (B, T, D), MLA's latent norms (B, T, rank),
     qk-norms (B, T, H, head_dim). Pre-hooks on one eval, no-grad forward of a single sequence; dim 0 is the batch."""
-    norms, shapes = norm_layers(model), []
+    norms, shapes = norm_layers(model), {}
 
     def record(module: nn.Module, args: tuple) -> None:
-        shapes.append((module, (batch_size, *args[0].shape[1:])))
+        shapes.setdefault(module, (batch_size, *args[0].shape[1:]))
 
     handles = [norm.register_forward_pre_hook(record) for norm in norms]
     was_training = model.training
@@ -93,10 +93,7 @@ def norm_input_shapes(model: nn.Module, batch_size: int, seq_len: int) -> list[t
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    first_seen = {}
-    for module, shape in shapes:
-        first_seen.setdefault(module, shape)
-    return [first_seen.get(norm) for norm in norms]
+    return [shapes.get(norm) for norm in norms]
 
 
 def norm_fwd_bwd_ms(norms: list[nn.Module], input_shapes: list[tuple[int, ...] | None], repeats: int = 5) -> float:

@@ -15,10 +15,12 @@ keeps that memory (its RSS stays at its peak) until the setting is released.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import platform
+from typing import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
 RETAIN = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # mallopt takes an int: 2 GiB is its largest threshold
@@ -90,3 +92,12 @@ def current() -> str:
     if _glibc() is None:
         return f"unavailable (not glibc: {platform.system()} {platform.libc_ver()[0] or 'unknown libc'})"
     return _state["label"]
+
+
+@contextlib.contextmanager
+def retained(retain: bool) -> Iterator[str]:
+    """``configure(retain)`` for the block and ``release()`` after it; yields what is in force."""
+    try:
+        yield configure(retain)
+    finally:
+        release()

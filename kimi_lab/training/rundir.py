@@ -121,8 +121,9 @@ class PeakRSS:
     def __init__(self, interval_s: float = 0.01):
         from kimi_lab.training.malloc import in_use_reader
 
-        self.interval_s, self.peak_bytes, self.peak_in_use_bytes = interval_s, 0, None
+        self.interval_s, self.peak_bytes = interval_s, 0
         self._in_use = in_use_reader()
+        self.peak_in_use_bytes = None if self._in_use is None else 0
         gc.collect()
         self.base_in_use_bytes = self._in_use() if self._in_use is not None else 0
         self._stop, self._window = threading.Event(), threading.Event()
@@ -139,7 +140,7 @@ class PeakRSS:
             return
         self.peak_bytes = max(self.peak_bytes, self.current_bytes())
         if self._in_use is not None:
-            self.peak_in_use_bytes = max(self.peak_in_use_bytes or 0, self._in_use())
+            self.peak_in_use_bytes = max(self.peak_in_use_bytes, self._in_use())
 
     def open_window(self) -> None:
         self.sample()

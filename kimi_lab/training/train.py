@@ -94,12 +94,11 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
     threads_before = torch.get_num_threads()  # sweep jobs share a process: never leak a job's setting
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(int(cfg.hardware.num_threads))
-    malloc.configure(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu")
     try:
-        return _run_trainer(cfg, run)
+        with malloc.retained(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu"):
+            return _run_trainer(cfg, run)
     finally:
         torch.set_num_threads(threads_before)
-        malloc.release()
 
 
 def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:

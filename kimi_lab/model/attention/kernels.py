@@ -62,8 +62,8 @@ def sdpa_backend(q, k, v, *, dropout_p: float = 0.0) -> str | None:
     return _SDPA_BACKENDS.get(int(choice), str(int(choice)))
 
 
-def _blocks_queries(q, k, v, dropout_p: float) -> bool:
-    return q.shape[-2] > MATH_QUERY_BLOCK and sdpa_backend(q, k, v, dropout_p=dropout_p) == "math"
+def _in_query_blocks(seq_len: int, backend: str | None) -> bool:
+    return seq_len > MATH_QUERY_BLOCK and backend == "math"
 
 
 def query_blocked_attention(q, k, v, *, block: int, dropout_p: float = 0.0,
@@ -89,7 +89,9 @@ def query_blocked_attention(q, k, v, *, block: int, dropout_p: float = 0.0,
 def sdpa_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, causal, PyTorch picks the backend; where it picks the math
     backend and T > MATH_QUERY_BLOCK, the queries go in causal blocks (``query_blocked_attention``)."""
-    if _blocks_queries(q, k, v, dropout_p):
+    seq_len = q.shape[-2]
+    backend = sdpa_backend(q, k, v, dropout_p=dropout_p) if seq_len > MATH_QUERY_BLOCK else None  # ask only if long
+    if _in_query_blocks(seq_len, backend):
         return query_blocked_attention(q, k, v, block=MATH_QUERY_BLOCK, dropout_p=dropout_p, scale=scale)
     return _sdpa_causal(q, k, v, dropout_p=dropout_p, scale=scale)
 
@@ -100,7 +102,7 @@ def sdpa_label(q, k, v, *, dropout_p: float = 0.0) -> str:
     backend = sdpa_backend(q, k, v, dropout_p=dropout_p)
     if backend is None:
         return "sdpa_auto"
-    blocks = "+query_blocks" if _blocks_queries(q, k, v, dropout_p) else ""
+    blocks = "+query_blocks" if _in_query_blocks(q.shape[-2], backend) else ""
     return f"sdpa_auto_{backend}_{q.device.type}{blocks}"
 
 
