@@ -417,6 +417,20 @@ def test_packed_swiglu_backward_is_the_derivative():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
 
 
+def test_row_permutation_backward_is_the_inverse_gather():
+    """The combine's permutation: float64 gradcheck, and its backward equals autograd's index_select backward."""
+    from kimi_lab.model.moe.layer import RowPermutation
+
+    perm = torch.randperm(9)
+    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(9))
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: RowPermutation.apply(t, perm, inverse), (x,))
+    upstream = torch.randn(9, 4, dtype=torch.float64)
+    got = torch.autograd.grad(RowPermutation.apply(x, perm, inverse), x, upstream)[0]
+    want = torch.autograd.grad(x.index_select(0, perm), x, upstream)[0]
+    assert torch.equal(got, want)
+
+
 def test_parameter_counts_count_k_of_e_experts_and_the_shared_one():
     from kimi_lab.model import parameter_counts
 

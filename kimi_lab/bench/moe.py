@@ -1,6 +1,6 @@
 """MoE layer forward+backward time / dense SwiGLU with the same active parameters (``make bench-moe``).
 
-Each case times the whole MoE layer (router, sort, grouped expert matmuls, index_add_ combine) against a dense
+Each case times the whole MoE layer (router, sort, grouped expert matmuls, weighted combine) against a dense
 SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
 warm-up, the three variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice)
 for comparison. Runs the ``small`` and ``base`` sizes (``--sizes``), prints a table per size and writes
@@ -53,10 +53,11 @@ def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Te
     module.zero_grad(set_to_none=True)
     x.grad = None
     start = time.perf_counter()
-    out = module(x)
-    if isinstance(module, MoE):
-        out = out + module.aux_loss  # the router's balance-loss graph is part of a training step
-    out.backward(upstream)
+    outputs, grads = [module(x)], [upstream]
+    if isinstance(module, MoE):  # the router's balance-loss graph is part of a training step (a term of the loss)
+        outputs.append(module.aux_loss)
+        grads.append(torch.ones_like(module.aux_loss))
+    torch.autograd.backward(outputs, grads)
     return time.perf_counter() - start
 
 

@@ -1,9 +1,10 @@
 """Dropless mixture-of-experts FFN (Shazeer et al. 2017; DeepSeekMoE shared experts, Dai et al. 2024).
 
 Token-choice dispatch without a capacity factor: the N*k (token, expert) assignments are sorted by expert once,
-the experts run as grouped matmuls over their contiguous row blocks (``GroupedExperts``), and the weighted outputs
-are summed back per token with ``index_add_``. Module names mirror transformers' ``DeepseekV3MoE``
-(``gate``, ``experts``, ``shared_experts``), so a layer's state dict loads there 1:1.
+the experts run as grouped matmuls over their contiguous row blocks (``GroupedExperts``), and the outputs are
+gathered back to token order and summed with their gate weights (one batched (1, k) @ (k, D) product per token).
+Module names mirror transformers' ``DeepseekV3MoE`` (``gate``, ``experts``, ``shared_experts``), so a layer's
+state dict loads there 1:1.
 """
 
 from __future__ import annotations
@@ -64,10 +65,30 @@ class MoE(nn.Module):
 
     def _dispatch(self, x_flat, expert_idx, weights, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> (output (N, D), assignments processed)."""
+        n_tokens, d_model = x_flat.shape
         order = expert_idx.reshape(-1).argsort(stable=True)  # (N*k,) assignments grouped by expert
+        slots = torch.arange(order.numel(), device=order.device)
+        position = torch.empty_like(order).scatter_(0, order, slots)  # (N*k,) sorted row of assignment j
         token_of = order // self.top_k  # (N*k,) source token of each sorted assignment
         # index_select, not x_flat[token_of]: its backward is index_add_, not the CPU's slow accumulating index_put_
         out_sorted = self.experts(x_flat.index_select(0, token_of), counts)  # (N*k, D)
-        gate_w = weights.reshape(-1).index_select(0, order).unsqueeze(-1).to(out_sorted.dtype)  # (N*k, 1)
-        out = x_flat.new_zeros(x_flat.shape, dtype=out_sorted.dtype)
-        return out.index_add_(0, token_of, out_sorted * gate_w), counts.sum()
+        # back to token order (row t*k + j = token t's j-th expert), then the weighted sum over k as one batched
+        # (1, k) @ (k, D) product: a gather, where index_add_ into zeros would scatter
+        out_per_token = RowPermutation.apply(out_sorted, position, order).view(n_tokens, self.top_k, d_model)
+        combine_w = weights.unsqueeze(1).to(out_sorted.dtype)  # (N, 1, k)
+        return torch.bmm(combine_w, out_per_token).view(n_tokens, d_model), counts.sum()
+
+
+class RowPermutation(torch.autograd.Function):
+    """x.index_select(0, perm) for a permutation ``perm``; the backward gathers with ``inverse`` (autograd's
+    index_select backward would zero-fill and index_add_, which costs twice as much on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
