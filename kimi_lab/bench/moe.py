@@ -54,7 +54,7 @@ def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Te
     x.grad = None
     start = time.perf_counter()
     outputs, grads = [module(x)], [upstream]
-    if isinstance(module, MoE):  # the router's balance-loss graph is part of a training step (a term of the loss)
+    if isinstance(module, MoE) and module.aux_loss.requires_grad:  # the balance loss is a term of a step's loss
         outputs.append(module.aux_loss)
         grads.append(torch.ones_like(module.aux_loss))
     torch.autograd.backward(outputs, grads)
