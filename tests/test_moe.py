@@ -490,6 +490,23 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
         ("base", "384", "768", "1536"), ("base", "384", "256", "1536")]
 
 
+@pytest.mark.parametrize("alpha", [1e-4, 0.0])
+def test_bench_moe_pass_backpropagates_the_balance_loss_as_a_loss_term(alpha):
+    """The timed pass is a training step's: the router weight gets the aux loss's gradient (none at alpha = 0)."""
+    from kimi_lab.bench.moe import _moe_cfg, fwd_bwd_seconds
+
+    cfg = _moe_cfg(4, 2, 8, "aux_tc")
+    cfg.aux_loss_alpha = alpha
+    torch.manual_seed(0)
+    moe = MoE(16, cfg).train()
+    _init_(moe)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    fwd_bwd_seconds(moe, x, torch.zeros_like(x))  # zero upstream: only the aux loss sends a gradient
+    router_grad = moe.gate.weight.grad
+    assert router_grad is not None and (router_grad.abs().sum() > 0) == (alpha > 0)
+    assert x.grad is not None
+
+
 ROUTING_GRIDS = [  # (experiment, axes added on the command line as its comments document, jobs)
     ("moe_routing", {}, 324),
     ("moe_routing_cpu", {}, 9),
