@@ -8,8 +8,9 @@ model's CPU training step 1,185 ms with them, 881 ms without (``python -m kimi_l
 
 Written by hand because no library sets this for glibc: the usual fix is jemalloc or tcmalloc through ``LD_PRELOAD``
 (``python -m torch.backends.xeon.run_cpu``), which needs a system package and a launcher. ``mallopt(M_MMAP_MAX, 0)``
-(large blocks from the heap, never unmapped) plus a 2 GiB ``M_TRIM_THRESHOLD`` (the heap is not trimmed below its
-peak) gets the same effect: after the first step, the heap holds the step's peak and reuses it. The cost: the process
+(large blocks from the heap, never unmapped) plus ``M_TRIM_THRESHOLD=-1`` (mallopt(3): trimming disabled, so the
+heap is never cut below its peak) gets the same effect: after the first steps, the heap holds the step's peak and
+reuses it. The cost: the process
 keeps that memory (its RSS stays at its peak) until the setting is released.
 """
 
@@ -23,7 +24,9 @@ import platform
 from typing import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
-RETAIN = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}  # mallopt takes an int: 2 GiB is its largest threshold
+# -1 disables trimming (mallopt(3)); the largest positive int, 2 GiB - 1, still trimmed a freed top chunk of 2 GiB
+# (full logits at 16k tokens x 32k vocab) every step, which refaulted it: plain reference at base 4.9-6.4 s vs 3.7 s
+RETAIN = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 # glibc's dynamic thresholds cannot be switched back on; these are the values they converge to (mmap threshold at
 # its 32 MiB ceiling, trim threshold twice that), the closest thing to "as before"
 RELEASE = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
