@@ -77,8 +77,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if not args.arms:
         args.arms = list(QUICK_ARMS) if args.quick or args.tiny else [*ARMS, *(GPU_ARMS if gpu else [])]
     args.steps = args.steps or (2 if args.quick or args.tiny else 20 if gpu else 4)
-    # CPU: the memory step plus two, as the first arm of a process still grows malloc's heap (page faults) in its
-    # second to fourth steps
+    # CPU: the memory step (sampled, so not timed) plus two plain steps, so that timed steps reuse a grown heap
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 3)
     return args
 

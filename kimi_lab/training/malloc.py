@@ -10,8 +10,7 @@ Written by hand because no library sets this for glibc: the usual fix is jemallo
 (``python -m torch.backends.xeon.run_cpu``), which needs a system package and a launcher. ``mallopt(M_MMAP_MAX, 0)``
 (large blocks from the heap, never unmapped) plus ``M_TRIM_THRESHOLD=-1`` (mallopt(3): trimming disabled, so the
 heap is never cut below its peak) gets the same effect: after the first steps, the heap holds the step's peak and
-reuses it. The cost: the process
-keeps that memory (its RSS stays at its peak) until the setting is released.
+reuses it. The cost: the process keeps that memory (its RSS stays at its peak) until the setting is released.
 """
 
 from __future__ import annotations

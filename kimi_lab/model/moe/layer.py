@@ -80,8 +80,8 @@ class MoE(nn.Module):
 
 
 class RowPermutation(torch.autograd.Function):
-    """x.index_select(0, perm) for a permutation ``perm``; the backward gathers with ``inverse`` (autograd's
-    index_select backward would zero-fill and index_add_, which costs twice as much on CPU)."""
+    """x.index_select(0, perm) for a permutation ``perm``; the backward gathers with ``inverse``, where autograd's
+    index_select backward would zero-fill a gradient and scatter-add into it (no index repeats, so a gather does)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
