@@ -480,7 +480,8 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
-    assert all(float(r["ratio"]) > 0 and r["kernel"] == "grouped_mm" and r["size"] == "small" for r in rows)
+    assert all(float(r["ratio"]) > 0 and float(r["loop_ratio"]) > 0 and r["kernel"] == "grouped_mm"
+               and r["size"] == "small" for r in rows)
     assert "ratio" in capsys.readouterr().out
     assert main(["--sizes", "base", "--batch", "1", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
                  "--out", str(out)]) == 0
@@ -505,6 +506,29 @@ def test_bench_moe_pass_backpropagates_the_balance_loss_as_a_loss_term(alpha):
     router_grad = moe.gate.weight.grad
     assert router_grad is not None and (router_grad.abs().sum() > 0) == (alpha > 0)
     assert x.grad is not None
+
+
+def test_bench_moe_mask_loop_reference_matches_the_layer_forward_and_grads():
+    """The `loop` column times the same function: forward, input and parameter gradients, aux loss (float64)."""
+    from kimi_lab.bench.moe import MaskLoopMoE
+
+    cfg = _cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=3", "moe.n_group=4", "moe.topk_group=2",
+                "moe.moe_intermediate_size=16", "moe.n_shared_experts=1", "moe.routed_scaling_factor=2.5",
+                "moe.topk_method=aux_tc"])
+    moe = MoE(16, cfg.moe).double()
+    _init_(moe)
+    loop = MaskLoopMoE(moe)
+    x = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
+    got, got_aux = moe(x), moe.aux_loss
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad([got, got_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
+    want, want_aux = loop(x), loop.aux_loss
+    want_grads = torch.autograd.grad([want, want_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=0)
+    assert got_aux > 0
+    for (name, _), g, w in zip([("x", None), *moe.named_parameters()], grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
 ROUTING_GRIDS = [  # (experiment, axes added on the command line as its comments document, jobs)
