@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -34,3 +35,22 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: Path
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def deepseek_v3_cfg(overrides: list[str] | tuple[str, ...] = ()):
+    """The tiny config with ``moe=deepseek_v3`` and ``overrides``."""
+    return compose_config(["moe=deepseek_v3", *overrides])
+
+
+def init_normal_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
+    """Every parameter of ``module`` drawn from N(0, std^2) by its own generator (the same draw on every call)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def sorted_routing(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing with each token's k experts in ascending id order (top-k with sorted=False has no set order)."""
+    order = idx.argsort(dim=-1)
+    return idx.gather(1, order), weights.gather(1, order)
