@@ -60,7 +60,8 @@ def test_router_computes_in_float32():
     routing16 = router(x64.to(torch.bfloat16))
     assert routing16.weights.dtype == torch.float32
     assert routing.aux_loss.dtype == torch.float32
-    assert routing.counts.sum() == 20 * 2 and torch.equal(routing.counts, torch.bincount(routing.expert_idx.flatten(), minlength=4))
+    assert routing.counts.sum() == 20 * 2
+    assert torch.equal(routing.counts, torch.bincount(routing.expert_idx.flatten(), minlength=4))
 
 
 def test_router_stays_float32_under_autocast():

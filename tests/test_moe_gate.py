@@ -36,8 +36,8 @@ def _hf_router_pair(scoring: str, n_group: int, topk_group: int, norm: bool, see
         hf.e_score_correction_bias.copy_(torch.randn(16) * 0.05)
         hf.e_score_correction_bias[[0, 5, 6]] = -8.0  # strongly negative: these experts can never be chosen
     cfg = deepseek_v3_cfg([f"moe.scoring_func={scoring}", "moe.n_routed_experts=16", "moe.num_experts_per_tok=4",
-                f"moe.n_group={n_group}", f"moe.topk_group={topk_group}", f"moe.norm_topk_prob={norm}",
-                "moe.routed_scaling_factor=2.5"])
+                           f"moe.n_group={n_group}", f"moe.topk_group={topk_group}", f"moe.norm_topk_prob={norm}",
+                           "moe.routed_scaling_factor=2.5"])
     validate_config(cfg)
     ours = GroupLimitedRouter(32, cfg.moe)
     ours.load_state_dict(hf.state_dict(), strict=True)  # weight + e_score_correction_bias, 1:1
@@ -80,8 +80,9 @@ def test_group_limited_greedy_matches_transformers_deepseek_v2_router():
                                            routed_scaling_factor=1.5, moe_intermediate_size=16)
     hf = DeepseekV2TopkRouter(hf_cfg)
     torch.nn.init.normal_(hf.weight, std=0.3)
-    cfg = deepseek_v3_cfg(["moe.topk_method=group_limited_greedy", "moe.scoring_func=softmax", "moe.n_routed_experts=16",
-                "moe.num_experts_per_tok=4", "moe.norm_topk_prob=false", "moe.routed_scaling_factor=1.5"])
+    cfg = deepseek_v3_cfg(["moe.topk_method=group_limited_greedy", "moe.scoring_func=softmax",
+                           "moe.n_routed_experts=16", "moe.num_experts_per_tok=4", "moe.norm_topk_prob=false",
+                           "moe.routed_scaling_factor=1.5"])
     ours = GroupLimitedRouter(32, cfg.moe)
     ours.load_state_dict({**hf.state_dict(), "e_score_correction_bias": torch.zeros(16)}, strict=True)
     x = torch.randn(128, 32)
@@ -118,7 +119,7 @@ def test_moe_layer_matches_transformers_deepseek_v3_moe():
     with torch.no_grad():
         hf.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
     cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=2", "moe.n_group=4", "moe.topk_group=2",
-                "moe.routed_scaling_factor=2.5", "moe.moe_intermediate_size=16", "moe.n_shared_experts=2"])
+                           "moe.routed_scaling_factor=2.5", "moe.moe_intermediate_size=16", "moe.n_shared_experts=2"])
     ours = MoE(32, cfg.moe)
     assert ours.state_dict().keys() == hf.state_dict().keys()
     ours.load_state_dict(hf.state_dict(), strict=True)
@@ -181,7 +182,8 @@ def test_bias_is_a_checkpointed_buffer_without_gradient():
 
 
 def test_bias_changes_the_output_only_through_selection():
-    cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.n_group=1", "moe.topk_group=1", "moe.moe_intermediate_size=16"])
+    cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.n_group=1", "moe.topk_group=1",
+                           "moe.moe_intermediate_size=16"])
     moe = MoE(16, cfg.moe)
     init_normal_(moe)
     x = torch.randn(2, 30, 16)
@@ -206,7 +208,7 @@ def test_bias_changes_the_output_only_through_selection():
 def test_bias_balances_a_skewed_router(n_experts):
     """Synthetic router with a strong per-expert preference: MaxVio falls to <= 0.2 within 300 bias updates."""
     cfg = deepseek_v3_cfg([f"moe.n_routed_experts={n_experts}", "moe.num_experts_per_tok=4", "moe.n_group=1",
-                "moe.topk_group=1", "moe.aux_loss_alpha=0"])
+                           "moe.topk_group=1", "moe.aux_loss_alpha=0"])
     gate = GroupLimitedRouter(32, cfg.moe).train()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -300,7 +302,7 @@ def test_aux_tc_equals_noaux_tc_with_zero_gamma(alpha):
     runs = []
     for method in ("aux_tc", "noaux_tc"):
         cfg = deepseek_v3_cfg([f"moe.topk_method={method}", "moe.bias_update_speed=0", f"moe.aux_loss_alpha={alpha}",
-                    "data.seq_len=8", "model.vocab_size=256"])
+                               "data.seq_len=8", "model.vocab_size=256"])
         torch.manual_seed(0)
         model = build_model(cfg).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
