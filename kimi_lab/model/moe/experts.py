@@ -112,6 +112,8 @@ class PackedSwiGLU(torch.autograd.Function):
 
 class ExpertMajorSwiGLU(torch.autograd.Function):
     """All experts' SwiGLU over x sorted by expert, one expert's row block at a time (the CPU route, see above).
+    Written by hand: no PyTorch op chains an expert's GEMMs and SwiGLU, and autograd over per-expert slices of the
+    banks would zero-fill a whole bank gradient for every expert.
 
     forward(x (S, H), gate_up (E, 2I, H), down (E, H, I), counts: list of E ints) -> (S, H). Saves the packed
     gate|up (S, 2I) and the SwiGLU output (S, I); the backward recomputes silu(gate) on the block it is working on.
