@@ -12,9 +12,7 @@ from omegaconf import OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.model import build_model
-from kimi_lab.model.moe import (GroupedExperts, GroupLimitedRouter, MoE, SwiGLU, expert_route, forced_route,
-                                grouped_linear, grouped_mm_runs)
-from kimi_lab.model.moe.experts import ROUTES, ExpertMajorSwiGLU
+from kimi_lab.model.moe import GroupLimitedRouter, MoE, SwiGLU, grouped_linear, grouped_mm_runs
 from kimi_lab.training import train
 from tests.helpers import compose_config, deepseek_v3_cfg, init_normal_
 
@@ -55,20 +53,17 @@ def _token_loop(moe, x):
     return torch.stack(rows).view_as(x)
 
 
-@pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # grouped route: segment form; grouped_mm
-def test_dispatch_matches_per_token_reference_forward_and_grads(dtype, route):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # segment form; grouped_mm
+def test_dispatch_matches_per_token_reference_forward_and_grads(dtype):
     cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=3", "moe.n_group=1", "moe.topk_group=1",
                            "moe.moe_intermediate_size=16", "moe.n_shared_experts=1", "moe.routed_scaling_factor=2.5"])
     moe = MoE(16, cfg.moe).to(dtype)
     init_normal_(moe)
     x = torch.randn(3, 11, 16, dtype=dtype, requires_grad=True)
     assert grouped_mm_runs(x.reshape(-1, 16), moe.experts.down_proj) == (dtype == torch.float32)
-    with forced_route(route):
-        assert expert_route(x) == route
-        got = moe(x)
-        upstream = torch.randn_like(got)
-        grads = torch.autograd.grad(got, [x, *moe.parameters()], upstream)
+    got = moe(x)
+    upstream = torch.randn_like(got)
+    grads = torch.autograd.grad(got, [x, *moe.parameters()], upstream)
     want = _token_loop(moe, x)
     want_grads = torch.autograd.grad(want, [x, *moe.parameters()], upstream)
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
@@ -76,54 +71,6 @@ def test_dispatch_matches_per_token_reference_forward_and_grads(dtype, route):
     for (name, _), g, w in zip([("x", None), *moe.named_parameters()], grads, want_grads):
         torch.testing.assert_close(g, w, **tol, msg=name)
     assert moe.experts.gate_up_proj.grad is None  # autograd.grad leaves .grad alone
-
-
-def test_expert_route_is_expert_major_on_cpu_eager_and_grouped_when_compiling(monkeypatch):
-    x = torch.randn(4, 8)
-    assert expert_route(x) == "expert_major"
-    with forced_route("grouped"):
-        assert expert_route(x) == "grouped"
-    assert expert_route(x) == "expert_major"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert expert_route(x) == "grouped"
-    with pytest.raises(ValueError, match="allowed: expert_major, grouped"):
-        with forced_route("segment"):
-            pass
-
-
-def _experts_with_empty_blocks(dtype):
-    experts = GroupedExperts(5, 16, 12).to(dtype)
-    init_normal_(experts)
-    counts = torch.tensor([3, 0, 7, 0, 2])  # experts 1 and 3 get no rows
-    return experts, torch.randn(12, 16, dtype=dtype, requires_grad=True), counts
-
-
-def test_expert_major_swiglu_gradcheck_with_empty_experts():
-    """The hand-written expert-by-expert backward: float64 gradcheck of input and both banks, zero-row experts too."""
-    experts, x, counts = _experts_with_empty_blocks(torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda inp, gate_up, down: ExpertMajorSwiGLU.apply(inp, gate_up, down, counts.tolist()),
-        (x, experts.gate_up_proj, experts.down_proj))
-    grads = torch.autograd.grad(ExpertMajorSwiGLU.apply(x, experts.gate_up_proj, experts.down_proj,
-                                                        counts.tolist()).sum(),
-                                [experts.gate_up_proj, experts.down_proj])
-    for grad in grads:  # experts without rows get an exact zero gradient (the bank is filled with empty_like)
-        assert grad[[1, 3]].abs().max() == 0
-        assert all(grad[expert].abs().max() > 0 for expert in (0, 2, 4))
-
-
-def test_expert_major_and_grouped_routes_agree_in_fp32():
-    """The CPU route against the grouped_mm route on the same rows: output and every gradient (same GEMMs)."""
-    experts, x, counts = _experts_with_empty_blocks(torch.float32)
-    assert grouped_mm_runs(x, experts.down_proj)
-    upstream = torch.randn(12, 16)
-    results = {}
-    for route in ROUTES:
-        with forced_route(route):
-            out = experts(x, counts)
-        results[route] = [out, *torch.autograd.grad(out, [x, *experts.parameters()], upstream)]
-    for got, want in zip(results["expert_major"], results["grouped"]):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_mm_and_segment_form_agree_with_empty_experts():
@@ -215,8 +162,8 @@ def test_bench_moe_writes_its_table(tmp_path, capsys):
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["experts"], r["top_k"]) for r in rows] == [("8", "2"), ("64", "6")]
-    assert all(float(r["ratio"]) > 0 and float(r["grouped_ratio"]) > 0 and float(r["loop_ratio"]) > 0
-               and r["kernel"] == "expert_major" and r["size"] == "small" for r in rows)
+    assert all(float(r["ratio"]) > 0 and float(r["loop_ratio"]) > 0 and r["kernel"] == "grouped_mm"
+               and r["size"] == "small" for r in rows)
     assert "ratio" in capsys.readouterr().out
     assert main(["--sizes", "base", "--batch", "1", "--seq-len", "16", "--repeats", "1", "--warmup", "0",
                  "--out", str(out)]) == 0

@@ -2,9 +2,8 @@
 
 Each case times the whole MoE layer (router, sort, grouped expert matmuls, weighted combine) against a dense
 SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
-warm-up, the variants interleaved. ``moe`` is the layer as it runs (on CPU the expert-major route), the ``grouped``
-column forces the stage-by-stage grouped GEMM route (``torch._grouped_mm``; see ``kimi_lab.model.moe.experts``), and
-the ``loop`` column times the per-expert loop the issue compares against (``MaskLoopMoE``). Runs the ``small`` and
+warm-up, the variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice), the
+``loop`` column times the per-expert loop the issue compares against (``MaskLoopMoE``). Runs the ``small`` and
 ``base`` sizes (``--sizes``), prints a table per size and writes ``bench_out/moe.csv``. Targets from the issue (CPU,
 fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6.
 """
@@ -12,6 +11,7 @@ fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import statistics
 import time
@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from kimi_lab.bench import _malloc
-from kimi_lab.model.moe import MoE, SwiGLU, expert_route, forced_route, grouped_mm_runs
+from kimi_lab.model.moe import MoE, SwiGLU
+from kimi_lab.model.moe import experts as experts_module
 
 # --sizes: name -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok,
 # moe_intermediate_size, target ratio) with the dense width k * I of the model preset: `small` (CPU studies, 768)
@@ -91,6 +92,16 @@ def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Te
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def segment_form():
+    """Force the segment fallback (one matmul per expert slice) instead of the fused grouped GEMM."""
+    saved, experts_module._GROUPED_MM = experts_module._GROUPED_MM, None
+    try:
+        yield
+    finally:
+        experts_module._GROUPED_MM = saved
+
+
 def run_case(n_experts, top_k, hidden, target, args) -> dict:
     torch.manual_seed(0)
     moe = MoE(args.d_model, _moe_cfg(n_experts, top_k, hidden, args.method)).train()
@@ -99,26 +110,24 @@ def run_case(n_experts, top_k, hidden, target, args) -> dict:
     x = torch.randn(args.batch, args.seq_len, args.d_model, requires_grad=True)
     upstream = torch.randn_like(x)
     mask_loop = MaskLoopMoE(moe)
-    times: dict[str, list[float]] = {"dense": [], "moe": [], "grouped": [], "loop": []}
+    times: dict[str, list[float]] = {"dense": [], "moe": [], "segment": [], "loop": []}
     for i in range(args.warmup + args.repeats):  # interleaved, so load drift on a shared machine hits all of them
         sample = {"dense": fwd_bwd_seconds(dense, x, upstream), "moe": fwd_bwd_seconds(moe, x, upstream)}
-        with forced_route("grouped"):
-            sample["grouped"] = fwd_bwd_seconds(moe, x, upstream)
+        with segment_form():
+            sample["segment"] = fwd_bwd_seconds(moe, x, upstream)
         sample["loop"] = fwd_bwd_seconds(mask_loop, x, upstream)
         if i >= args.warmup:
             for key, seconds in sample.items():
                 times[key].append(seconds)
-    t_dense, t_moe, t_grouped, t_loop = (statistics.median(times[k]) for k in ("dense", "moe", "grouped", "loop"))
-    route = expert_route(x)
-    if route == "grouped":
-        route = "grouped_mm" if grouped_mm_runs(x.reshape(-1, args.d_model), moe.experts.down_proj) else "segment"
+    t_dense, t_moe, t_segment, t_loop = (statistics.median(times[k]) for k in ("dense", "moe", "segment", "loop"))
+    fused = experts_module.grouped_mm_runs(x.reshape(-1, args.d_model), moe.experts.down_proj)
     return {"experts": n_experts, "top_k": top_k, "moe_intermediate_size": hidden, "dense_d_ff": top_k * hidden,
             "tokens": args.batch * args.seq_len, "d_model": args.d_model, "method": args.method,
             "dense_ms": round(1e3 * t_dense, 3), "moe_ms": round(1e3 * t_moe, 3),
-            "grouped_ms": round(1e3 * t_grouped, 3), "loop_ms": round(1e3 * t_loop, 3),
-            "ratio": round(t_moe / t_dense, 3), "grouped_ratio": round(t_grouped / t_dense, 3),
+            "segment_ms": round(1e3 * t_segment, 3), "loop_ms": round(1e3 * t_loop, 3),
+            "ratio": round(t_moe / t_dense, 3), "segment_ratio": round(t_segment / t_dense, 3),
             "loop_ratio": round(t_loop / t_dense, 3), "target": target, "ok": t_moe / t_dense <= target,
-            "kernel": route, "threads": torch.get_num_threads(),
+            "kernel": "grouped_mm" if fused else "segment", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": "cpu", "dtype": "float32"}
 
 
@@ -131,11 +140,11 @@ def _run_size(size: str, cli: argparse.Namespace, malloc: str) -> list[dict]:
     print(f"MoE fwd+bwd / dense SwiGLU, size {size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
           f"{args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
     print(f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} "
-          f"{'grouped':>8} {'loop':>6} {'kernel':>12} {'verdict':>7}")
+          f"{'segment':>8} {'loop':>6} {'kernel':>10} {'verdict':>7}")
     for r in rows:
         print(f"{r['experts']:>7} {r['top_k']:>5} {r['moe_intermediate_size']:>4} {r['dense_ms']:>9.2f} "
-              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['grouped_ratio']:>8.3f} "
-              f"{r['loop_ratio']:>6.3f} {r['kernel']:>12} {'ok' if r['ok'] else 'over':>7}")
+              f"{r['moe_ms']:>8.2f} {r['ratio']:>6.3f} {r['target']:>6.2f} {r['segment_ratio']:>8.3f} "
+              f"{r['loop_ratio']:>6.3f} {r['kernel']:>10} {'ok' if r['ok'] else 'over':>7}")
     return rows
 
 

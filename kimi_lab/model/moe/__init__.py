@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from kimi_lab.model.moe.experts import GroupedExperts, expert_route, forced_route, grouped_linear, grouped_mm_runs
+from kimi_lab.model.moe.experts import GroupedExperts, grouped_linear, grouped_mm_runs
 from kimi_lab.model.moe.gate import GroupLimitedRouter, sequence_balance_loss, update_expert_biases
 from kimi_lab.model.moe.layer import MoE, ROUTERS
 from kimi_lab.model.moe.mlp import SwiGLU
@@ -28,5 +28,5 @@ def build_ffn(d_model: int, d_ff: int, moe_cfg, layer_idx: int) -> nn.Module:
 
 
 __all__ = ["FFNS", "ROUTERS", "MoE", "SwiGLU", "GreedyRouter", "GroupLimitedRouter", "GroupedExperts", "build_ffn",
-           "expert_route", "forced_route", "grouped_linear", "grouped_mm_runs", "load_balance_loss", "recomputing",
-           "sequence_balance_loss", "update_expert_biases"]
+           "grouped_linear", "grouped_mm_runs", "load_balance_loss", "recomputing", "sequence_balance_loss",
+           "update_expert_biases"]

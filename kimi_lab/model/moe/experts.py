@@ -1,26 +1,13 @@
-"""Routed experts as 3-D parameter banks, run over tokens sorted by expert (contiguous row block per expert).
+"""Routed experts as 3-D parameter banks, run as grouped matmuls over tokens sorted by expert.
 
 Layout of transformers' ``DeepseekV3Experts`` (so a layer's state dict maps 1:1): ``gate_up_proj`` (E, 2I, H) holds
 each expert's SwiGLU gate rows [0, I) and up rows [I, 2I); ``down_proj`` is (E, H, I). Expert e is the SwiGLU
 ``down[e] @ (silu(gate[e] @ x) * (up[e] @ x))`` (Shazeer 2020, eq. 6); every matrix is a plain 2-D slice of a bank,
 so a per-expert optimizer (Muon) can orthogonalise ``gate_up_proj[e, :I]``, ``gate_up_proj[e, I:]``,
 ``down_proj[e]``.
-
-Two routes (``expert_route``), equal up to float summation order (tested):
-- ``grouped``: stage by stage over all experts, each GEMM one ``torch._grouped_mm`` (``F.grouped_mm``) where it runs
-  (CPU, CUDA sm80+; fp32/bf16/fp16, 16-byte aligned), else one matmul per expert slice (``segment``). Used on CUDA and
-  under ``torch.compile``.
-- ``expert_major`` (CPU, eager): expert by expert, its gate|up GEMM, SwiGLU and down GEMM back to back on its row
-  block, and the same in the backward (``ExpertMajorSwiGLU``). On CPU ``_grouped_mm`` is itself a loop of ``mm``
-  calls over the slices, so this runs the same GEMMs; an expert's intermediates (~1,000 rows) are still in cache for
-  the next op instead of being evicted by the other experts' GEMMs (MoE fwd+bwd / dense at 8 experts top-2, small
-  size, ``make bench-moe``: 1.12 -> 1.08-1.12, depending on the load on the shared L3).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,30 +16,6 @@ from torch import nn
 # torch >= 2.10 exposes F.grouped_mm; torch 2.9 only the private op (CPU kernel from 2.9, CUDA sm80+)
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-ROUTES = ("expert_major", "grouped")
-_forced_route: str | None = None
-
-
-@contextlib.contextmanager
-def forced_route(route: str) -> Iterator[None]:
-    """Run every ``GroupedExperts`` through ``route`` (one of ``ROUTES``) inside the block: benchmarks, parity tests."""
-    global _forced_route
-    if route not in ROUTES:
-        raise ValueError(f"expert route {route!r}; allowed: {', '.join(ROUTES)}")
-    saved, _forced_route = _forced_route, route
-    try:
-        yield
-    finally:
-        _forced_route = saved
-
-
-def expert_route(x: torch.Tensor) -> str:
-    """``expert_major`` for CPU tensors in eager mode, ``grouped`` otherwise (CUDA, ``torch.compile``)."""
-    if _forced_route is not None:
-        return _forced_route
-    return "expert_major" if x.device.type == "cpu" and not torch.compiler.is_compiling() else "grouped"
 
 
 def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -110,71 +73,6 @@ class PackedSwiGLU(torch.autograd.Function):
         return grad_packed
 
 
-class ExpertMajorSwiGLU(torch.autograd.Function):
-    """All experts' SwiGLU over x sorted by expert, one expert's row block at a time (the CPU route, see above).
-    Written by hand: no PyTorch op chains an expert's GEMMs and SwiGLU, and autograd over per-expert slices of the
-    banks would zero-fill a whole bank gradient for every expert.
-
-    forward(x (S, H), gate_up (E, 2I, H), down (E, H, I), counts: list of E ints) -> (S, H). Saves the packed
-    gate|up (S, 2I) and the SwiGLU output (S, I); the backward recomputes silu(gate) on the block it is working on.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate_up, down, counts: list[int]):
-        hidden = down.shape[-1]
-        packed = x.new_empty(x.shape[0], 2 * hidden)  # (S, 2I) gate | up
-        act = x.new_empty(x.shape[0], hidden)  # (S, I) silu(gate) * up
-        out = x.new_empty(x.shape)  # (S, H)
-        silu_gate = x.new_empty(max(counts, default=0), hidden)  # scratch reused by every block: stays in cache
-        for expert, rows in _blocks(counts):
-            torch.mm(x[rows], gate_up[expert].t(), out=packed[rows])
-            gate, up = packed[rows].chunk(2, dim=-1)  # (n_e, I) views
-            block_silu = silu_gate[: gate.shape[0]]
-            torch.ops.aten.silu.out(gate, out=block_silu)
-            torch.mul(block_silu, up, out=act[rows])
-            torch.mm(act[rows], down[expert].t(), out=out[rows])
-        ctx.counts = counts
-        ctx.save_for_backward(x, gate_up, down, packed, act)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        x, gate_up, down, packed, act = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x)
-        grad_gate_up, grad_down = torch.empty_like(gate_up), torch.empty_like(down)
-        for expert in (e for e, n_rows in enumerate(ctx.counts) if n_rows == 0):  # no rows: zero gradient
-            grad_gate_up[expert].zero_(), grad_down[expert].zero_()
-        max_rows, hidden = max(ctx.counts, default=0), down.shape[-1]
-        # scratch reused by every block (same addresses, so still in cache): grad of act, silu(gate), grad of packed
-        grad_act_buf, silu_buf = x.new_empty(max_rows, hidden), x.new_empty(max_rows, hidden)
-        grad_packed_buf = x.new_empty(max_rows, 2 * hidden)
-        for expert, rows in _blocks(ctx.counts):
-            n_rows = rows.stop - rows.start
-            grad_act, silu_gate, grad_packed = grad_act_buf[:n_rows], silu_buf[:n_rows], grad_packed_buf[:n_rows]
-            torch.mm(grad_out[rows].t(), act[rows], out=grad_down[expert])  # (H, I)
-            torch.mm(grad_out[rows], down[expert], out=grad_act)  # (n_e, I)
-            gate, up = packed[rows].chunk(2, dim=-1)
-            grad_gate, grad_up = grad_packed.chunk(2, dim=-1)
-            torch.ops.aten.silu.out(gate, out=silu_gate)
-            torch.mul(grad_act, silu_gate, out=grad_up)
-            torch.mul(grad_act, up, out=grad_act)  # d loss / d silu(gate), in place
-            torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_gate)
-            torch.mm(grad_packed.t(), x[rows], out=grad_gate_up[expert])  # (2I, H)
-            torch.mm(grad_packed, gate_up[expert], out=grad_x[rows])  # (n_e, H)
-        return grad_x, grad_gate_up, grad_down, None
-
-
-def _blocks(counts: list[int]) -> Iterator[tuple[int, slice]]:
-    """(expert, its row slice) for every expert with rows, from the rows per expert of x sorted by expert."""
-    start = 0
-    for expert, n_rows in enumerate(counts):
-        if n_rows:
-            yield expert, slice(start, start + n_rows)
-        start += n_rows
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts of width I over model width H; ``forward(x_sorted, counts)`` runs each on its slice."""
 
@@ -187,11 +85,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted (S, H): rows grouped by expert, counts (E,) rows per expert -> (S, H), row-aligned."""
         gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x_sorted.device.type):  # neither route is autocast-aware: cast as F.linear would
+        if torch.is_autocast_enabled(x_sorted.device.type):  # grouped_mm is not autocast-aware: cast as F.linear would
             dtype = torch.get_autocast_dtype(x_sorted.device.type)
             x_sorted, gate_up, down = x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if expert_route(x_sorted) == "expert_major":
-            return ExpertMajorSwiGLU.apply(x_sorted, gate_up, down, counts.tolist())
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
         packed = grouped_linear(x_sorted, gate_up, offsets, counts)  # (S, 2I): gate | up
         return grouped_linear(PackedSwiGLU.apply(packed), down, offsets, counts)  # (S, H)
