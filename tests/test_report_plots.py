@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 
-from kimi_lab.stats.collect import collect_sweep
 from kimi_lab.stats.report import write_report
 from tests.helpers import REPO_ROOT
 
@@ -54,7 +53,7 @@ def ablation_sweep(tmp_path) -> Path:
                    "choices": {"hardware": "cpu"}}
         (job / "results.json").write_text(json.dumps(results))
         rows = ["step,tokens,wall_time_s,train_time_s,train_loss,grad_norm,val_loss",
-                f"5,500,5,2.5,5.0,1.0,", f"5,500,5.1,,,,{val + 1.0}", f"10,1000,10,5,4.0,1.0,",
+                "5,500,5,2.5,5.0,1.0,", f"5,500,5.1,,,,{val + 1.0}", "10,1000,10,5,4.0,1.0,",
                 f"10,1000,10.1,,,,{val}"]
         (job / "metrics.csv").write_text("\n".join(rows) + "\n")
     return root

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from kimi_lab.model.moe import MoE
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
