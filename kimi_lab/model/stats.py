@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 
-
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """total (tied weights once), embedding, and active per token (routed experts counted k of E)."""
     total = sum(p.numel() for p in model.parameters())
