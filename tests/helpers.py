@@ -48,9 +48,3 @@ def init_normal_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> No
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * std)
-
-
-def sorted_routing(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routing with each token's k experts in ascending id order (top-k with sorted=False has no set order)."""
-    order = idx.argsort(dim=-1)
-    return idx.gather(1, order), weights.gather(1, order)

@@ -14,9 +14,15 @@ from kimi_lab.model import build_model
 from kimi_lab.model.moe import GroupLimitedRouter, MoE, sequence_balance_loss, update_expert_biases
 from kimi_lab.training import train
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
-from tests.helpers import compose_config, deepseek_v3_cfg, init_normal_, sorted_routing
+from tests.helpers import compose_config, deepseek_v3_cfg, init_normal_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def sorted_routing(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing with each token's k experts in ascending id order (top-k with sorted=False has no set order)."""
+    order = idx.argsort(dim=-1)
+    return idx.gather(1, order), weights.gather(1, order)
 
 
 # ----------------------------------------------------------------------------------------------- gate vs transformers
