@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+
+from tests.helpers import data_cfg
+from tests.synthetic import write_corpus, write_sweep
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +34,22 @@ def one_thread():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A folder of 30 text documents, each with a unique marker (tests/synthetic.py)."""
+    return write_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture
+def text_cfg(corpus):
+    """``data`` config of the text source over ``corpus``: tiny windows, 10 % val and test documents."""
+    return data_cfg(name="text", paths=[str(corpus)], seq_len=32, batch_size=4, val_fraction=0.1,
+                    test_fraction=0.1, val_tokens=256, test_tokens=256)
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    """A synthetic multirun folder with known losses and every job status (tests/synthetic.py)."""
+    return write_sweep(tmp_path)

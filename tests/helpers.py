@@ -1,15 +1,19 @@
-"""Test helpers: compose configs with Hydra's compose API at the tiny size, shared data cache."""
+"""Test helpers: compose configs with Hydra's compose API at the tiny size, shared data cache, data configs and
+run-folder readers."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from kimi_lab.config import register_configs
+from kimi_lab.config.schema import DataConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -48,3 +52,35 @@ def init_normal_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> No
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def data_cfg(**overrides):
+    """A ``data`` group node: the DataConfig schema's defaults with ``overrides``."""
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), overrides)
+
+
+def split_ids(manifest: dict) -> dict[str, set[str]]:
+    """Document ids of each split of a token cache's manifest."""
+    return {s: set(info["doc_ids"]) for s, info in manifest["splits"].items()}
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(per-step train rows, validation rows) of metrics.csv."""
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r["train_loss"]], [r for r in rows if r["val_loss"]]
+
+
+def tensorboard_hparams(folder: Path) -> dict[str, float]:
+    """hp/* scalars of the event file that carries the hparams plugin's session data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        try:
+            events.PluginTagToContent("hparams")
+        except KeyError:
+            continue
+        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
+    raise AssertionError(f"no TensorBoard hparams in {folder}")

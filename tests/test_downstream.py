@@ -19,7 +19,6 @@ from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, fr
                                  score_items, transformer_scorer)
 from kimi_lab.evaluation import tasks as tasks_module
 from tests.helpers import DATA_DIR, compose_config
-from tests.test_stats import sweep_dir  # noqa: F401  (fixture: a synthetic sweep folder)
 
 ITEMS = json.loads((Path(__file__).parent / "data" / "downstream_items.json").read_text())
 VOCAB = 128
@@ -283,9 +282,9 @@ def test_training_run_with_eval_downstream_writes_results(tmp_path):
     assert on_disk["downstream"]["arc_easy"]["n"] == 3 and set(on_disk["downstream"]["lambada"]) >= {"acc", "ppl"}
     assert 0 <= on_disk["downstream"]["arc_easy"]["acc_norm"] <= 1
     assert on_disk["test_ppl"] == pytest.approx(math.exp(on_disk["test_loss"]), rel=1e-5)  # always computed
-    from tests.test_train import _tensorboard_hparams
+    from tests.helpers import tensorboard_hparams
 
-    hparams = _tensorboard_hparams(tmp_path / "on" / "tensorboard")
+    hparams = tensorboard_hparams(tmp_path / "on" / "tensorboard")
     assert hparams["hp/downstream/arc_easy/acc_norm"] == pytest.approx(on_disk["downstream"]["arc_easy"]["acc_norm"])
     # the CLI rebuilds the model from the run folder and last.ckpt: the same numbers
     from kimi_lab.evaluation.__main__ import main

@@ -14,8 +14,7 @@ from kimi_lab.bench.attention import HeapPeak
 from kimi_lab.model import build_model
 from kimi_lab.model.loss import linear_cross_entropy
 from kimi_lab.training import train
-from tests.helpers import compose_config
-from tests.test_train import read_metrics
+from tests.helpers import compose_config, read_metrics
 
 FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "optimizer.warmup_steps=2", "data.eval_lengths=[]"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import platform
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from kimi_lab.training import train
-from tests.helpers import DATA_DIR, REPO_ROOT, compose_config
+from tests.helpers import DATA_DIR, REPO_ROOT, compose_config, read_metrics, tensorboard_hparams
 
 FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "optimizer.warmup_steps=2",
         "trainer.checkpoint_every_n_steps=2"]
@@ -24,28 +23,6 @@ RESULT_KEYS = {
     "tokens_per_s", "step_time_ms", "peak_mem_mb", "params_total", "params_active", "params_embedding",
     "flops_per_token", "attention_kernel", "expert_load", "versions", "git_commit", "malloc", "peak_rss_mb",
 }
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(per-step train rows, validation rows) of metrics.csv."""
-    with (run_dir / "metrics.csv").open() as f:
-        rows = list(csv.DictReader(f))
-    return [r for r in rows if r["train_loss"]], [r for r in rows if r["val_loss"]]
-
-
-def _tensorboard_hparams(folder: Path) -> dict[str, float]:
-    """hp/* scalars of the event file that carries the hparams plugin's session data."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        events = EventAccumulator(str(path))
-        events.Reload()
-        try:
-            events.PluginTagToContent("hparams")
-        except KeyError:
-            continue
-        return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
-    raise AssertionError(f"no TensorBoard hparams in {folder}")
 
 
 def run_cli(*args: str, cwd: Path, multirun: bool = False) -> subprocess.CompletedProcess:
@@ -74,7 +51,7 @@ def test_cli_run_writes_the_run_folder(tmp_path):
     assert (run_dir / ".hydra" / "overrides.yaml").exists() and (run_dir / "config_resolved.yaml").exists()
     assert "${" not in (run_dir / "config_resolved.yaml").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    hparams = _tensorboard_hparams(run_dir / "tensorboard")  # HParams tab: config + final metrics
+    hparams = tensorboard_hparams(run_dir / "tensorboard")  # HParams tab: config + final metrics
     assert math.isclose(hparams["hp/val_loss"], results["val_loss"], rel_tol=1e-6)
     assert math.isclose(hparams["hp/test_loss"], results["test_loss"], rel_tol=1e-6)
     assert (run_dir / "checkpoints" / "last.ckpt").exists() and list((run_dir / "checkpoints").glob("best-*.ckpt"))
