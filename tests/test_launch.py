@@ -40,8 +40,8 @@ def test_gpu_pool_pins_each_job_to_one_device_and_runs_them_concurrently(tmp_pat
     assert sorted(devices) == ["5", "7"]  # one job per device, never both on one
     (start0, end0), (start1, end1) = _interval(sweep / "0"), _interval(sweep / "1")
     assert start1 < end0 and start0 < end1  # the two slots ran at the same time
-    assert results[0]["overrides"] == ["model=tiny", f"paths.data_dir={DATA_DIR}", "trainer.max_steps=2",
-                                       "trainer.val_check_interval=2", "optimizer.lr=0.001"]  # as the basic sweeper writes it
+    assert results[0]["overrides"] == ["model=tiny", f"paths.data_dir={DATA_DIR}", "trainer.max_steps=2",  # as the
+                                       "trainer.val_check_interval=2", "optimizer.lr=0.001"]  # basic sweeper writes it
     failed = json.loads((sweep / "2" / "status.json").read_text())
     assert failed["status"] == "failed" and "optimizer.lr" in failed["error"]
     jobs = {j.name: j.status for j in collect_sweep(sweep).jobs}  # the report sees the sweep as usual

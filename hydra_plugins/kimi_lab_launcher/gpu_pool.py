@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
@@ -115,7 +116,7 @@ class GpuPoolLauncher(Launcher):
         return [self.python, script, *job.overrides, *inherited, f"hydra.run.dir={job.job_dir}",
                 f"hydra.job.num={job.index}", f"hydra.job.id={job.index}"]
 
-    def _slot(self, device: str, pending: "queue.Queue[PoolJob]", returns: dict[int, JobReturn]) -> None:
+    def _slot(self, device: str, pending: queue.Queue[PoolJob], returns: dict[int, JobReturn]) -> None:
         while True:
             try:
                 job = pending.get_nowait()

@@ -41,7 +41,7 @@ class PlainGPT(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02)
 
     @classmethod
-    def from_config(cls, cfg) -> "PlainGPT":
+    def from_config(cls, cfg) -> PlainGPT:
         return cls(int(cfg.model.vocab_size), int(cfg.model.d_model), int(cfg.model.n_layers),
                    int(cfg.attention.n_heads), int(cfg.model.d_ff), int(cfg.data.seq_len))
 

@@ -44,8 +44,9 @@ def markdown(report: dict) -> str:
                      f"training tokens/s ({'>=' if loader >= 10 * fastest else '<'} 10x)")
     loss = report.get("loss_chunking")
     if loss:
-        lines.append(f"- loss at {loss['tokens']:,} tokens x vocab {loss['vocab']:,} (d {loss['dim']}), fwd+bwd: chunked "
-                     f"({loss['chunk_tokens']}) / full logits: peak memory {loss['memory_ratio']:.2f}x "
+        lines.append(f"- loss at {loss['tokens']:,} tokens x vocab {loss['vocab']:,} (d {loss['dim']}), fwd+bwd: "
+                     f"chunked ({loss['chunk_tokens']}) / full logits: peak memory {loss['memory_ratio']:.2f}x "
                      f"({loss['chunked_peak_mb']:.0f} vs {loss['full_peak_mb']:.0f} MiB, <= 0.25x required), time "
-                     f"{loss['time_ratio']:.2f}x ({loss['chunked_ms']:.0f} vs {loss['full_ms']:.0f} ms, <= 1.1x required)")
+                     f"{loss['time_ratio']:.2f}x ({loss['chunked_ms']:.0f} vs {loss['full_ms']:.0f} ms, "
+                     "<= 1.1x required)")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """Attention kernel benchmark: fwd+bwd time, achieved TFLOP/s and peak memory of the attention core per option and
-sequence length, KV-cache bytes per token and layer, and the kernel that ran.  ``python -m kimi_lab.bench attention [-h]``.
+sequence length, KV-cache bytes per token and layer, and the kernel that ran.
+``python -m kimi_lab.bench attention [-h]``.
 
 FLOPs follow the FlashAttention benchmarks (Dao 2023): causal forward = 2 * B * H * T^2 * (d_qk + d_v) / 2,
 fwd+bwd = 3.5 x forward; useful FLOPs only (MLA's zero padding of v for flash is not counted as work).
@@ -38,7 +39,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8 if cuda else 1)
     parser.add_argument("--heads", type=int, default=16 if cuda else 8)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16" if cuda else "float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        default="bfloat16" if cuda else "float32")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed fwd+bwd calls (median); default 10 GPU, 3 CPU")
     parser.add_argument("--options", nargs="+", default=None, help="subset, e.g. sdpa flash mla:sdpa")
@@ -85,7 +87,7 @@ class HeapPeak:
             self.peak = max(self.peak, self.in_use())
             time.sleep(0.0005)
 
-    def __enter__(self) -> "HeapPeak":
+    def __enter__(self) -> HeapPeak:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -203,7 +205,8 @@ def _write(rows: list[dict], out: Path, title: str) -> list[str]:
     for option in dict.fromkeys(r["option"] for r in rows):
         sub = [r for r in rows if r["option"] == option]
         for ax, key in zip(axes, ("fwd_bwd_ms", "tflops")):
-            ax.plot([r["seq_len"] for r in sub], [r[key] for r in sub], marker="o", label=f"{option} ({sub[0]['kernel']})")
+            ax.plot([r["seq_len"] for r in sub], [r[key] for r in sub], marker="o",
+                    label=f"{option} ({sub[0]['kernel']})")
     for ax, ylabel in zip(axes, ("fwd+bwd time (ms)", "achieved TFLOP/s")):
         ax.set_xscale("log", base=2), ax.set_xlabel("sequence length"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
     axes[0].set_yscale("log")

@@ -4,10 +4,10 @@ For each model size and each major option (one option changed from the defaults 
 MoE method, optimizer) it builds the real ``LanguageModelModule`` from the composed config and times training steps
 (its ``training_step``, backward, clipping, ``optimizer.step``; warm-up steps excluded) on batches from the real data
 loader. Reported per arm: median step time, tokens/s, peak memory the arm adds (``ArmMemory``: CPU malloc bytes in
-use, CUDA max allocated, above the level before the arm was built), model FLOPs/token, MFU, the optimizer step's share of the step. Plus, per
-size, a plain-PyTorch dense reference of the same shape (``PlainGPT``, nanoGPT-style) timed step-interleaved with the
-framework's dense arm, so the framework's overhead ratio is robust to a shared machine, and the data loader's
-tokens/s. Writes ``benchmarks/<date>-<device>.json`` and ``.md``.
+use, CUDA max allocated, above the level before the arm was built), model FLOPs/token, MFU, the optimizer step's
+share of the step. Plus, per size, a plain-PyTorch dense reference of the same shape (``PlainGPT``, nanoGPT-style)
+timed step-interleaved with the framework's dense arm, so the framework's overhead ratio is robust to a shared
+machine, and the data loader's tokens/s. Writes ``benchmarks/<date>-<device>.json`` and ``.md``.
 
 FLOPs/token (the issue's formula, Kaplan et al. 2020 / PaLM App. B with the causal half):
     6 * N_matmul + 3 * L * T * H * (d_qk + d_v),
@@ -64,7 +64,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", default=None, help=f"subset of {list(ARMS)}")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on CPU, the preset's on GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per arm (default 4 CPU, 20 GPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first, the first measuring memory (default 3 CPU, 5 GPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first, the first measuring memory (default 3 CPU, 5 GPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", default="benchmarks")
@@ -324,7 +325,7 @@ def _report(args, rows: list[dict], loader: dict[str, float], peaks: list[float]
     for row in rows:
         row["mfu"] = row["achieved_tflops"] * 1e12 / peak
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device_name(args.device),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": _device_name(args.device),
         "threads": torch.get_num_threads(), "malloc": args.malloc_in_force, "torch": torch.__version__,
         "dtype": "bf16-mixed" if args.device == "cuda" else "fp32", "matmul_peak_tflops": peak / 1e12,
         "matmul_peaks_tflops": [p / 1e12 for p in peaks], "loader_tokens_per_s": min(loader.values()),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 
 class AttentionName(str, Enum):
@@ -123,17 +123,17 @@ class ModelConfig:
 class AttentionConfig:
     name: AttentionName = AttentionName.sdpa
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None = n_heads (MHA); 1 = MQA; else GQA
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
     dropout: float = 0.0  # attention-probability dropout
     bias: bool = False  # bias on q/k/v/o projections
     # attention=mla only (names as in transformers' DeepseekV3Config; null for the MHA options, set by mla.yaml)
-    kernel: Optional[AttentionKernel] = None
-    q_lora_rank: Optional[int] = None  # null = no query compression (q_proj)
-    kv_lora_rank: Optional[int] = None
-    qk_nope_head_dim: Optional[int] = None
-    qk_rope_head_dim: Optional[int] = None
-    v_head_dim: Optional[int] = None
-    attention_bias: Optional[bool] = None  # bias on q_a_proj, kv_a_proj_with_mqa, o_proj (as HF)
+    kernel: AttentionKernel | None = None
+    q_lora_rank: int | None = None  # null = no query compression (q_proj)
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    attention_bias: bool | None = None  # bias on q_a_proj, kv_a_proj_with_mqa, o_proj (as HF)
 
 
 @dataclass
@@ -167,13 +167,13 @@ class OptimizerConfig:
     lr: float = 3e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    momentum: Optional[float] = None  # momentum optimizers only (Muon); must stay null for adam/adamw (betas)
+    momentum: float | None = None  # momentum optimizers only (Muon); must stay null for adam/adamw (betas)
     # muon only (null for adam/adamw): lr is Muon's; the AdamW part (embeddings, head, norms, router, biases)
     # uses adamw_lr with betas / eps; weight_decay applies to both
-    adamw_lr: Optional[float] = None
-    nesterov: Optional[bool] = None
-    ns_steps: Optional[int] = None  # Newton-Schulz iterations
-    adjust_lr_fn: Optional[AdjustLrFn] = None
+    adamw_lr: float | None = None
+    nesterov: bool | None = None
+    ns_steps: int | None = None  # Newton-Schulz iterations
+    adjust_lr_fn: AdjustLrFn | None = None
     eps: float = 1e-8
     schedule: ScheduleName = ScheduleName.cosine
     warmup_steps: int = 50  # optimizer steps
@@ -184,11 +184,11 @@ class OptimizerConfig:
 class RopeScalingConfig:  # names as in transformers' rope_scaling
     type: RopeScalingType = RopeScalingType.default
     factor: float = 1.0
-    original_max_position_embeddings: Optional[int] = None  # dynamic/yarn; null = data.seq_len (training length)
+    original_max_position_embeddings: int | None = None  # dynamic/yarn; null = data.seq_len (training length)
     beta_fast: float = 32.0  # yarn ramp: dims with >= beta_fast turns over the original length extrapolate
     beta_slow: float = 1.0  # yarn ramp: dims with <= beta_slow turns interpolate (/ factor)
-    mscale: Optional[float] = None  # yarn: with mscale_all_dim, attention factor = m(s, mscale) / m(s, all_dim)
-    mscale_all_dim: Optional[float] = None
+    mscale: float | None = None  # yarn: with mscale_all_dim, attention factor = m(s, mscale) / m(s, all_dim)
+    mscale_all_dim: float | None = None
 
 
 @dataclass
@@ -196,17 +196,17 @@ class RopeConfig:
     name: str = "default"  # label of the option (recorded in results.json)
     theta: float = 10000.0
     # a dict even for plain RoPE (type default), so CLI overrides of rope.scaling.* always merge; null = plain
-    scaling: Optional[RopeScalingConfig] = field(default_factory=RopeScalingConfig)
+    scaling: RopeScalingConfig | None = field(default_factory=RopeScalingConfig)
 
 
 @dataclass
 class HFSourceConfig:
-    path: Optional[str] = None  # e.g. "text", "json", or a hub id (network users only)
-    name: Optional[str] = None
+    path: str | None = None  # e.g. "text", "json", or a hub id (network users only)
+    name: str | None = None
     split: str = "train"
-    data_files: Optional[Any] = None  # str | list | dict, passed to load_dataset
+    data_files: Any | None = None  # str | list | dict, passed to load_dataset
     text_field: str = "text"
-    sample_by: Optional[str] = "document"  # for path="text": one row per file
+    sample_by: str | None = "document"  # for path="text": one row per file
 
 
 @dataclass
@@ -225,7 +225,7 @@ class DataConfig:
     eval_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     num_workers: int = 0
     paths: list[str] = field(default_factory=list)  # text source: files or folders
-    doc_separator: Optional[str] = None  # text source: split files into documents on this string
+    doc_separator: str | None = None  # text source: split files into documents on this string
     hf: HFSourceConfig = field(default_factory=HFSourceConfig)
 
 
@@ -236,12 +236,12 @@ class HardwareConfig:
     devices: Any = 1  # int or "auto"
     strategy: Strategy = Strategy.auto
     precision: str = "32-true"  # one of PRECISIONS
-    num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+    num_threads: int | None = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the inner model (LanguageModelModule.model), not the LightningModule
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint per block)
     # training loss: head + cross-entropy over chunks of this many tokens (never the full (B*T, V) logits);
     # null = full logits
-    loss_chunk_tokens: Optional[int] = 2048
+    loss_chunk_tokens: int | None = 2048
     # CPU runs: glibc keeps freed memory for the job instead of unmapping it (no page faults on every step's
     # activations; kimi_lab/training/malloc.py); false leaves malloc alone
     malloc_retain: bool = True
@@ -250,13 +250,13 @@ class HardwareConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps
-    max_tokens: Optional[int] = None  # if set, max_steps = max_tokens // tokens per step
+    max_tokens: int | None = None  # if set, max_steps = max_tokens // tokens per step
     accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     val_check_interval: int = 100  # optimizer steps between validations
     log_every_n_steps: int = 10  # host reads of losses / expert counts (and Lightning logging) every N steps
     checkpoint_every_n_steps: int = 100
-    interrupt_at_step: Optional[int] = None  # stop after this step as if preempted (resume tests)
+    interrupt_at_step: int | None = None  # stop after this step as if preempted (resume tests)
     deterministic: bool = True
 
 
@@ -283,7 +283,7 @@ class SweepConfig:
 class EvalConfig:
     name: EvalName = EvalName.none
     tasks: list[EvalTask] = field(default_factory=list)  # eval=downstream: which benchmarks (in this order)
-    limit: Optional[int] = None  # score only the first `limit` items of each task (quick runs); null = all
+    limit: int | None = None  # score only the first `limit` items of each task (quick runs); null = all
     batch_size: int = 32  # sequences per forward pass (results do not depend on it)
 
 
@@ -304,10 +304,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
     resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
-    ckpt_path: Optional[str] = None  # explicit checkpoint to resume from
+    ckpt_path: str | None = None  # explicit checkpoint to resume from
     # fine-tune: start from these weights (a run folder -> its best, else last checkpoint; or a .ckpt), with a fresh
     # optimizer, schedule and step count (not a resume); e.g. a folder from `python -m kimi_lab.export --import`
-    init_from: Optional[str] = None
+    init_from: str | None = None
     tags: list[str] = field(default_factory=list)
 
 

@@ -33,7 +33,7 @@ def _cl100k_path() -> str:
     return module._get_data_path("cl100k_base.tiktoken")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cl100k_prefix_encoding(n_vocab: int) -> tiktoken.Encoding:
     """cl100k_base restricted to ranks < n_vocab - 1 (a valid BPE prefix), eot = n_vocab - 1."""
     ranks = load_tiktoken_bpe(_cl100k_path(), expected_hash=CL100K_SHA256)

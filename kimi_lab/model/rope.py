@@ -8,7 +8,7 @@ Scaling types follow ``transformers.modeling_rope_utils`` (tested against it, ne
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

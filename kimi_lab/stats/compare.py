@@ -11,7 +11,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from scipy import special, stats
@@ -67,7 +67,7 @@ def adjust_pvalues(p, method: str) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
     """Smallest |d| a two-sided two-sample t-test detects with ``power`` at these sizes (3 vs 3: 3.07)."""
     if min(n_a, n_b) < 2:

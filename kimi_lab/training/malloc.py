@@ -20,7 +20,7 @@ import ctypes
 import ctypes.util
 import functools
 import platform
-from typing import Iterator
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h>
 # -1 disables trimming (mallopt(3)); the largest positive int, 2 GiB - 1, still trimmed a freed top chunk of 2 GiB

@@ -39,7 +39,7 @@ def _json_default(value: Any):
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 class RunDir:
@@ -156,7 +156,7 @@ class PeakRSS:
                 self.sample()
                 self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         if self._has_statm:
             self._thread.start()
         return self

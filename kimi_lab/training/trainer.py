@@ -1,4 +1,4 @@
-"""Builds the Lightning Trainer: loggers, checkpoints and our step-level callbacks, from ``hardware`` and ``trainer``."""
+"""Builds the Lightning Trainer (loggers, checkpoints, our step-level callbacks) from ``hardware`` and ``trainer``."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F

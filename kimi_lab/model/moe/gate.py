@@ -15,7 +15,7 @@ Groups that are not kept are masked with -inf, so a masked expert can never be c
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
