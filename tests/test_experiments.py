@@ -85,3 +85,21 @@ def test_combined_study_arms_differ_from_full_by_exactly_their_component(experim
         expected = set(COMPONENTS) if arm == "baseline" else set(COMPONENTS.get(arm.removeprefix("minus_"), []))
         assert changed == expected, (arm, changed)
     assert configs["full"]["model"]["name"] == ("small" if experiment.endswith("_cpu") else "base")
+    # MLA at the MHA arms' head dim (nope = v = d_model / n_heads, rope half of it), not mla.yaml's small sizes
+    head_dim = full["model"]["d_model"] // full["attention"]["n_heads"]
+    mla = full["attention"]
+    assert (mla["qk_nope_head_dim"], mla["v_head_dim"], mla["qk_rope_head_dim"]) == (head_dim, head_dim, head_dim // 2)
+    # minus_moe swaps the gate only: same shared expert, experts and widths as full
+    assert configs["minus_moe"]["moe"]["n_shared_experts"] == full["moe"]["n_shared_experts"] == 1
+    assert configs["baseline"]["moe"]["n_shared_experts"] == 0  # the pre-study default
+
+
+def test_minus_moe_arm_has_the_active_parameters_of_full():
+    """Leave-one-out of the gate at equal compute: minus_moe and full build models of equal total and active size."""
+    from kimi_lab.model import build_model, parameter_counts
+
+    counts = {}
+    for arm in ("full", "minus_moe"):
+        cfg = compose_config(["experiment=combined_cpu", f"ablation={arm}"], output_dir=Path("/out"), model=None)
+        counts[arm] = parameter_counts(build_model(cfg))
+    assert counts["minus_moe"] == counts["full"]
