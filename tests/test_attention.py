@@ -241,7 +241,9 @@ def test_transformer_gives_mla_deepseek_yarn_mscale(mscale_all_dim, want):
     model = build_model(compose_config(overrides))
     assert model.rotary.cos.shape[-1] == model.layers[0].self_attn.qk_rope_head_dim  # RoPE table of rope dims
     assert all(layer.self_attn.rope_mscale == pytest.approx(want) for layer in model.layers)
-    assert not model.scale_rotary_tables  # cos/sin reach MLA unscaled
+    # cos/sin reach MLA unscaled, or (mscale and mscale_all_dim both set) times their ratio, here 1
+    assert model.scale_rotary_tables == (mscale_all_dim is not None)
+    assert model.rotary.attention_scaling == pytest.approx(1.0 if mscale_all_dim else want)
     mha = build_model(compose_config(["rope=yarn", "rope.scaling.factor=4"]))
     assert mha.scale_rotary_tables and mha.rotary.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
 

@@ -38,6 +38,8 @@ CASES = {
                                       "DeepseekV3ForCausalLM"),
     "v3_dense_yarn_mscale": (MLA + ["moe=dense", *YARN_SHORT, "rope.scaling.mscale=0.7",
                                     "rope.scaling.mscale_all_dim=0.7"], "DeepseekV3ForCausalLM"),
+    "v3_dense_yarn_mscale_ratio": (MLA + ["moe=dense", *YARN_SHORT, "rope.scaling.mscale=1.0",
+                                          "rope.scaling.mscale_all_dim=0.5"], "DeepseekV3ForCausalLM"),
     "v2_group_limited_softmax_dynamic": (MLA + ["moe=deepseek_v3", "moe.topk_method=group_limited_greedy",
                                                 "moe.scoring_func=softmax", "moe.norm_topk_prob=false", "rope=dynamic",
                                                 "data.seq_len=16"], "DeepseekV2ForCausalLM"),
@@ -168,7 +170,7 @@ def _hf_tiny(model_type, **overrides):
     ("deepseek_v3", {"n_routed_experts": 4, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2,
                      "q_lora_rank": None, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,
                      "v_head_dim": 8, "moe_intermediate_size": 16,
-                     "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "mscale": 1.0,
+                     "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,  # cos/sin x m(4, 1)
                                          "mscale_all_dim": 0.5, "original_max_position_embeddings": 64}}, "mscale"),
     ("mixtral", {}, "model_type"),
 ])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_lab.model import build_model, parameter_counts
+from kimi_lab.model import build_model, flops_per_token, parameter_counts
 from kimi_lab.model.attention.kernels import sdpa_attention, standard_attention
 from kimi_lab.model.moe import MoE, SwiGLU
 from kimi_lab.model.rope import RotaryEmbedding, apply_rotary, default_inv_freq, linear_inv_freq
@@ -228,9 +228,9 @@ def test_first_k_dense_replace():
     assert isinstance(model.layers[0].mlp, SwiGLU) and model.layers[0].mlp.up_proj.out_features == cfg.model.d_ff
     assert isinstance(model.layers[1].mlp, MoE)
     assert model.moe_layers() == [model.layers[1].mlp]
-    out = model(torch.randint(0, 100, (2, 8)))
-    assert out.aux_loss.item() > 0
-    torch.testing.assert_close(out.aux_loss, model.layers[1].mlp.aux_loss)
+    out, layer_aux = _forward_with_layer_aux_losses(model, torch.randint(0, 100, (2, 8)))
+    assert out.aux_loss.item() > 0 and len(layer_aux) == 1
+    torch.testing.assert_close(out.aux_loss, layer_aux[0])
 
     dense, _ = _model(["moe=dense"])
     assert dense.moe_layers() == [] and all(isinstance(layer.mlp, SwiGLU) for layer in dense.layers)
@@ -239,8 +239,20 @@ def test_first_k_dense_replace():
 
     moe, _ = _model([])
     assert len(moe.moe_layers()) == 2
-    aux = moe(torch.randint(0, 100, (2, 8))).aux_loss
-    torch.testing.assert_close(aux, sum(m.aux_loss for m in moe.moe_layers()))
+    out, layer_aux = _forward_with_layer_aux_losses(moe, torch.randint(0, 100, (2, 8)))
+    assert len(layer_aux) == 2
+    torch.testing.assert_close(out.aux_loss, sum(layer_aux))
+
+
+def _forward_with_layer_aux_losses(model, ids):
+    """The model's output and each MoE layer's aux loss as the layer set it (the model then clears them)."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(mod.aux_loss)) for m in model.moe_layers()]
+    try:
+        return model(ids), seen
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # ----------------------------------------------------------------------------------------------- parameter counts
@@ -261,6 +273,12 @@ def test_parameter_counts_by_hand():
     untied, _ = _model(["model.tie_embeddings=false"])
     assert untied.lm_head.weight is not untied.embed_tokens.weight
     assert parameter_counts(untied)["params_total"] == total + vocab * d
+    # FLOPs: the head is one matmul whether or not it shares the embedding's weight; the embedding is a lookup
+    seq_len, head_dim = cfg.data.seq_len, d // cfg.attention.n_heads
+    matmuls = (counts["params_active"] - vocab * d) + vocab * d  # active non-embedding params + the (V, D) head
+    attention = n_layers * 6 * seq_len * cfg.attention.n_heads * 2 * head_dim
+    for m in (model, untied):
+        assert flops_per_token(m, seq_len, d, n_layers) == 6 * matmuls + attention
 
 
 def test_dense_arm_matches_top2_active_ffn_params():
@@ -306,6 +324,20 @@ def test_init_is_seeded():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     weights = [k for k in sa if sa[k].dim() >= 2]
     assert weights and all(not torch.equal(sa[k], sc[k]) for k in weights)
+
+
+def test_shared_parameters_start_equal_across_arms():
+    """Init does not depend on what other modules drew: for one seed, an MLA arm and an MHA arm, or a LayerNorm arm,
+    start with the same embedding and the same FFN weights; another seed changes them."""
+    arms = {"mha": _model([])[0], "mla": _model(["attention=mla"])[0], "layernorm": _model(["norm=layernorm"])[0],
+            "other_seed": _model([], seed=1)[0]}
+    states = {arm: model.state_dict() for arm, model in arms.items()}
+    shared = [k for k in states["mha"] if k.startswith("embed_tokens") or ".mlp." in k]
+    assert len(shared) > 3
+    for key in shared:
+        assert torch.equal(states["mla"][key], states["mha"][key]), key
+        assert torch.equal(states["layernorm"][key], states["mha"][key]), key
+        assert states["mha"][key].dim() < 2 or not torch.equal(states["other_seed"][key], states["mha"][key]), key
 
 
 # ----------------------------------------------------------------------------------------------- learning

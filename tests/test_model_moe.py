@@ -165,6 +165,21 @@ def test_moe_gradients_reach_experts_and_gate():
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
 
 
+def test_model_keeps_no_graph_after_a_training_step():
+    """The summed aux loss carries the graph; the layers keep none, so a trained model deep-copies (EMA, SWA)."""
+    import copy
+
+    from kimi_lab.model import build_model
+
+    model = build_model(compose_config(["moe=deepseek_v3", "moe.topk_method=aux_tc"])).train()
+    out = model(torch.randint(0, 100, (2, 16)))
+    assert out.aux_loss.requires_grad and out.aux_loss > 0
+    (out.logits.float().mean() + out.aux_loss).backward()
+    assert all(not m.aux_loss.requires_grad for m in model.moe_layers())
+    twin = copy.deepcopy(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
 def test_moe_tokens_per_expert_counts_training_only():
     moe = _moe()
     x = torch.randn(2, 12, 16)

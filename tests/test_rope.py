@@ -161,3 +161,39 @@ def test_readme_cli_path_works():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rope = OmegaConf.create(proc.stdout).rope
     assert (rope.theta, rope.scaling.type, rope.scaling.factor) == (50000.0, "yarn", 8.0)
+
+
+@pytest.mark.parametrize(("mscale", "mscale_all_dim"), [(1.0, 1.0), (0.707, 1.0), (1.0, 0.707)])
+def test_mla_under_yarn_matches_transformers_deepseek_v3(mscale, mscale_all_dim):
+    """With both mscale keys set (DeepSeek-V2/V3 configs): softmax x m(s, mscale_all_dim)^2 and the rope slice's
+    cos/sin x m(s, mscale) / m(s, mscale_all_dim), as transformers' DeepseekV3 attention and rotary embedding."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
+
+    seq, original, dims = 64, 16, {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12}
+    hf_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": original, "beta_fast": 32.0,
+                  "beta_slow": 1.0, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+    config = transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                                           q_lora_rank=None, rope_interleave=True, num_hidden_layers=1, vocab_size=128,
+                                           max_position_embeddings=seq, rope_scaling=hf_scaling, **dims)
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    hf = hf_v3.DeepseekV3Attention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.normal_(0, 0.2)
+    x = torch.randn(2, seq, 64)
+    cos, sin = hf_v3.DeepseekV3RotaryEmbedding(config)(x, torch.arange(seq)[None])
+    mask = torch.full((seq, seq), torch.finfo(x.dtype).min).triu(1)[None, None]
+    want = hf(x, position_embeddings=(cos, sin), attention_mask=mask)[0]
+
+    overrides = ["attention=mla", "attention.kernel=standard", "model.d_model=64", "attention.n_heads=4",
+                 f"data.seq_len={seq}", "rope=yarn", "rope.scaling.factor=4", f"rope.scaling.mscale={mscale}",
+                 f"rope.scaling.original_max_position_embeddings={original}",
+                 f"rope.scaling.mscale_all_dim={mscale_all_dim}", *(f"attention.{k}={v}" for k, v in dims.items())]
+    model = build_model(compose_config(overrides)).eval()
+    attention = model.layers[0].self_attn
+    attention.load_state_dict(hf.state_dict(), strict=True)
+    ours_cos, ours_sin = model.rotary(seq, apply_attention_scaling=model.scale_rotary_tables)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, ours_cos, ours_sin), want, rtol=0, atol=1e-5)

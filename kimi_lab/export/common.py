@@ -31,9 +31,10 @@ def rope_parameters(rope_cfg, seq_len: int, mla: bool) -> tuple[dict, int]:
     """Our ``rope`` group -> (transformers 5.x ``rope_parameters``, ``max_position_embeddings``).
 
     MHA (Llama/Qwen): HF multiplies cos/sin by the YaRN attention factor exactly as ``rope.attention_factor``.
-    MLA (DeepSeek-V2/V3): ours leaves cos/sin plain and scales the softmax by m(s, A)^2 with
-    A = ``mscale_all_dim`` or 1 (``rope.mla_softmax_mscale``); HF scales the softmax by m(s, mscale_all_dim)^2 and
-    cos/sin by m(s, mscale) / m(s, mscale_all_dim), so both are written as A (cos/sin factor 1, softmax as ours).
+    MLA (DeepSeek-V2/V3): HF scales the softmax by m(s, mscale_all_dim)^2 and cos/sin by m(s, mscale) /
+    m(s, mscale_all_dim); ours does the same when both are set (``rope.mla_scales_rope_tables``), so they are written
+    as they are; otherwise ours leaves cos/sin plain and scales the softmax by m(s, A)^2 with A = ``mscale_all_dim``
+    or 1 (``rope.mla_softmax_mscale``), written as mscale = mscale_all_dim = A (cos/sin factor 1, softmax as ours).
     Dynamic NTK: HF measures the length against ``max_position_embeddings``, so that is our original length.
     """
     scaling = rope_cfg.scaling
@@ -50,7 +51,7 @@ def rope_parameters(rope_cfg, seq_len: int, mla: bool) -> tuple[dict, int]:
         return params, original
     params.update(original_max_position_embeddings=original, beta_fast=float(scaling.beta_fast),
                   beta_slow=float(scaling.beta_slow), truncate=True)
-    if mla:
+    if mla and not (scaling.mscale and scaling.mscale_all_dim):
         all_dim = float(scaling.mscale_all_dim or 1.0)
         params.update(mscale=all_dim, mscale_all_dim=all_dim)
     else:
@@ -94,16 +95,18 @@ def _yarn_from_hf(params: dict, scaling: dict, max_position_embeddings: int, mla
                    beta_slow=float(params.get("beta_slow") or 1))
     mscale, all_dim = params.get("mscale"), params.get("mscale_all_dim")
     explicit = params.get("attention_factor")
-    if mla:
-        rope_factor = explicit if explicit is not None else (
-            _yarn_m(factor, mscale) / _yarn_m(factor, all_dim) if mscale and all_dim else _yarn_m(factor, 1.0))
-        if not math.isclose(rope_factor, 1.0) or (not all_dim and factor > 1):
+    both = bool(mscale and all_dim)
+    ratio = _yarn_m(factor, mscale) / _yarn_m(factor, all_dim) if both else None
+    if mla:  # ours: cos/sin x the ratio when both are set, else plain; softmax x m(factor, mscale_all_dim or 1)^2
+        hf_rope_factor = explicit if explicit is not None else (ratio if both else _yarn_m(factor, 1.0))
+        if not math.isclose(hf_rope_factor, ratio if both else 1.0) or (not all_dim and factor > 1):
             raise refuse("rope_parameters.mscale", (mscale, all_dim),
-                         "MLA in kimi-lab keeps cos/sin unscaled and scales the softmax by m(factor, mscale_all_dim)^2"
-                         "; that needs mscale == mscale_all_dim (both set), as DeepSeek-V3's own config")
-        scaling["mscale_all_dim"] = float(all_dim) if all_dim else None
+                         "MLA in kimi-lab scales cos/sin by m(factor, mscale) / m(factor, mscale_all_dim) when both "
+                         "are set (as DeepSeek-V3's config), else not at all, and its softmax by "
+                         "m(factor, mscale_all_dim)^2")
+        scaling.update(mscale=float(mscale) if both else None, mscale_all_dim=float(all_dim) if all_dim else None)
         return
-    ours = _yarn_m(factor, mscale) / _yarn_m(factor, all_dim) if mscale and all_dim else _yarn_m(factor, 1.0)
+    ours = ratio if both else _yarn_m(factor, 1.0)
     if explicit is not None and not math.isclose(float(explicit), ours):
         raise refuse("rope_parameters.attention_factor", explicit,
                      f"kimi-lab derives it from factor/mscale/mscale_all_dim (here {ours:.6g})")

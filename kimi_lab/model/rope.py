@@ -70,9 +70,16 @@ def attention_factor(scaling_cfg) -> float:
     return _yarn_mscale(factor)
 
 
+def mla_scales_rope_tables(scaling_cfg) -> bool:
+    """Whether MLA's cos/sin take the YaRN attention factor: only with both ``mscale`` and ``mscale_all_dim`` set (the
+    DeepSeek-V2/V3 configs), where the factor is their ratio m(s, mscale) / m(s, mscale_all_dim) on the rope slice,
+    as in transformers' DeepseekV3; otherwise (DeepSeek's rule) cos/sin stay plain and only the softmax scales."""
+    return _type(scaling_cfg) == "yarn" and bool(scaling_cfg.mscale) and bool(scaling_cfg.mscale_all_dim)
+
+
 def mla_softmax_mscale(scaling_cfg) -> float:
     """DeepSeek-V3 MLA under YaRN (inference/model.py; HF DeepseekV3Attention): softmax scale x mscale^2 with
-    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin stay plain."""
+    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin: mla_scales_rope_tables."""
     if scaling_cfg is None or _type(scaling_cfg) != "yarn":
         return 1.0
     return _yarn_mscale(float(scaling_cfg.factor), float(scaling_cfg.mscale_all_dim or 1.0))

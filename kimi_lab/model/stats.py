@@ -25,7 +25,8 @@ def flops_per_token(model: nn.Module, seq_len: int, d_model: int, n_layers: int,
     ``causal=True`` halves the attention term (the masked half of QK^T and PV is not useful work: the MFU count).
     """
     counts = parameter_counts(model)
-    matmul_params = counts["params_active"] - counts["params_embedding"] + model.lm_head.weight.numel()
+    tied = model.lm_head.weight is model.embed_tokens.weight  # else params_active already holds the head
+    matmul_params = counts["params_active"] - counts["params_embedding"] + (model.lm_head.weight.numel() if tied else 0)
     # QK^T and PV, fwd + bwd, causal mask not discounted: 6 * T * H * (d_qk + d_v) per layer (= 12 * T * D for MHA)
     attention = sum(6 * seq_len * a.n_heads * (a.qk_head_dim + a.v_head_dim)
                     for a in (layer.self_attn for layer in model.layers))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from kimi_lab.model.attention import build_attention
 from kimi_lab.model.moe import MoE, build_ffn, recomputing
 from kimi_lab.model.norm import build_norm
-from kimi_lab.model.rope import RotaryEmbedding, mla_softmax_mscale
+from kimi_lab.model.rope import RotaryEmbedding, mla_scales_rope_tables, mla_softmax_mscale
 
 
 @dataclass
@@ -54,8 +55,10 @@ class Transformer(nn.Module):
         # each attention module declares the width RoPE rotates (MLA: qk_rope_head_dim, not d_model / n_heads)
         self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_head_dim, max_seq_len, cfg.rope)
         # MHA: the rotary multiplies cos/sin by the YaRN attention factor; MLA rotates only its rope slice, so
-        # (DeepSeek's rule) it gets plain cos/sin and scales its softmax by mscale^2 instead
-        self.scale_rotary_tables = not hasattr(self.layers[0].self_attn, "set_rope_mscale")
+        # (DeepSeek's rule) it scales its softmax by mscale^2 and takes plain cos/sin, unless mscale and
+        # mscale_all_dim are both set: then its rope slice also takes their ratio (transformers' DeepseekV3)
+        is_mla = hasattr(self.layers[0].self_attn, "set_rope_mscale")
+        self.scale_rotary_tables = not is_mla or mla_scales_rope_tables(cfg.rope.scaling)
         for layer in self.layers:
             if hasattr(layer.self_attn, "set_rope_mscale"):
                 layer.self_attn.set_rope_mscale(mla_softmax_mscale(cfg.rope.scaling))
@@ -64,13 +67,21 @@ class Transformer(nn.Module):
         self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
 
     def _init_weights(self, std: float, n_layers: int) -> None:
-        """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2).
+
+        Each weight draws from its own generator, seeded by the run's seed and the parameter's name, not from the
+        global stream that the modules' default inits consumed first: arms of a study that share a parameter
+        (embeddings, the MLPs next to a swapped attention, ...) start from the same values for the same seed."""
+        seed = torch.initial_seed()  # the run's seed (seed_everything), however much of the stream was consumed
         for name, param in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(param)
             elif param.dim() >= 2:
                 is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
-                nn.init.normal_(param, 0.0, std / math.sqrt(2 * n_layers) if is_residual_out else std)
+                generator = torch.Generator(param.device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode()))
+                                                                      % 2**63)
+                nn.init.normal_(param, 0.0, std / math.sqrt(2 * n_layers) if is_residual_out else std,
+                                generator=generator)
             elif "norm" in name and name.endswith("weight"):
                 nn.init.ones_(param)
 
@@ -94,8 +105,15 @@ class Transformer(nn.Module):
         return CausalLMOutput(logits=logits, aux_loss=self.aux_loss(logits))
 
     def aux_loss(self, like: torch.Tensor) -> torch.Tensor:
-        losses = [m.aux_loss for m in self.moe_layers()]
-        return torch.stack(losses).sum() if losses else like.new_zeros(())
+        """Sum of this forward's MoE balance losses. The layers drop theirs, so the model holds no autograd graph
+        between steps (and deep-copies, e.g. for an EMA)."""
+        layers = self.moe_layers()
+        if not layers:
+            return like.new_zeros(())
+        total = torch.stack([m.aux_loss for m in layers]).sum()
+        for m in layers:
+            m.aux_loss = total.new_zeros(())
+        return total
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
