@@ -15,7 +15,7 @@ from kimi_lab.config.schema import TokenizerName
 from kimi_lab.data import LMDataModule, build_or_load_cache, get_tokenizer, prepare, unigram_baseline_loss
 from kimi_lab.data import cache as cache_mod
 from kimi_lab.data.cache import CacheError, split_documents
-from kimi_lab.data.datamodule import ResumableShardSampler, TrainWindows
+from kimi_lab.data.datamodule import EvalWindows, ResumableShardSampler, TrainWindows
 from kimi_lab.data.documents import Document
 from tests.helpers import data_cfg, split_ids
 from tests.synthetic import WORDS, marker
@@ -185,13 +185,66 @@ def test_datamodule_resume_and_ranks(text_cfg, tmp_path):
     assert torch.equal(torch.cat([x for x, _ in early.train_dataloader()]), shards[1])
 
 
+def _scored(windows: EvalWindows) -> np.ndarray:
+    """(n_windows, seq_len) target positions of `windows`, from its starts."""
+    return windows.starts[:, None] + np.arange(1, windows.seq_len + 1)
+
+
+def _check_eval_layout(windows: EvalWindows, n_tokens: int, budget: int, block: int) -> None:
+    seq_len, starts = windows.seq_len, windows.starts
+    n_avail = (n_tokens - 1) // block
+    n_blocks = min(budget // block, n_avail)
+    assert len(windows) == n_blocks * (block // seq_len) and len(windows) * seq_len <= budget  # the budget
+    assert starts[0] == 0 and np.all(starts % seq_len == 0) and np.all(np.diff(starts) >= seq_len)  # aligned, disjoint
+    assert starts[-1] + seq_len + 1 <= n_tokens  # in bounds
+    gap = -(-n_avail // n_blocks) * block  # the largest stride between blocks
+    assert n_tokens - (starts[-1] + seq_len) <= gap + block  # the last window near the end of the split
+    assert np.all(np.diff(starts[::block // seq_len]) <= gap)  # no hole larger than one stride
+    ys = np.concatenate([windows[i][1].numpy() for i in range(len(windows))])
+    assert np.array_equal(windows.targets(), ys) and windows.targets().dtype == np.uint16
+    assert np.array_equal(windows.targets(), np.asarray(windows.tokens)[_scored(windows).ravel()])
+
+
+@pytest.mark.parametrize(("n_tokens", "seq_len", "budget", "block"), [
+    (10_001, 16, 1024, None), (10_000, 16, 1000, None), (999, 7, 70, None), (10_001, 16, 1024, 64),
+    (10_001, 16, 1000, 48), (300, 16, 10_000, None), (33, 32, 64, None), (20_000, 32, 32, None)])
+def test_eval_windows_spread_evenly(n_tokens, seq_len, budget, block):
+    tokens = (np.arange(n_tokens) % 30_000).astype(np.uint16)
+    windows = EvalWindows(tokens, seq_len, budget, "val", block)
+    _check_eval_layout(windows, n_tokens, budget, block or seq_len)
+    again = EvalWindows(tokens.copy(), seq_len, budget, "val", block)  # deterministic: only tokens, lengths, budget
+    assert np.array_equal(again.starts, windows.starts)
+    if budget >= n_tokens:  # the budget covers the split: every aligned window, as consecutive windows
+        assert np.array_equal(windows.starts, np.arange((n_tokens - 1) // seq_len) * seq_len)
+
+
+def test_eval_windows_cover_every_part_of_the_split():
+    """A split of marked documents (token = document id) in three source runs, as hash order can leave them:
+    the budget's windows touch every source and every tenth of the split; the old prefix rule saw one source."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(50, 400, size=60)  # docs 0-19 source a, 20-39 b, 40-59 c
+    tokens = np.repeat(np.arange(60, dtype=np.uint16), lengths)  # (sum(lengths),)
+    seq_len, budget = 16, len(tokens) // 5
+    windows = EvalWindows(tokens, seq_len, budget, "val")
+    docs = np.unique(windows.targets())
+    assert {int(d) // 20 for d in docs} == {0, 1, 2} and len(docs) >= 50  # every source, most documents
+    tenths = np.unique(_scored(windows) * 10 // len(tokens))
+    assert np.array_equal(tenths, np.arange(10))
+    prefix = np.unique(tokens[1:len(windows) * seq_len + 1])  # the old rule: the first budget tokens
+    assert {int(d) // 20 for d in prefix} == {0}
+
+
 def test_eval_windows_and_baseline(text_cfg, tmp_path):
     dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)
     dm.setup()
     ys = torch.cat([y.flatten() for _, y in dm.val_dataloader()])
     assert len(dm.val_set) == 256 // 32 and torch.equal(ys, torch.from_numpy(dm.val_targets().astype(np.int64)))
     xs = torch.cat([x for x, _ in dm.val_dataloader()])
-    assert torch.equal(xs.flatten(), torch.from_numpy(dm._cache.val[:256].astype(np.int64)))
+    val = dm._cache.val
+    assert torch.equal(xs, torch.stack([torch.from_numpy(val[s:s + 32].astype(np.int64)) for s in dm.val_set.starts]))
+    _check_eval_layout(dm.val_set, len(val), 256, 32)
+    assert dm.val_set.starts[-1] > len(val) // 2  # spread over the split, not its first 256 tokens
+    _check_eval_layout(dm.test_set, len(dm._cache.test), 256, 32)
     assert dm.unigram_baseline_loss() == pytest.approx(
         unigram_baseline_loss(dm._cache.train, dm.val_targets(), 32768))
     assert (dm.vocab_size, dm.eot_id) == (32768, 32767)

@@ -1,12 +1,15 @@
 """kimi_lab.data sources and their errors: the Hugging Face source on local files (offline), clear errors for bad
-paths, sequence lengths and downloads, the Brown cleaning, and the real default corpus (sizes, disjoint splits)."""
+paths, sequence lengths, eval budgets and downloads, the Brown cleaning, and the real default corpus (sizes,
+disjoint splits, eval windows touching every source)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
+from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import LMDataModule, build_or_load_cache
 from kimi_lab.data.cache import CacheError
 from tests.helpers import DATA_DIR, data_cfg, split_ids
@@ -50,6 +53,15 @@ def test_seq_len_longer_than_split(text_cfg, tmp_path):
     text_cfg.seq_len = 100_000
     dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)
     with pytest.raises(ValueError, match=r"data\.seq_len=100000 .* train split: it has \d+ tokens"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_budget_below_one_window(text_cfg, tmp_path, split):
+    """An unvalidated config with data.<split>_tokens < seq_len fails clearly instead of scoring a whole window."""
+    text_cfg[f"{split}_tokens"] = 31
+    dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=4)
+    with pytest.raises(ConfigError, match=rf"data\.{split}_tokens=31; allowed: >= one eval window of 32 tokens"):
         dm.setup()
 
 
@@ -107,3 +119,10 @@ def test_default_corpus():
     dm = LMDataModule(cfg, cache_dir, seed=0, num_train_samples=16)
     dm.setup()
     assert 5.0 < dm.unigram_baseline_loss() < 9.0
+    for split in ("val", "test"):  # the eval windows are spread over the whole split: every source, most documents
+        tokens, windows = cache.split(split), dm.val_set if split == "val" else dm.test_set
+        ends = np.flatnonzero(np.asarray(tokens) == dm.eot_id)  # document k = tokens (ends[k - 1], ends[k]]
+        scored = windows.starts[:, None] + np.arange(1, cfg.seq_len + 1)  # (n_windows, seq_len) positions
+        docs = np.unique(np.searchsorted(ends, scored.ravel()))
+        assert {splits[split]["doc_ids"][d].split("/")[0] for d in docs} == {"sotu", "brown", "shakespeare"}
+        assert len(docs) >= 0.8 * splits[split]["n_docs"]

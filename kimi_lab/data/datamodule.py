@@ -1,4 +1,5 @@
-"""LightningDataModule over the token cache: prefix-stable shuffled train windows, fixed eval windows."""
+"""LightningDataModule over the token cache: prefix-stable shuffled train windows, fixed eval windows spread
+evenly over their split."""
 
 from __future__ import annotations
 
@@ -66,13 +67,44 @@ class TrainWindows(Dataset):
         return _window(self.tokens, self.window_start(i), self.seq_len)
 
 
-class EvalWindows(Dataset):
-    """Consecutive non-overlapping windows from the start of a split, in order."""
+def eval_window_starts(n_tokens: int, seq_len: int, max_tokens: int, block: int) -> np.ndarray:
+    """Starts of the scored windows: n = min(max_tokens // block, n_avail) of the n_avail = (n_tokens - 1) // block
+    aligned blocks of `block` tokens, spread evenly (block i at index floor(i * n_avail / n): the first at 0, the last
+    within n_avail / n blocks of the end), each tiled by block // seq_len windows -> (n * (block // seq_len),) int64,
+    ascending, non-overlapping. Depends only on its arguments (the same windows for every model config)."""
+    n_avail = (n_tokens - 1) // block  # a block scores tokens start+1 .. start+block: needs block + 1 tokens
+    n = min(max_tokens // block, n_avail)  # >= 1: EvalWindows checked both
+    blocks = np.arange(n, dtype=np.int64) * n_avail // n * block  # (n,) distinct, so disjoint
+    return (blocks[:, None] + np.arange(block // seq_len, dtype=np.int64) * seq_len).ravel()
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, max_tokens: int, split: str):
+
+def _check_eval_budget(n_tokens: int, seq_len: int, max_tokens: int, block: int, split: str) -> None:
+    """A clear error instead of scoring a window the budget does not pay for (validate_config checks
+    data.{val,test}_tokens >= data.seq_len first; this covers data modules built from unvalidated configs)."""
+    if block < seq_len:
+        raise ValueError(f"eval block {block} is shorter than the window length {seq_len}")
+    if max_tokens < block:
+        raise ConfigError(f"Invalid config: data.{split}_tokens={max_tokens}; allowed: >= one eval window of "
+                          f"{block} tokens (data.seq_len, or the longest of data.eval_lengths x data.seq_len)")
+    if n_tokens < block + 1:
+        raise ConfigError(f"the {split} split has {n_tokens} tokens, fewer than one eval window of {block} tokens "
+                          f"needs ({block + 1}): lower data.eval_lengths or data.seq_len, or add data")
+
+
+class EvalWindows(Dataset):
+    """The fixed windows a val/test pass scores, in order: `max_tokens` (rounded down to whole blocks) spread
+    evenly over the whole split in non-overlapping aligned windows (see eval_window_starts), so the scored text
+    follows the split's per-source mix instead of the hash-ordered prefix. `block` (default seq_len, a length >=
+    seq_len) is the spread unit: the length eval spreads blocks of its longest length and tiles them at each
+    length, so every length that divides it scores the same targets."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, max_tokens: int, split: str, block: int | None = None):
         check_split_length(tokens, seq_len, split)
+        block = seq_len if block is None else block
+        _check_eval_budget(len(tokens), seq_len, max_tokens, block, split)
         self.tokens, self.seq_len = tokens, seq_len
-        self.n_windows = max(1, min(max_tokens // seq_len, (len(tokens) - 1) // seq_len))
+        self.starts = eval_window_starts(len(tokens), seq_len, max_tokens, block)  # (n_windows,) int64
+        self.n_windows = len(self.starts)
 
     def __len__(self) -> int:
         return self.n_windows
@@ -80,11 +112,12 @@ class EvalWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.n_windows:
             raise IndexError(i)
-        return _window(self.tokens, i * self.seq_len, self.seq_len)
+        return _window(self.tokens, int(self.starts[i]), self.seq_len)
 
     def targets(self) -> np.ndarray:
-        """All scored targets in order: (n_windows * seq_len,) uint16."""
-        return np.asarray(self.tokens[1:self.n_windows * self.seq_len + 1])
+        """All scored targets, window by window in order: (n_windows * seq_len,) uint16."""
+        positions = self.starts[:, None] + np.arange(1, self.seq_len + 1)  # (n_windows, seq_len)
+        return np.asarray(self.tokens)[positions.ravel()]
 
 
 class ResumableShardSampler(Sampler[int]):
@@ -201,17 +234,17 @@ class LMDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def eval_windows(self, split: str, seq_len: int, max_tokens: int) -> EvalWindows:
-        """Windows of another length over the same split (length-generalisation evals)."""
+    def eval_windows(self, split: str, seq_len: int, max_tokens: int, block: int | None = None) -> EvalWindows:
+        """Windows of another length over the same split (length-generalisation evals); see EvalWindows."""
         cache = self._require_setup()
-        return EvalWindows(cache.val if split == "val" else cache.test, seq_len, max_tokens, split)
+        return EvalWindows(cache.val if split == "val" else cache.test, seq_len, max_tokens, split, block)
 
     def n_tokens(self, split: str) -> int:
         cache = self._require_setup()
         return len(cache.val if split == "val" else cache.test)
 
     def val_targets(self) -> np.ndarray:
-        """The (n_val_windows * seq_len,) tokens scored by validation, in order."""
+        """The (n_val_windows * seq_len,) tokens scored by validation, window by window in order."""
         return self._eval_set("val").targets()
 
     def test_targets(self) -> np.ndarray:

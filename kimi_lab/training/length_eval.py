@@ -1,8 +1,11 @@
 """Length generalisation: val loss of the final weights at several multiples of the training length.
 
 Every length scores the same token budget (``data.val_tokens`` rounded down to a multiple of the longest
-length) from the start of the val split, in non-overlapping windows, so the numbers differ only by context length
-(and by RoPE's behaviour past the training length: the RoPE study's extrapolation curve).
+length): budget / longest blocks of the longest length spread evenly over the val split (validation's rule, see
+kimi_lab.data.datamodule.eval_window_starts, at that length), each tiled by non-overlapping windows of every length.
+A length that divides the longest therefore scores exactly the same targets, so the numbers differ only by context
+length (and by RoPE's behaviour past the training length: the RoPE study's extrapolation curve). The 1x windows are
+validation's own only when the longest length is seq_len: validation spreads single seq_len windows.
 """
 
 from __future__ import annotations
@@ -30,17 +33,23 @@ def token_budget(data_cfg, n_val_tokens: int) -> int:
     return budget
 
 
+def length_windows(datamodule, data_cfg) -> dict:
+    """{length: its val EvalWindows}: the same spread blocks of the longest length, tiled at each length."""
+    budget = token_budget(data_cfg, datamodule.n_tokens("val"))
+    lengths = eval_lengths(data_cfg)
+    return {length: datamodule.eval_windows("val", length, budget, block=lengths[-1]) for length in lengths}
+
+
 @torch.no_grad()
 def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
     """{"val_loss_at_len": {str(L): mean NLL}, "val_tokens_at_len": {str(L): tokens scored}} on the val split."""
-    budget = token_budget(data_cfg, datamodule.n_tokens("val"))
+    windows_at = length_windows(datamodule, data_cfg)  # fails before moving the model when the split is short
     model = module.model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     was_training = model.training
     model.eval()
     tokens_per_batch = int(data_cfg.batch_size) * int(data_cfg.seq_len)  # as in training
     losses, counts = {}, {}
-    for length in eval_lengths(data_cfg):
-        windows = datamodule.eval_windows("val", length, budget)
+    for length, windows in windows_at.items():
         batch_size = max(1, tokens_per_batch // length)
         nll, n = 0.0, 0
         for start in range(0, len(windows), batch_size):
