@@ -82,9 +82,12 @@ def test_same_seed_same_curve_other_seed_other_curve(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
-    overrides = ["trainer.max_steps=8", "trainer.val_check_interval=4", "optimizer.warmup_steps=2", "seed=0"]
+    """Bit for bit, dropout masks included (the generators' states travel in last.ckpt); interrupted at a validation
+    step, whose validation the checkpoint holds."""
+    overrides = ["trainer.max_steps=8", "trainer.val_check_interval=4", "optimizer.warmup_steps=2", "seed=0",
+                 "model.dropout=0.1"]
     train(compose_config(overrides, output_dir=tmp_path / "full"))
-    interrupted = train(compose_config([*overrides, "trainer.interrupt_at_step=5"], output_dir=tmp_path / "cut"))
+    interrupted = train(compose_config([*overrides, "trainer.interrupt_at_step=4"], output_dir=tmp_path / "cut"))
     assert interrupted["status"] == "interrupted"
     assert json.loads((tmp_path / "cut" / "status.json").read_text())["status"] == "interrupted"
     resumed = train(compose_config([*overrides, "resume=true"], output_dir=tmp_path / "cut"))
@@ -93,10 +96,8 @@ def test_resume_reproduces_the_uninterrupted_curve(tmp_path):
     cut_train, cut_val = read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut_train] == [r["step"] for r in full_train]
     for a, b in zip(full_train, cut_train):
-        assert math.isclose(float(a["train_loss"]), float(b["train_loss"]), rel_tol=1e-6), (a, b)
-        assert math.isclose(float(a["lr"]), float(b["lr"]), rel_tol=1e-9)
-    assert [r["step"] for r in cut_val] == [r["step"] for r in full_val]
-    assert math.isclose(float(full_val[-1]["val_loss"]), float(cut_val[-1]["val_loss"]), rel_tol=1e-6)
+        assert (a["train_loss"], a["grad_norm"], a["lr"]) == (b["train_loss"], b["grad_norm"], b["lr"]), (a, b)
+    assert [(r["step"], r["val_loss"]) for r in cut_val] == [(r["step"], r["val_loss"]) for r in full_val]
     assert resumed["tokens_seen"] == 8 * 4 * 32
 
 

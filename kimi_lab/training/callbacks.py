@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -152,14 +153,17 @@ class StepMetrics(L.Callback):
     """Aggregates micro-batches into one metrics.csv row per optimizer step, plus a row per validation.
 
     Losses, grad norm and expert counts stay on the device until ``flush``, every ``log_every_n_steps`` optimizer
-    steps (and before validation, checkpoints and the end of training): one device-to-host copy per N steps
-    instead of several synchronising ``.item()`` calls per step. Every step still gets its own row.
+    steps (and before validation, checkpoint steps and the end of training): one device-to-host copy per N steps
+    instead of several synchronising ``.item()`` calls per step. Every step still gets its own row (and its step-mean
+    ``train/loss`` in TensorBoard). A non-finite train loss seen at a flush, or a non-finite validation loss, stops
+    the run with ``RunDiverged`` once its rows are written (``diverged_at_step``: the first such step).
     """
 
     def __init__(self, csv_path: Path, tokens_per_micro_batch: int, expert_monitor: ExpertLoadMonitor,
-                 log_every_n_steps: int = 1):
+                 log_every_n_steps: int = 1, checkpoint_every_n_steps: int = 0):
         self.csv_path = Path(csv_path)
         self.log_every_n_steps = max(int(log_every_n_steps), 1)
+        self.checkpoint_every_n_steps = int(checkpoint_every_n_steps)  # those steps flush anyway (state_dict)
         self._pending: list[tuple[dict, torch.Tensor]] = []  # (row without losses, [ce, aux, grad_norm])
         self._trainer: L.Trainer | None = None
         self.tokens_per_micro_batch = tokens_per_micro_batch
@@ -169,6 +173,7 @@ class StepMetrics(L.Callback):
         self.wall_offset_s = 0.0  # wall time of earlier (interrupted) segments
         self.step_times_ms: list[float] = []
         self.val_history: list[dict] = []
+        self.diverged_at_step: int | None = None
         self._micro: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._grad_norm = torch.full((), float("nan"))
         self._lr = float("nan")
@@ -242,8 +247,13 @@ class StepMetrics(L.Callback):
                "train_time_s": round(self.train_time_s, 4), "lr": self._lr, "step_time_ms": round(step_ms, 3)}
         losses = torch.stack([ce.float(), aux.float(), self._grad_norm.float().to(ce.device)])
         self._pending.append((row, losses))
-        if trainer.global_step % self.log_every_n_steps == 0:
+        if self._flush_due(trainer.global_step):
             self.flush()
+            self._stop_if_diverged()  # before last.ckpt could be written with the non-finite weights
+
+    def _flush_due(self, step: int) -> bool:
+        every = self.checkpoint_every_n_steps
+        return step % self.log_every_n_steps == 0 or (every > 0 and step % every == 0)
 
     def flush(self) -> None:
         """Write the rows of the pending steps (one host copy of their losses and grad norms)."""
@@ -255,13 +265,28 @@ class StepMetrics(L.Callback):
         for i, ((row, _), (ce, aux, grad_norm)) in enumerate(zip(self._pending, values)):
             row.update({"train_loss": ce, "aux_loss": aux, "grad_norm": grad_norm, **(moe[i] if moe else {})})
             self._append(self._trainer, row)
+            for logger in self._trainer.loggers:  # the step mean, as in metrics.csv (not the last micro-batch's)
+                logger.log_metrics({"train/loss": ce, "train/aux_loss": aux}, step=row["step"])
+            if not (math.isfinite(ce) and math.isfinite(aux)):
+                self._diverged(row["step"])
         self._pending = []
+
+    def _diverged(self, step: int) -> None:
+        if self.diverged_at_step is None:
+            self.diverged_at_step = step
+
+    def _stop_if_diverged(self) -> None:
+        if self.diverged_at_step is not None:
+            raise RunDiverged(f"loss is not finite at step {self.diverged_at_step}",
+                              diverged_at_step=self.diverged_at_step)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self.flush()  # train rows before the validation row
+        self._stop_if_diverged()  # never validate (or checkpoint) NaN weights
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.flush()
+        self._stop_if_diverged()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or "val_loss" not in trainer.callback_metrics:
@@ -272,6 +297,9 @@ class StepMetrics(L.Callback):
             return  # the same step validated twice (end-of-run check): keep one row
         self.val_history.append(record)
         self._append(trainer, {**record, "wall_time_s": round(self._wall_time(), 4)})
+        if not math.isfinite(record["val_loss"]):
+            self._diverged(record["step"])
+        self._stop_if_diverged()
 
     def summary(self) -> dict:
         self.flush()
@@ -291,24 +319,26 @@ class DataPosition(L.Callback):
         trainer.datamodule.set_train_start(trainer.global_step * self.samples_per_step)
 
 
-class RunInterrupted(Exception):
+class RunStopped(Exception):
+    """Ends a job early with a result: ``train`` catches it and records ``status`` and ``extra`` in the run folder."""
+
+    status = "stopped"
+
+    def __init__(self, message: str, **extra):
+        super().__init__(message)
+        self.extra = extra
+
+
+class RunInterrupted(RunStopped):
     """Raised by InterruptAt: the job stops abruptly after writing last.ckpt (a simulated preemption)."""
 
+    status = "interrupted"
 
-class InterruptAt(L.Callback):
-    """After optimizer step ``step``: write last.ckpt and stop abruptly, as a preempted job would (tests resume).
 
-    Raising, rather than setting ``trainer.should_stop``, matters: a requested stop makes Lightning run one
-    extra validation, which a real preemption never does.
-    """
+class RunDiverged(RunStopped):
+    """A training or validation loss went NaN / inf: training stops, the job is recorded ``diverged``."""
 
-    def __init__(self, step: int, last_ckpt: Path):
-        self.step, self.last_ckpt = step, last_ckpt
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.save_checkpoint(self.last_ckpt)
-            raise RunInterrupted(f"interrupted after step {trainer.global_step} (trainer.interrupt_at_step)")
+    status = "diverged"
 
 
 class OptimizerStepTimer(L.Callback):
@@ -346,7 +376,7 @@ class OptimizerStepTimer(L.Callback):
 
 class MemoryWindow(L.Callback):
     """Opens the job's memory sampler (``rundir.PeakRSS``, set as ``.rss`` once it runs) for each training batch:
-    forward, backward and optimizer step. First in the callback list, so it closes before ModelCheckpoint saves
+    forward, backward and optimizer step. First in the callback list, so it closes before the checkpoint callbacks save
     (Lightning moves checkpoint callbacks last)."""
 
     def __init__(self):

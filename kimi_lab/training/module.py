@@ -41,8 +41,8 @@ class LanguageModelModule(L.LightningModule):
         out = self.model(input_ids, return_hidden=True)  # (B, T, D): the loss applies the head, chunk by chunk
         ce = linear_cross_entropy(out.hidden, self.model.lm_head.weight, targets, self.loss_chunk_tokens)
         self.last_train_ce, self.last_aux_loss = ce.detach(), out.aux_loss.detach()
-        self.log("train/loss", ce, prog_bar=True)
-        self.log("train/aux_loss", out.aux_loss)
+        # progress bar only: StepMetrics logs train/loss and train/aux_loss, the means over the step's micro-batches
+        self.log("train/loss", ce, prog_bar=True, logger=False)
         return ce + out.aux_loss
 
     # ---- evaluation: sums over all tokens, so the loss is a true token mean whatever the batch split

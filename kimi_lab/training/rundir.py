@@ -43,7 +43,7 @@ def now_iso() -> str:
 
 
 class RunDir:
-    """One run's output folder. ``status.json`` goes running -> completed | failed | interrupted."""
+    """One run's output folder. ``status.json`` goes running -> completed | diverged | failed | interrupted."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

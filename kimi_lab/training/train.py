@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.training.resume import check_resume_config, resume_checkpoint
 from kimi_lab.training.rundir import RunDir, git_commit, host, now_iso, versions
 
 log = logging.getLogger(__name__)
@@ -20,30 +22,39 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one training job; always leaves status.json saying completed, interrupted or failed."""
+    """Run one training job; always leaves status.json saying completed, diverged, interrupted or failed (a diverged
+    run returns normally, so a sweep goes on)."""
     run = RunDir(resolve_output_dir(cfg))
     if cfg.sweep.skip_completed:
         previous = _completed_results(run)
         if previous is not None:
             log.info("skipping: %s already holds a completed run of these overrides (sweep.skip_completed)", run.path)
             return previous
-    run.write_status("running", pid=os.getpid())
+    commit = git_commit()  # the code the job starts with, not whatever the tree holds when it ends
+    run.write_status("running", pid=os.getpid(), git_commit=commit)
     try:
         validate_config(cfg)
+        ckpt_path = resume_checkpoint(cfg, run.path)
+        if ckpt_path is not None:
+            check_resume_config(cfg, ckpt_path)  # before config_resolved.yaml is rewritten with other values
         run.write_config(cfg)
-        results = _fit_and_evaluate(cfg, run)
+        results = {**_fit_and_evaluate(cfg, run, ckpt_path), "git_commit": commit}
+        run.write_results(results)
+        run.write_status(results["status"], **{k: results[k] for k in ("diverged_at_step",) if k in results})
     except BaseException as error:  # KeyboardInterrupt too: the folder must say it did not complete
         run.write_failure(error)
         log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
         raise
-    run.write_results(results)
-    run.write_status(results["status"])
     log.info("%s: results in %s", results["status"], run.path)
     return results
 
 
+FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; failed and interrupted jobs run again
+
+
 def _completed_results(run: RunDir) -> dict | None:
-    """The folder's results.json if it records a completed run of the same overrides (sweep.skip_completed aside)."""
+    """The folder's results.json if it records a finished run (completed, or diverged: deterministic, it would diverge
+    again) of the same overrides (sweep.skip_completed aside)."""
     import json
 
     if not run.results_json.exists() or not run.status_json.exists():
@@ -54,7 +65,8 @@ def _completed_results(run: RunDir) -> dict | None:
     except (OSError, ValueError, KeyError):
         return None
     same_job = _without_skip(previous.get("overrides", [])) == _without_skip(_overrides())
-    return previous if status == "completed" and previous.get("status") == "completed" and same_job else None
+    finished = status in FINISHED and previous.get("status") == status
+    return previous if finished and same_job else None
 
 
 def _without_skip(overrides: list[str]) -> list[str]:
@@ -73,20 +85,7 @@ def steps_and_tokens(cfg: DictConfig, world_size: int) -> tuple[int, int]:
     return max_steps, tokens_per_step
 
 
-def _resume_checkpoint(cfg: DictConfig, run: RunDir) -> str | None:
-    if cfg.ckpt_path is not None:
-        path = Path(cfg.ckpt_path)
-    elif cfg.resume:
-        path = run.checkpoints / "last.ckpt"
-    else:
-        return None
-    if not path.is_file():
-        raise ConfigError(f"Invalid config: resume=true but no checkpoint at {path}; allowed: "
-                          "hydra.run.dir=<the interrupted run's folder> or ckpt_path=<file.ckpt>")
-    return str(path)
-
-
-def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
+def _fit_and_evaluate(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     import torch
 
     from kimi_lab.training import malloc
@@ -96,19 +95,18 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir) -> dict:
         torch.set_num_threads(int(cfg.hardware.num_threads))
     try:
         with malloc.retained(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu"):
-            return _run_trainer(cfg, run)
+            return _run_trainer(cfg, run, ckpt_path)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
+def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     import lightning as L
     import torch
 
     from kimi_lab.data import LMDataModule
     from kimi_lab.training.trainer import build_trainer
 
-    ckpt_path = _resume_checkpoint(cfg, run)
     trainer, callbacks = build_trainer(cfg, run)
     max_steps, tokens_per_step = steps_and_tokens(cfg, trainer.world_size)
     samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
@@ -141,19 +139,19 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
     callbacks.data_position.samples_per_step = samples_per_step
 
-    from kimi_lab.training.callbacks import RunInterrupted
+    from kimi_lab.training.callbacks import RunStopped
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with rss:
         callbacks.memory.rss = rss  # samples during training batches only
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except RunInterrupted as stop:
-            log.warning("%s; continue with resume=true hydra.run.dir=%s", stop, run.path)
-            return _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="interrupted")
-        if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # final-step validation
+            _fit(trainer, module, datamodule, ckpt_path, callbacks)
+        except RunStopped as stop:  # interrupted (continue with resume=true) or diverged
+            hint = "; continue with resume=true hydra.run.dir=" if stop.status == "interrupted" else ": run folder "
+            log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
+            return {**_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status),
+                    **stop.extra}
         trainer.save_checkpoint(run.checkpoints / "last.ckpt")
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
@@ -163,6 +161,13 @@ def _run_trainer(cfg: DictConfig, run: RunDir) -> dict:
     results.update(_downstream(cfg, module, trainer))  # after PeakRSS: peak_mem_mb stays the training peak
     _log_hparams(trainer, cfg, results)
     return results
+
+
+def _fit(trainer, module, datamodule, ckpt_path: str | None, callbacks) -> None:
+    """Train, then validate the final step when the schedule did not (BestCheckpoint sees that validation too)."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not callbacks.metrics.val_history or callbacks.metrics.val_history[-1]["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
 HPARAM_METRICS = ("val_loss", "val_ppl", "val_acc", "test_loss", "best_val_loss", "tokens_per_s", "peak_mem_mb",
@@ -206,7 +211,8 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
 
     vals = callbacks.metrics.val_history
     final = vals[-1] if vals else {}
-    best = min(vals, key=lambda r: r["val_loss"]) if vals else {}
+    finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
+    best = min(finite, key=lambda r: r["val_loss"]) if finite else {}  # ties: the earlier step, as BestCheckpoint
     peak_mb, peak_kind = _peak_mem_mb(rss)
     groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
     choices = {g: _choice(cfg, g) for g in groups}
@@ -237,17 +243,18 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         "versions": versions(),
         "host": host(),
         "malloc": malloc_current(),
-        "git_commit": git_commit(),
         "finished": now_iso(),
     }
 
 
 def _rope_summary(model) -> dict:
-    """The RoPE scaling that ran (rope.name is only the option's label) and its attention factor (YaRN mscale)."""
+    """The RoPE scaling that ran (rope.name is only the option's label) and the factor its cos/sin carried (YaRN
+    mscale; 1 where MLA keeps them plain and scales its softmax instead)."""
     rotary = getattr(model, "rotary", None)
     if rotary is None:
         return {}
-    return {"rope_scaling": rotary.scaling_type, "rope_attention_scaling": rotary.attention_scaling}
+    factor = rotary.attention_scaling if model.scale_rotary_tables else 1.0
+    return {"rope_scaling": rotary.scaling_type, "rope_attention_scaling": factor}
 
 
 def _length_generalisation(cfg: DictConfig, module, trainer, datamodule) -> dict:

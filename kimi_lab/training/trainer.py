@@ -8,11 +8,11 @@ import warnings
 from dataclasses import dataclass
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from kimi_lab.training.callbacks import (DataPosition, ExpertLoadMonitor, InterruptAt, MemoryWindow, OptimizerStepTimer,
-                                        StepMetrics)
+from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, MemoryWindow, OptimizerStepTimer, StepMetrics
+from kimi_lab.training.checkpoints import BestCheckpoint, InterruptAt, LastCheckpoint, RngState
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from kimi_lab.training.rundir import RunDir
 
@@ -39,13 +39,15 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     # Lightning cannot see that DataPosition restores the sampler position on resume; its warning is wrong here
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     accumulate = int(cfg.trainer.accumulate_grad_batches)
+    val_every = int(cfg.trainer.val_check_interval)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
         metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts,
-                            log_every_n_steps=int(cfg.trainer.log_every_n_steps)),
+                            log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+                            checkpoint_every_n_steps=int(cfg.trainer.checkpoint_every_n_steps)),
         experts=experts,
         data_position=DataPosition(samples_per_step=cfg.data.batch_size * accumulate),
-        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt")
+        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt", val_every)
                    if cfg.trainer.interrupt_at_step is not None else None),
         optimizer_timer=OptimizerStepTimer(),
         memory=MemoryWindow(),
@@ -57,12 +59,11 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         ours.metrics,
         ours.optimizer_timer,  # after metrics: its grad-norm read is not counted as optimizer time
         ours.data_position,
-        # best weights by val_loss, saved after each validation
-        ModelCheckpoint(dirpath=run.checkpoints, filename="best-step{step}", monitor="val_loss", mode="min",
-                        save_top_k=1, auto_insert_metric_name=False),
-        # last.ckpt for resume, every checkpoint_every_n_steps optimizer steps
-        ModelCheckpoint(dirpath=run.checkpoints, save_last=True, save_top_k=0,
-                        every_n_train_steps=int(cfg.trainer.checkpoint_every_n_steps)),
+        RngState(),
+        # Checkpoint callbacks: Lightning runs them after all the others, in this order
+        BestCheckpoint(run.checkpoints),  # best-step<N>.ckpt: lowest val_loss, after each validation
+        # last.ckpt for resume, every checkpoint_every_n_steps optimizer steps (after the step's validation, if any)
+        LastCheckpoint(run.checkpoints / "last.ckpt", int(cfg.trainer.checkpoint_every_n_steps), val_every),
     ]
     loggers = []
     if cfg.logger.tensorboard:
@@ -70,7 +71,7 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
                                          default_hp_metric=False))
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if ours.interrupt is not None:
-        callbacks.append(ours.interrupt)  # last: sees the step's metrics row already written
+        callbacks.append(ours.interrupt)  # last: the step's rows, validation and best checkpoint are written
     trainer = L.Trainer(
         accelerator=_value(cfg.hardware.accelerator),
         devices=cfg.hardware.devices,
@@ -81,7 +82,7 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         # Lightning counts val_check_interval in micro-batches; ours is in optimizer steps
-        val_check_interval=int(cfg.trainer.val_check_interval) * accumulate,
+        val_check_interval=val_every * accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=int(cfg.trainer.log_every_n_steps),

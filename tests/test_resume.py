@@ -1,0 +1,74 @@
+"""Resume: a preempted run ends as the uninterrupted one (validations, best checkpoint), and only the same config
+may resume a checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimi_lab.config import ConfigError
+from kimi_lab.training import train
+from kimi_lab.training.callbacks import RunInterrupted
+from kimi_lab.training.checkpoints import InterruptAt
+from tests.helpers import compose_config, read_metrics
+
+QUICK = ["data.eval_lengths=[]", "logger.tensorboard=false", "optimizer.warmup_steps=1", "seed=0"]
+
+
+def best_files(run_dir) -> set[str]:
+    return {p.name for p in (run_dir / "checkpoints").glob("best-step*.ckpt")}
+
+
+def test_preempted_run_resumes_with_the_same_validations_and_best_checkpoint(tmp_path, monkeypatch):
+    """Killed during step 3 (no checkpoint of its own): the resume starts from the periodic last.ckpt of step 2, a
+    validation step, which must hold step 2's validation and best score."""
+    overrides = [*QUICK, "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2",
+                 "optimizer.lr=2.0", "optimizer.schedule=constant", "trainer.gradient_clip_val=null"]
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = train(compose_config(overrides, output_dir=full_dir))
+    assert full["best_val_step"] == 2, "the scenario needs the best validation at the checkpointed step"
+
+    def killed(self, trainer):  # a preemption: the job dies without writing a checkpoint
+        if trainer.global_step >= self.step:
+            raise RunInterrupted("killed")
+
+    monkeypatch.setattr(InterruptAt, "step_end", killed)
+    assert train(compose_config([*overrides, "trainer.interrupt_at_step=3"], output_dir=cut_dir))["status"] == \
+        "interrupted"
+    ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert [r["step"] for r in ckpt["callbacks"]["StepMetrics"]["val_history"]] == [2]
+    assert ckpt["callbacks"]["BestCheckpoint"]["best_step"] == 2
+
+    resumed = train(compose_config([*overrides, "resume=true"], output_dir=cut_dir))
+    assert resumed["status"] == "completed"
+    for key in ("best_val_loss", "best_val_step", "val_loss"):
+        assert resumed[key] == full[key], key
+    assert best_files(cut_dir) == best_files(full_dir) == {"best-step2.ckpt"}
+    assert val_rows(cut_dir) == val_rows(full_dir)
+
+
+def val_rows(run_dir) -> list[tuple]:
+    return [(r["step"], r["tokens"], r["val_loss"], r["val_acc"]) for r in read_metrics(run_dir)[1]]
+
+
+def test_resume_refuses_another_config_before_training(tmp_path):
+    overrides = [*QUICK, "trainer.max_steps=4", "trainer.val_check_interval=2"]
+    cut_dir = tmp_path / "cut"
+    train(compose_config([*overrides, "trainer.interrupt_at_step=2"], output_dir=cut_dir))
+    before = {name: (cut_dir / name).read_bytes() for name in ("metrics.csv", "config_resolved.yaml",
+                                                               "checkpoints/last.ckpt")}
+    defaults = compose_config(overrides)
+    with pytest.raises(ConfigError) as error:
+        train(compose_config([*overrides, "resume=true", "seed=7", "optimizer.lr=0.1", "moe.aux_loss_alpha=0.5"],
+                             output_dir=cut_dir))
+    message = str(error.value)
+    assert "seed=7 (checkpoint: 0)" in message
+    assert f"optimizer.lr=0.1 (checkpoint: {defaults.optimizer.lr!r})" in message
+    assert f"moe.aux_loss_alpha=0.5 (checkpoint: {defaults.moe.aux_loss_alpha!r})" in message
+    assert "trainer.interrupt_at_step" not in message.split("; allowed")[0]  # run control may differ
+    assert before == {name: (cut_dir / name).read_bytes() for name in before}  # nothing trained or rewritten
+    # the job-control keys may change: the resume goes on
+    resumed = train(compose_config([*overrides, "resume=true", "hardware.num_threads=1",
+                                    "trainer.log_every_n_steps=1", "logger.tensorboard=true"], output_dir=cut_dir))
+    assert resumed["status"] == "completed" and resumed["steps"] == 4
