@@ -1,5 +1,6 @@
 """kimi_lab.stats: every statistic against scipy.stats / statsmodels, A/A calibration, a synthetic sweep with known
-numbers (failed, running, missing and duplicate jobs), and one real tiny sweep end to end through `make report`."""
+numbers (failed, running, missing, duplicate and diverged jobs), and one real tiny sweep end to end through
+`make report`."""
 
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower
+from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from kimi_lab.stats import collect_sweep, compare_samples, compare_sweep
+from kimi_lab.stats.collect import read_job, read_metrics_csv
 from kimi_lab.stats.compare import adjust_pvalues, cohens_d, hedges_correction, mde_d, n_for_power, t_test
 from kimi_lab.stats.report import main as report_main
 from kimi_lab.stats.report import newest_sweep, verdict, write_report
 from tests.helpers import DATA_DIR, REPO_ROOT
-from tests.synthetic import LRS, VAL
+from tests.synthetic import LRS, VAL, write_divergent_sweep, write_run
 
 TOL = 1e-10
 
@@ -93,6 +96,28 @@ def test_effect_sizes_power_and_mde_match_statsmodels():
     assert n_for_power(50.0) == 2 and math.isnan(n_for_power(0.0))
 
 
+def test_paired_power_mde_and_n_use_d_z_and_ttestpower():
+    """Paired rows: one-sample TTestPower on n pairs at d_z = mean(diff) / SD(diff), not the pooled two-sample d."""
+    a, b = np.array([3.10, 2.95, 3.30, 3.02]), np.array([3.00, 2.90, 3.12, 2.99])
+    row = compare_samples(dict(enumerate(a)), dict(enumerate(b)))
+    diff = a - b
+    dz = diff.mean() / diff.std(ddof=1)
+    power = TTestPower()
+    assert row["test"] == "paired" and row["d_z"] == pytest.approx(dz, abs=TOL)
+    assert row["d_z"] == pytest.approx(row["t"] / 2, abs=TOL)  # t = d_z * sqrt(n)
+    assert row["cohens_d"] == pytest.approx(cohens_d(a, b), abs=TOL)  # d / g stay the between-arm d_s
+    assert row["power"] == pytest.approx(power.power(effect_size=dz, nobs=4, alpha=0.05), abs=TOL)
+    assert row["mde_d"] == pytest.approx(power.solve_power(effect_size=None, nobs=4, alpha=0.05, power=0.8), abs=1e-8)
+    assert mde_d(3, 3, paired=True) == pytest.approx(3.2640, abs=1e-4) != pytest.approx(mde_d(3, 3), abs=0.1)
+    n = row["n_for_80pct_power"]
+    assert power.power(dz, nobs=n, alpha=0.05) >= 0.8 > power.power(dz, nobs=n - 1, alpha=0.05)
+    welch = compare_samples(dict(enumerate(a)), dict(enumerate(b)), pairing=False)
+    assert math.isnan(welch["d_z"]) and welch["power"] == pytest.approx(
+        TTestIndPower().power(effect_size=abs(cohens_d(a, b)), nobs1=4, alpha=0.05, ratio=1.0), abs=TOL)
+    # statsmodels' solve_power returns n = 2 here (power 0.54: its nct is NaN at 2.5 and 3 pairs); the search does not
+    assert n_for_power(6.64, paired=True) == 3 and power.power(6.64, nobs=2, alpha=0.05) < 0.8
+
+
 @pytest.mark.parametrize("method", ["bonferroni", "holm", "fdr_bh"])
 def test_corrections_match_multipletests_and_skip_untested(method):
     p = np.array([0.01, np.nan, 0.04, 0.03, 0.5, 0.002])
@@ -109,6 +134,20 @@ def test_single_seed_gives_estimates_without_tests_and_zero_variance_says_so():
     assert "estimate only" in row["note"] and math.isnan(row["mde_d"])
     flat = compare_samples({1: 5.0, 2: 5.0}, {1: 4.0, 2: 4.0})
     assert math.isnan(flat["p"]) and "no variance" in flat["note"] and flat["diff"] == 1.0
+
+
+def test_a_constant_shift_with_rounding_noise_is_no_variance_not_p_1e_32():
+    x = [0.3, 0.7, 1.1]
+    y = [v + 0.2 for v in x]  # differences 0.2 +- 1e-16: scipy's paired t is ~1e16
+    with pytest.warns(RuntimeWarning, match="catastrophic cancellation"):  # scipy itself distrusts its answer
+        assert np.ptp(np.subtract(y, x)) > 0 and stats.ttest_rel(y, x).pvalue < 1e-20
+    row = compare_samples(dict(enumerate(y)), dict(enumerate(x)))
+    assert row["test"] == "paired" and math.isnan(row["p"]) and math.isnan(row["t"]) and "no variance" in row["note"]
+    assert row["diff"] == pytest.approx(0.2, abs=1e-12)
+    noisy = compare_samples({1: 1000.0, 2: 1000.0 + 1e-10}, {1: 999.0, 2: 999.0})  # both arms flat (Welch)
+    assert math.isnan(noisy["p"]) and "no variance" in noisy["note"]
+    real = compare_samples(dict(enumerate(y)), {0: 0.3, 1: 0.7, 2: 1.1 + 1e-6})  # a real 1e-6 spread is tested
+    assert math.isfinite(real["p"])
 
 
 # ---------------------------------------------------------------- A/A calibration
@@ -145,6 +184,87 @@ def test_collect_lists_every_job_and_groups_arms(sweep_dir):
     assert [len(a.completed) for a in sweep.arms] == [3, 3, 2, 1]
 
 
+def test_relaunch_with_skip_completed_does_not_split_arms(sweep_dir):
+    """A relaunch adds sweep.skip_completed to the jobs it touched and to multirun.yaml, a resumed job resume=true:
+    run control, not factors, no arm of their own."""
+    for name, item in (("0", "+sweep.skip_completed=true"), ("1", "sweep.skip_completed=true"),
+                       ("3", "~sweep.skip_completed"), ("4", "++sweep.skip_completed=True"), ("6", "resume=true")):
+        path = sweep_dir / name / ".hydra" / "overrides.yaml"
+        path.write_text(yaml.safe_dump([*yaml.safe_load(path.read_text()), item]))
+    multirun = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+    multirun["hydra"]["overrides"]["task"].append("sweep.skip_completed=true")
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    sweep = collect_sweep(sweep_dir)
+    assert sweep.factors == {"optimizer.lr": LRS} and [len(a.completed) for a in sweep.arms] == [3, 3, 2, 1]
+    assert [j.name for j in sweep.jobs if j.status == "missing"] == ["11"]  # the grid ignores the key too
+
+
+def test_diverged_jobs_are_listed_counted_per_arm_and_flagged(tmp_path):
+    out, sweep, comp = write_report(write_divergent_sweep(tmp_path), tmp_path / "rep", plots=False)
+    jobs = {j.name: j for j in sweep.jobs}
+    assert (jobs["4"].status, jobs["4"].diverged_at_step, jobs["4"].error) == ("diverged", 7, "diverged at step 7")
+    assert (jobs["5"].status, jobs["5"].diverged_at_step) == ("diverged", 8)  # an older run: "completed", NaN val
+    assert jobs["5"].error.startswith("diverged at step 8 (recorded as completed: val_loss nan, test_loss nan")
+    unstable = sweep.arm("optimizer.lr=0.008")
+    assert [j.name for j in unstable.completed] == ["3"] and [j.seed for j in unstable.diverged] == [2, 3]
+    val = next(r for r in comp.rows if r["metric"] == "val_loss")
+    assert (val["n_a"], val["mean_a"], val["seeds_a"]) == (1, VAL["0.008", 1], "1")  # diverged seeds: in no mean
+    warning = ("arm optimizer.lr=0.008: 2 of 3 seeds diverged (seed 2 at step 7, seed 3 at step 8) and are not in "
+               "the mean, which flatters it")
+    assert {r["warning"] for r in comp.rows} == {warning} and comp.censored == {}
+    md = (out / "report.md").read_text()
+    assert "## Jobs not counted (2)" in md and "| 4 | optimizer.lr=0.008 | 2 | diverged | diverged at step 7 |" in md
+    assert f"## Warnings (1)\n\n- **{warning}**" in md and "No value for" not in md
+    assert "| `optimizer.lr=0.001` | 3 | 3 | 0 | 0 | 1 2 3 |" in md  # jobs, completed, diverged, failed/other, seeds
+    assert "| `optimizer.lr=0.008` | 3 | 1 | 2 | 0 | 1 |" in md
+    assert f"estimate only, no test (needs >= 2 runs per arm). Warning: {warning}." in md
+    report = json.loads((out / "report.json").read_text())
+    assert report["arms"][1]["diverged_seeds"] == [2, 3] and report["warnings"] == [warning]
+    assert [j["diverged_at_step"] for j in report["jobs"]] == [None, None, None, None, 7, 8]
+    assert _rows(out / "comparisons.csv")[0]["warning"] == warning
+    against = compare_sweep(sweep, baseline="optimizer.lr=8e-3")  # the unstable arm as baseline: still flagged
+    assert {r["warning"] for r in against.rows} == {warning}
+    assert verdict(against.rows[0], 0.05).endswith(f"Warning: {warning}.")
+
+
+def test_non_finite_train_loss_is_read_and_marks_an_older_completed_run_diverged(tmp_path):
+    from kimi_lab.stats.metrics import stability
+
+    write_run(tmp_path / "job", "0.001", 1, "completed", 3.0)
+    csv_path = tmp_path / "job" / "metrics.csv"
+    lines = csv_path.read_text().splitlines()
+    assert lines[4] == "4,400,4,2.0,5.7,1.0,"
+    csv_path.write_text("\n".join([*lines[:4], "4,400,4,2.0,inf,1.0,", *lines[5:]]) + "\n")
+    train, val = read_metrics_csv(csv_path)
+    assert [r["step"] for r in train] == list(range(1, 11)) and math.isinf(train[3]["train_loss"]) and len(val) == 2
+    job = read_job(tmp_path / "job", "job")  # final val loss finite, status completed: the curve says diverged
+    assert (job.status, job.diverged_at_step) == ("diverged", 4) and "train_loss non-finite at step 4" in job.error
+    nan_job = read_job(write_divergent_sweep(tmp_path) / "4", "4")  # NaN from step 7: steps 7..10 are spikes
+    assert len(nan_job.train_rows) == 10 and stability(nan_job)[1] == 4
+
+
+def test_jobs_on_different_data_or_code_are_warned(sweep_dir, tmp_path):
+    def edit(name: str, **fields) -> None:
+        path = sweep_dir / name / "results.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+    edit("0", git_commit="0123abc+dirty")
+    _, _, _ = write_report(sweep_dir, tmp_path / "code", plots=False)
+    report = json.loads((tmp_path / "code" / "report.json").read_text())
+    assert report["warnings"] == [
+        "jobs ran on different code (git_commit): `0123abc+dirty`: 1 job(s) (0); "
+        "`c90c2add7571d7a6af90a35972d26043ccc5453e`: 8 job(s) (1, 2, 3, 4, 5, 6, 8, 9)"]
+    edit("4", data_manifest_key="ffff00000000")
+    edit("5", data_manifest_key=None)
+    out, _, _ = write_report(sweep_dir, tmp_path / "data", plots=False)
+    report = json.loads((out / "report.json").read_text())
+    assert report["provenance"]["data_manifest_key"] == {
+        "88c13da1a57a": ["0", "1", "2", "3", "6", "8", "9"], "ffff00000000": ["4"], "(not recorded)": ["5"]}
+    assert report["warnings"][0].startswith("jobs ran on different data (data_manifest_key): arm differences may be")
+    md = (out / "report.md").read_text()
+    assert "## Warnings (2)" in md and "`ffff00000000`: 1 job(s) (4)" in md and "different code (git_commit)" in md
+
+
 def _rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
@@ -179,7 +299,11 @@ def test_report_on_the_synthetic_sweep(sweep_dir, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Jobs not counted (4)" in md and "RuntimeError: loss is nan" in md and "| 11 |" in md
     assert "optimizer.lr=0.002 lowers val loss by 0.0967 [" in md and "paired t-test" in md
-    assert "MDE d >= 3.07 with n = 3 vs 3" in md and "estimate only" in md
+    assert "MDE d_z >= 3.26 with 3 pairs" in md and "MDE d >= 3.89 with n = 2 vs 3" in md and "estimate only" in md
+    assert "No value for 2 completed run(s): never reached the target val loss 3.1: 6, 9." in md
+    assert "run too short" not in md and "conservative" not in md and "Warning" not in md
+    assert report["warnings"] == [] and report["provenance"]["git_commit"] == {
+        "c90c2add7571d7a6af90a35972d26043ccc5453e": [str(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]}
     tex = (out / "report.tex").read_text()
     assert tex.startswith(r"\begin{tabular}") and r"val\_loss & optimizer.lr=0.002" in tex
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -198,6 +322,7 @@ def test_baseline_choice_and_cli(sweep_dir, tmp_path, capsys, monkeypatch):
     comp = compare_sweep(collect_sweep(sweep_dir), baseline="optimizer.lr=0.002")
     assert comp.baseline == "optimizer.lr=0.002" and {r["arm"] for r in comp.rows} == {
         "optimizer.lr=0.001", "optimizer.lr=0.004", "optimizer.lr=0.008"}
+    assert compare_sweep(collect_sweep(sweep_dir), baseline="optimizer.lr=2e-3").baseline == "optimizer.lr=0.002"
     with pytest.raises(ValueError, match="'norm' is not a swept key; allowed: \\['optimizer.lr'\\]"):
         compare_sweep(collect_sweep(sweep_dir), baseline="norm=rmsnorm")
     monkeypatch.chdir(tmp_path)  # the default sweep is the newest under ./multirun, the default output ./reports/
@@ -231,10 +356,10 @@ def test_real_sweep_through_make_report(tmp_path):
     val = rows["val_loss", "norm=rmsnorm, optimizer.lr=(default)"]
     assert val["baseline"] == "norm=layernorm, optimizer.lr=(default)"
     assert (val["test"], val["n_a"], val["n_b"], val["seeds_a"]) == ("paired", "3", "3", "1 2 3")
-    assert 0 <= float(val["p"]) <= 1 and float(val["mde_d"]) == pytest.approx(3.0709, abs=1e-4)
+    assert 0 <= float(val["p"]) <= 1 and float(val["mde_d"]) == pytest.approx(3.2640, abs=1e-4)  # d_z, 3 pairs
     assert rows["val_loss", "norm=rmsnorm, optimizer.lr=-1"]["n_a"] == "0"
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     failed = [j for j in report["jobs"] if j["status"] == "failed"]
     assert [j["name"] for j in failed] == ["fail/0"] and "optimizer.lr" in failed[0]["error"]
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Jobs not counted (1)" in md and "MDE d >= 3.07 with n = 3 vs 3" in md
+    assert "## Jobs not counted (1)" in md and "MDE d_z >= 3.26 with 3 pairs" in md

@@ -3,7 +3,8 @@
 A sweep is ``multirun/<date>/<time>-<tag>/<job>/`` (Hydra's layout, see conf/hydra/default.yaml) or any folder of
 run folders. A job folder is one that holds ``.hydra/overrides.yaml``, ``status.json`` or ``results.json``. Jobs are
 keyed by their overrides, never by number; an arm is the set of jobs whose overrides agree on every swept key once
-``seed`` is removed. Jobs that did not complete are kept and listed, never dropped silently.
+``seed`` is removed. Jobs that did not complete are kept and listed, never dropped silently; a run whose loss went
+non-finite is ``diverged`` whatever its status.json says (see ``classify_divergence``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SEED_KEY = "seed"
 DEFAULT_VALUE = "(default)"  # a swept key that a job did not override: the config's own value
 JOB_MARKERS = (".hydra/overrides.yaml", "status.json", "results.json")
 SKIP_DIRS = {"checkpoints", "tensorboard", ".hydra", "__pycache__"}
+# run control, not factors of the experiment: a relaunch of a killed sweep (README) or the resume of one job
+IGNORED_KEYS = {"sweep.skip_completed", "resume", "ckpt_path", "trainer.interrupt_at_step"}
+FINAL_LOSSES = ("val_loss", "test_loss")  # a non-finite value here means the run diverged
 
 
 @dataclass
@@ -32,12 +36,13 @@ class Job:
     name: str  # path relative to the sweep folder
     path: Path
     overrides: dict[str, str]  # key -> value, as in .hydra/overrides.yaml
-    status: str  # completed | failed | interrupted | running | missing | unreadable | duplicate
-    error: str | None = None
+    status: str  # completed | diverged | failed | interrupted | running | missing | unreadable | duplicate
+    error: str | None = None  # why the job is not counted (diverged: "diverged at step N ...")
     results: dict = field(default_factory=dict)
     train_rows: list[dict] = field(default_factory=list)  # metrics.csv rows of optimizer steps
     val_rows: list[dict] = field(default_factory=list)  # metrics.csv rows of validations
     arm: str | None = None
+    diverged_at_step: int | None = None
 
     @property
     def seed(self) -> int | None:
@@ -61,6 +66,23 @@ class Arm:
     @property
     def completed(self) -> list[Job]:
         return [j for j in self.jobs if j.usable]
+
+    @property
+    def diverged(self) -> list[Job]:
+        """Diverged jobs, one per seed, whose seed has no completed run in this arm."""
+        done = {j.seed for j in self.completed}
+        by_seed = {j.seed: j for j in reversed(self.jobs) if j.status == "diverged" and j.seed not in done}
+        return sorted(by_seed.values(), key=lambda j: natural_key(j.name))
+
+    def divergence_warning(self) -> str | None:
+        """'arm X: 1 of 3 seeds diverged (...) and is not in the mean, which flatters it'; None when none did."""
+        if not self.diverged:
+            return None
+        k, n = len(self.diverged), len({j.seed for j in self.jobs})
+        where = ", ".join(f"seed {j.seed} at step {j.diverged_at_step if j.diverged_at_step is not None else '?'}"
+                          for j in self.diverged)
+        return (f"arm {self.label}: {k} of {n} seeds diverged ({where}) and {'is' if k == 1 else 'are'} not in the "
+                f"mean, which flatters it")
 
 
 @dataclass
@@ -90,7 +112,10 @@ def split_override(item: str) -> tuple[str, str]:
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """key -> value as Hydra writes it for a sweep job (``1e-3`` -> ``0.001``), so hand-written runs and sweep jobs
-    of the same setting land in one arm; a line Hydra's parser rejects is split at its first '='."""
+    of the same setting land in one arm; a line Hydra's parser rejects is split at its first '='.
+
+    Keys of IGNORED_KEYS (with any ``+``/``++``/``~`` prefix) are dropped: a relaunch with
+    ``sweep.skip_completed=true``, or one job resumed with ``resume=true``, must not form an arm of its own."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -98,9 +123,10 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     for item in items:
         try:
             override = parser.parse_override(str(item))
-            out[override.get_key_element()] = override.get_value_element_as_str()
+            key, value = override.get_key_element(), override.get_value_element_as_str()
         except HydraException:
             key, value = split_override(item)
+        if key.lstrip("+~") not in IGNORED_KEYS:
             out[key] = value
     return out
 
@@ -120,14 +146,50 @@ def _to_float(text: str) -> float:
 
 
 def read_metrics_csv(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, validation rows) of metrics.csv as floats; empty cells become NaN."""
+    """(train rows, validation rows) of metrics.csv as floats; empty cells become NaN.
+
+    A train row is one with a train_loss cell, a validation row one with a val_loss cell, whatever the value: a
+    written ``nan`` / ``inf`` loss is kept, so divergence and loss spikes are seen."""
     if not path.is_file():
         return [], []
     with path.open(newline="") as f:
-        rows = [{k: _to_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    train = [r for r in rows if not math.isnan(r.get("train_loss", math.nan))]
-    val = [r for r in rows if not math.isnan(r.get("val_loss", math.nan))]
+        cells = list(csv.DictReader(f))
+    rows = [{k: _to_float(v) for k, v in row.items()} for row in cells]
+    train = [r for r, c in zip(rows, cells) if (c.get("train_loss") or "").strip()]
+    val = [r for r, c in zip(rows, cells) if (c.get("val_loss") or "").strip()]
     return train, val
+
+
+def _non_finite(value) -> bool:
+    """A recorded loss that is NaN or infinite (None / absent: not recorded, not diverged)."""
+    if value is None:
+        return False
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def classify_divergence(job: Job, status: dict) -> None:
+    """Mark ``job`` diverged: status ``diverged`` (status.json or results.json, with ``diverged_at_step``), or an
+    older run recorded ``completed`` whose final val/test loss is non-finite or whose metrics.csv holds a non-finite
+    train loss. The step is the recorded one, else the first non-finite train loss, else the first non-finite
+    validation."""
+    declared = "diverged" in (job.status, job.results.get("status"))
+    bad_final = [k for k in FINAL_LOSSES if _non_finite(job.results.get(k))]
+    bad_train = [r["step"] for r in job.train_rows if not math.isfinite(r["train_loss"])]
+    if not (declared or (job.status == "completed" and (bad_final or bad_train))):
+        return
+    step = job.results.get("diverged_at_step", status.get("diverged_at_step"))
+    bad_val = [r["step"] for r in job.val_rows if not math.isfinite(r["val_loss"])]
+    if step is None and (bad_train or bad_val):
+        step = (bad_train or bad_val)[0]
+    job.diverged_at_step = int(step) if step is not None else None
+    evidence = [f"{k} {job.results.get(k)}" for k in bad_final]
+    evidence += [f"train_loss non-finite at step {bad_train[0]:.0f}"] if bad_train else []
+    how = "" if declared else f" (recorded as {job.status}: {', '.join(evidence)})"
+    job.status = "diverged"
+    job.error = f"diverged at step {job.diverged_at_step if step is not None else '? (not recorded)'}{how}"
 
 
 def read_job(path: Path, name: str) -> Job:
@@ -152,8 +214,9 @@ def read_job(path: Path, name: str) -> Job:
             job.status, job.error = "unreadable", "status completed but results.json is absent"
         elif job.status == "running":
             job.error = f"status.json says running (pid {status.get('pid')}); still running, or killed"
-    if job.status == "completed":
+    if job.status in ("completed", "diverged"):
         job.train_rows, job.val_rows = read_metrics_csv(path / "metrics.csv")
+        classify_divergence(job, status)
     return job
 
 
@@ -185,6 +248,8 @@ def sweep_grid(multirun_yaml: Path) -> dict[str, list[str]] | None:
     task = (hydra.get("overrides") or {}).get("task") or []
     grid: dict[str, list[str]] = {}
     for override in OverridesParser.create().parse_overrides([*params, *task]):
+        if override.key_or_group in IGNORED_KEYS:
+            continue
         if override.is_sweep_override():
             grid[override.get_key_element()] = list(override.sweep_string_iterator())
         else:
@@ -268,3 +333,31 @@ def collect_sweep(path: str | Path) -> Sweep:
                 declared.setdefault(key, values)
     factors = swept_factors(jobs, declared)
     return Sweep(path=root, jobs=jobs, factors=factors, arms=group_arms(jobs, factors))
+
+
+PROVENANCE = {  # results.json field -> what a difference means
+    "data_manifest_key": "different data (data_manifest_key): arm differences may be data differences",
+    "git_commit": "different code (git_commit)",
+}
+NOT_RECORDED = "(not recorded)"
+
+
+def provenance(sweep: Sweep) -> dict[str, dict[str, list[str]]]:
+    """field of PROVENANCE -> recorded value -> job names, over the jobs that left results (completed, diverged)."""
+    jobs = [j for j in sweep.jobs if j.status in ("completed", "diverged")]
+    out: dict[str, dict[str, list[str]]] = {}
+    for key in PROVENANCE:
+        for job in jobs:
+            out.setdefault(key, {}).setdefault(str(job.results.get(key) or NOT_RECORDED), []).append(job.name)
+    return out
+
+
+def provenance_warnings(sweep: Sweep) -> list[str]:
+    """One line per PROVENANCE field on which the jobs disagree, listing each value and its jobs."""
+    lines = []
+    for key, values in provenance(sweep).items():
+        if len(values) > 1:
+            listed = "; ".join(f"`{v}`: {len(names)} job(s) ({', '.join(names[:8])}{', ...' * (len(names) > 8)})"
+                               for v, names in values.items())
+            lines.append(f"jobs ran on {PROVENANCE[key]}: {listed}")
+    return lines

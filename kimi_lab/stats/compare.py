@@ -1,8 +1,9 @@
 """Each arm vs the baseline arm, for every metric: t-test, 95 % CI, effect sizes, corrected p, power, MDE.
 
 Statistics come from scipy.stats (Welch 1947 / paired t-test and their confidence intervals) and statsmodels
-(``multipletests``, ``TTestIndPower``). Written here only what they lack: Cohen's d with the pooled SD and Hedges'
-exact small-sample correction J = Γ(ν/2) / (√(ν/2) Γ((ν-1)/2)) (Hedges 1981, eq. 6e).
+(``multipletests``; ``TTestPower`` for paired rows, ``TTestIndPower`` for Welch rows). Written here only what they
+lack: Cohen's d_s with the pooled SD, Hedges' exact small-sample correction J = Γ(ν/2) / (√(ν/2) Γ((ν-1)/2))
+(Hedges 1981, eq. 6e), and d_z = mean(a - b) / SD(a - b) of the paired differences (Cohen 1988, §2.3.5).
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from functools import cache
 import numpy as np
 from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower
+from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from kimi_lab.stats.collect import Sweep
-from kimi_lab.stats.metrics import METRICS, default_target_loss, job_metrics
+from kimi_lab.stats.collect import Sweep, parse_overrides
+from kimi_lab.stats.metrics import METRICS, default_target_loss, job_metrics, missing_reason
 
 ALPHA = 0.05
 TARGET_POWER = 0.8
+FLAT_RTOL = 1e-9  # "no variance": spread <= FLAT_RTOL x max(|value|, 1), i.e. floating-point noise only
 CORRECTIONS = {"p_bonferroni": "bonferroni", "p_holm": "holm", "p_fdr_bh": "fdr_bh"}  # column -> method
 COLUMNS = [
     "metric", "arm", "baseline", "test", "n_a", "n_b", "mean_a", "mean_b", "sd_a", "sd_b", "diff", "ci_low",
-    "ci_high", "t", "df", "p", "cohens_d", "hedges_g", *CORRECTIONS, "power", "mde_d", "n_for_80pct_power",
-    "seeds_a", "seeds_b", "note",
+    "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "d_z", *CORRECTIONS, "power", "mde_d", "n_for_80pct_power",
+    "seeds_a", "seeds_b", "note", "warning",
 ]
 
 
@@ -44,11 +46,17 @@ def t_test(a, b, paired: bool, alpha: float = ALPHA) -> dict:
 
 
 def cohens_d(a, b):
-    """(mean(a) - mean(b)) / pooled SD (ddof=1 in each arm), along the last axis."""
+    """d_s = (mean(a) - mean(b)) / pooled SD (ddof=1 in each arm), along the last axis."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     n_a, n_b = a.shape[-1], b.shape[-1]
     pooled = ((n_a - 1) * a.var(axis=-1, ddof=1) + (n_b - 1) * b.var(axis=-1, ddof=1)) / (n_a + n_b - 2)
     return (a.mean(axis=-1) - b.mean(axis=-1)) / np.sqrt(pooled)
+
+
+def d_z(a, b) -> float:
+    """Paired effect size d_z = mean(a - b) / SD(a - b) (ddof=1): the t of the paired test over √n."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(diff.mean() / diff.std(ddof=1))
 
 
 def hedges_correction(dof):
@@ -67,52 +75,75 @@ def adjust_pvalues(p, method: str) -> np.ndarray:
     return out
 
 
+def _power_setup(n_a: int, n_b: int, paired: bool) -> tuple:
+    """(statsmodels power analysis, its size arguments): one-sample TTestPower on n pairs for a paired test (effect
+    size d_z), two-sample TTestIndPower on n_a vs n_b for Welch (effect size d_s)."""
+    return (TTestPower(), {"nobs": n_a}) if paired else (TTestIndPower(), {"nobs1": n_a, "ratio": n_b / n_a})
+
+
 @cache
-def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
-    """Smallest |d| a two-sided two-sample t-test detects with ``power`` at these sizes (3 vs 3: 3.07)."""
+def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER, paired: bool = False) -> float:
+    """Smallest |d| the two-sided test detects with ``power`` at these sizes: d_s for Welch (3 vs 3: 3.07), d_z for
+    a paired test (3 pairs: 3.26)."""
     if min(n_a, n_b) < 2:
         return math.nan
-    return float(TTestIndPower().solve_power(effect_size=None, nobs1=n_a, alpha=alpha, power=power,
-                                             ratio=n_b / n_a, alternative="two-sided"))
+    analysis, sizes = _power_setup(n_a, n_b, paired)
+    return float(analysis.solve_power(effect_size=None, alpha=alpha, power=power, alternative="two-sided", **sizes))
 
 
-def power_at(d: float, n_a: int, n_b: int, alpha: float = ALPHA) -> float:
+def power_at(d: float, n_a: int, n_b: int, alpha: float = ALPHA, paired: bool = False) -> float:
+    """Power of the two-sided test at effect |d| (d_z when paired, d_s otherwise)."""
     if min(n_a, n_b) < 2 or not math.isfinite(d):
         return math.nan
-    kwargs = {"effect_size": abs(d), "nobs1": n_a, "ratio": n_b / n_a}
+    analysis, sizes = _power_setup(n_a, n_b, paired)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        power = float(TTestIndPower().power(alpha=alpha, alternative="two-sided", **kwargs))
+        power = float(analysis.power(effect_size=abs(d), alpha=alpha, alternative="two-sided", **sizes))
         if math.isnan(power):  # scipy's nct.cdf of the far lower tail is NaN at huge d: that tail is ~0
-            power = float(TTestIndPower().power(alpha=alpha / 2, alternative="larger", **kwargs))
+            power = float(analysis.power(effect_size=abs(d), alpha=alpha / 2, alternative="larger", **sizes))
     return power
 
 
-def n_for_power(d: float, alpha: float = ALPHA, power: float = TARGET_POWER) -> float:
-    """Runs per arm (equal arms) for ``power`` at effect |d|; NaN when d is 0 or undefined, at least 2."""
+def n_for_power(d: float, alpha: float = ALPHA, power: float = TARGET_POWER, paired: bool = False,
+                n_max: int = 10**7) -> float:
+    """Smallest n >= 2 (runs per arm, equal arms; pairs when paired) with power_at(d, n, n) >= ``power``; NaN when d
+    is 0 or undefined, or n > n_max. Doubling then bisection over integers on statsmodels' power (monotone in n):
+    its solve_power fails or returns a wrong n where scipy's nct.cdf gives NaN at large effects."""
     if not math.isfinite(d) or d == 0:
         return math.nan
-    if power_at(d, 2, 2, alpha) >= power:
-        return 2.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        n = TTestIndPower().solve_power(effect_size=abs(d), nobs1=None, alpha=alpha, power=power, ratio=1.0)
-    return float(math.ceil(n)) if math.isfinite(n) else math.nan
+    enough = lambda n: power_at(d, n, n, alpha, paired) >= power  # noqa: E731
+    low, high = 1, 2  # not enough at ``low`` (or low = 1, below the minimum), enough at ``high``
+    while not enough(high):
+        low, high = high, 2 * high
+        if high > n_max:
+            return math.nan
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return float(high)
+
+
+def is_flat(x: np.ndarray, scale: float) -> bool:
+    """No variance: spread <= FLAT_RTOL x max(scale, 1), so a constant shift plus rounding noise is not a signal."""
+    return bool(np.ptp(x) <= FLAT_RTOL * max(scale, 1.0))
 
 
 def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA, pairing: bool = True) -> dict:
     """Arm a vs baseline b from {seed: value}: every column of COLUMNS but names and corrected p-values.
 
     Paired t-test when both arms have the same seeds (data order is seed-determined, so seed noise cancels),
-    else Welch. Fewer than 2 runs in an arm: estimates only, no test."""
+    else Welch. Fewer than 2 runs in an arm, or no variance (``is_flat``): estimates only, no test. cohens_d and
+    hedges_g are always the between-arm d_s / g (ν = n_a + n_b - 2); power, MDE and n for 80 % use d_z on paired
+    rows (``TTestPower``, n pairs), d_s on Welch rows (``TTestIndPower``)."""
     seeds_a, seeds_b = sorted(a), sorted(b)
     x, y = np.array([a[s] for s in seeds_a]), np.array([b[s] for s in seeds_b])
     n_a, n_b = len(x), len(y)
     row = {"n_a": n_a, "n_b": n_b, "seeds_a": " ".join(map(str, seeds_a)), "seeds_b": " ".join(map(str, seeds_b))}
     row |= {"mean_a": _mean(x), "mean_b": _mean(y), "sd_a": _sd(x), "sd_b": _sd(y)}
     row["diff"] = row["mean_a"] - row["mean_b"]
-    nan_fields = ("ci_low", "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "power", "mde_d", "n_for_80pct_power")
-    row |= dict.fromkeys(nan_fields, math.nan)
+    nan_fields = ("ci_low", "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "d_z", "power", "mde_d",
+                  "n_for_80pct_power")
+    row |= dict.fromkeys(nan_fields, math.nan) | {"warning": ""}
     if min(n_a, n_b) < 2:
         note = f"n = {n_a} vs {n_b}: estimate only, no test (needs >= 2 runs per arm)"
         if min(n_a, n_b) == 0:
@@ -121,15 +152,19 @@ def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALP
     paired = pairing and seeds_a == seeds_b
     row["test"] = "paired" if paired else "welch"
     row["note"] = f"paired on seeds {row['seeds_a']}" if paired else ("Welch: seeds differ" if pairing else "Welch")
-    row["mde_d"] = mde_d(n_a, n_b, alpha)
-    spread = np.ptp(x - y) if paired else max(np.ptp(x), np.ptp(y))
-    if spread == 0:
-        return row | {"note": "no variance across seeds: no test"}
+    row["mde_d"] = mde_d(n_a, n_b, alpha, paired=paired)
+    scale = float(max(np.abs(x).max(), np.abs(y).max()))
+    if is_flat(x - y, scale) if paired else (is_flat(x, scale) and is_flat(y, scale)):
+        what = "the paired differences are constant" if paired else "both arms are constant"
+        return row | {"note": f"no variance across seeds ({what}): no test"}
     row |= {k: float(v) for k, v in t_test(x, y, paired, alpha).items()}
-    if max(np.ptp(x), np.ptp(y)) > 0:
-        d = float(cohens_d(x, y))
-        row |= {"cohens_d": d, "hedges_g": d * float(hedges_correction(n_a + n_b - 2))}
-        row |= {"power": power_at(d, n_a, n_b, alpha), "n_for_80pct_power": n_for_power(d, alpha)}
+    d = float(cohens_d(x, y))
+    row |= {"cohens_d": d, "hedges_g": d * float(hedges_correction(n_a + n_b - 2))}
+    if paired:
+        row["d_z"] = d_z(x, y)
+    effect = row["d_z"] if paired else d
+    row |= {"power": power_at(effect, n_a, n_b, alpha, paired),
+            "n_for_80pct_power": n_for_power(effect, alpha, paired=paired)}
     return row
 
 
@@ -150,13 +185,15 @@ class Comparison:
     rows: list[dict] = field(default_factory=list)  # one per (metric, arm != baseline), COLUMNS
     summaries: list[dict] = field(default_factory=list)  # one per (metric, arm): n, mean, sd, min, max, seeds
     censored: dict[str, list[str]] = field(default_factory=dict)  # metric -> completed jobs without a value
+    censored_reasons: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # metric -> reason -> jobs
 
 
 def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
-    """(arm label, how it was chosen). ``spec`` like ``norm=layernorm,optimizer=adam`` must match one arm."""
+    """(arm label, how it was chosen). ``spec`` like ``norm=layernorm,optimizer=adam`` must match one arm; its values
+    are normalised as Hydra writes them, like the arm labels (``optimizer.lr=2e-3`` matches ``0.002``)."""
     if not spec:
         return sweep.arms[0].label, "the first value of each swept factor"
-    wanted = dict(item.split("=", 1) for item in re.split(r",(?=[^,=]+=)", spec))
+    wanted = parse_overrides(re.split(r",(?=[^,=]+=)", spec))
     unknown = [k for k in wanted if k not in sweep.factors]
     if unknown:
         raise ValueError(f"--baseline {spec}: {unknown[0]!r} is not a swept key; allowed: {sorted(sweep.factors)}")
@@ -185,13 +222,17 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
     target = default_target_loss(sweep.jobs) if target_loss is None else float(target_loss)
     result = Comparison(baseline=label, baseline_rule=rule, target_loss=target, alpha=alpha)
     values = arm_values(sweep, target)
+    warnings_ = {arm.label: arm.divergence_warning() for arm in sweep.arms}
     for metric in METRICS:
         per_arm = values[metric.name]
         if metric.optional and not any(per_arm.values()):
             continue  # e.g. downstream scores in a sweep run without eval=downstream
-        missing = [j.name for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
+        missing = [j for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
         if missing:
-            result.censored[metric.name] = missing
+            result.censored[metric.name] = [j.name for j in missing]
+            for job in missing:
+                reason = missing_reason(job, metric, target)
+                result.censored_reasons.setdefault(metric.name, {}).setdefault(reason, []).append(job.name)
         for arm in sweep.arms:
             v = np.array(list(per_arm[arm.label].values()))
             result.summaries.append({"metric": metric.name, "arm": arm.label, "n": len(v), "mean": _mean(v),
@@ -201,6 +242,8 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
         rows = [{"metric": metric.name, "arm": arm.label, "baseline": label,
                  **compare_samples(per_arm[arm.label], per_arm[label], alpha, pairing)}
                 for arm in sweep.arms if arm.label != label]
+        for row in rows:  # dropping diverged seeds flatters an unstable arm: say so on every row it touches
+            row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label]) if w)
         for column, method in CORRECTIONS.items():
             for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
                 row[column] = float(p_adj)

@@ -108,6 +108,22 @@ def job_metrics(job: Job, target_loss: float) -> dict[str, float]:
     return values
 
 
+def missing_reason(job: Job, metric: Metric, target: float) -> str:
+    """Why a counted (completed, not diverged) job has no value of ``metric``; the report groups jobs by it."""
+    if metric.source != "curve":
+        return f"results.json records no finite {metric.source}"
+    if metric.name in ("grad_norm_spike", "loss_spikes"):
+        if len(job.train_rows) <= SPIKE_MIN_HISTORY:
+            return f"{len(job.train_rows)} logged step(s) in metrics.csv; a spike needs > {SPIKE_MIN_HISTORY}"
+        return "no grad_norm logged in metrics.csv"
+    finals = [r["val_loss"] for r in job.val_rows if math.isfinite(r["val_loss"])]
+    if not finals:
+        return "no validation in metrics.csv"
+    if min(finals) > target:
+        return f"never reached the target val loss {target:.4g}"
+    return f"no {'tokens' if metric.name == 'tokens_to_target' else 'train_time_s'} logged at that validation's step"
+
+
 def _lookup(results: dict, source: str):
     """results[source], or the nested value for a dotted source (``downstream.piqa.acc``); None when absent."""
     if source in results:

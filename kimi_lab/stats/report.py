@@ -1,6 +1,6 @@
 """``python -m kimi_lab.stats.report [SWEEP]``: a sweep folder -> reports/<sweep>/ (comparisons.csv, report.json,
-report.md with verdicts, report.tex, PNG plots when matplotlib is installed). Idempotent; failed, missing and
-running jobs are listed, never dropped."""
+report.md with verdicts, report.tex, PNG plots when matplotlib is installed). Idempotent; diverged, failed, missing
+and running jobs are listed, never dropped silently."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key
+from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key, provenance, provenance_warnings
 from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, compare_sweep
 from kimi_lab.stats.metrics import LOSS_SPIKE_REL, METRICS, METRICS_BY_NAME, SPIKE_WINDOW, TIMING_METRICS
 
@@ -49,7 +49,13 @@ def _clean(value):
 
 
 def verdict(row: dict, alpha: float) -> str:
-    """'norm=rmsnorm lowers val loss by 0.031 [0.012, 0.050] vs norm=layernorm (better), d = 2.4, p_holm = 0.02 ...'"""
+    """'norm=rmsnorm lowers val loss by 0.031 [0.012, 0.050] vs norm=layernorm (better), d = 2.4, p_holm = 0.02 ...',
+    plus 'Warning: arm X: 1 of 3 seeds diverged ...' when either arm lost seeds to divergence."""
+    text, warning = _verdict(row, alpha), row.get("warning")
+    return f"{text} Warning: {warning}." if isinstance(warning, str) and warning else text
+
+
+def _verdict(row: dict, alpha: float) -> str:
     metric = METRICS_BY_NAME[row["metric"]]
     arm, base, diff = row["arm"], row["baseline"], row["diff"]
     if not math.isfinite(diff):
@@ -64,15 +70,18 @@ def verdict(row: dict, alpha: float) -> str:
                 f"({'better' if better else 'worse'})")
     if row["test"] == "none" or not math.isfinite(row["p"]):
         return f"{head}; {row['note']}."
-    d = row["cohens_d"]
+    d, dz, paired = row["cohens_d"], row.get("d_z", math.nan), row["test"] == "paired"
     stats_part = f"d = {fmt(abs(d), 2)}, " if math.isfinite(d) else ""
+    stats_part += f"d_z = {fmt(abs(dz), 2)}, " if paired and math.isfinite(dz) else ""
     stats_part += f"p_holm = {fmt_p(row['p_holm'])} ({row['test']} t-test)"
-    mde = f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}"
+    mde = (f"MDE d_z >= {row['mde_d']:.2f} with {row['n_a']} pairs" if paired
+           else f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}")
     if row["p_holm"] < alpha:
         return f"{head}, {stats_part}: significant after Holm at alpha = {alpha}. {mde}."
     more = ""
     if math.isfinite(row["n_for_80pct_power"]):
-        more = f"; about {row['n_for_80pct_power']:.0f} seeds per arm would detect d = {fmt(abs(d), 2)}"
+        more = (f"; about {row['n_for_80pct_power']:.0f} paired seeds would detect d_z = {fmt(abs(dz), 2)}" if paired
+                else f"; about {row['n_for_80pct_power']:.0f} seeds per arm would detect d = {fmt(abs(d), 2)}")
     return f"{head}, {stats_part}: not significant after Holm. {mde}{more}."
 
 
@@ -92,6 +101,9 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
              f"- swept factors: {factors}", f"- baseline arm: `{comp.baseline}` ({comp.baseline_rule})",
              f"- target val loss for time-to-target: {fmt(comp.target_loss, 4)}",
              f"- timing metrics ({', '.join(TIMING_METRICS)}) measured on hardware: {', '.join(hardware) or 'n/a'}"]
+    warnings = report_warnings(sweep)
+    if warnings:
+        lines += ["", f"## Warnings ({len(warnings)})", ""] + [f"- **{w}**" for w in warnings]
     problems = sweep.problems
     lines += ["", f"## Jobs not counted ({len(problems)})", ""]
     if problems:
@@ -100,15 +112,9 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
                          for j in problems])
     else:
         lines.append("None: every job the sweep defined completed.")
-    lines += ["", "## Arms (mean ± SD over seeds)", ""]
     summary = {(s["metric"], s["arm"]): s for s in comp.summaries}
-    rows = []
-    for arm in sweep.arms:
-        cells = [f"{fmt(summary[m, arm.label]['mean'], 4)} ± {fmt(summary[m, arm.label]['sd'], 2)}"
-                 for m in SUMMARY_METRICS]
-        rows.append([f"`{arm.label}`", f"{len(arm.completed)}/{len(arm.jobs)}",
-                     " ".join(str(j.seed) for j in arm.completed), *cells])
-    lines += _table(["arm", "completed", "seeds", *SUMMARY_METRICS], rows)
+    lines += ["", "## Arms (mean ± SD over completed seeds; diverged seeds are not in the mean)", ""]
+    lines += arms_table(sweep, summary)
     lines += ["", "## Comparisons vs the baseline", ""]
     for metric in METRICS:
         if (metric.name, comp.baseline) not in summary:
@@ -118,19 +124,38 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
         better = "lower" if metric.lower_is_better else "higher"
         lines += [f"### {metric.name} ({better} is better; baseline {fmt(base['mean'], 4)}, n = {base['n']})", ""]
         if metric.name in comp.censored:
-            lines += [f"No value for {len(comp.censored[metric.name])} completed run(s) (target not reached or run "
-                      f"too short): {', '.join(comp.censored[metric.name])}.", ""]
-        lines += _table(["arm", "n", "mean", "diff [95% CI]", "test", "p", "p_holm", "p_fdr_bh", "d", "g", "power",
-                         "MDE d", "n for 80%"],
+            reasons = "; ".join(f"{why}: {', '.join(jobs)}" for why, jobs in comp.censored_reasons[metric.name].items())
+            lines += [f"No value for {len(comp.censored[metric.name])} completed run(s): {reasons}.", ""]
+        lines += _table(["arm", "n", "mean", "diff [95% CI]", "test", "p", "p_holm", "p_fdr_bh", "d", "g", "d_z",
+                         "power", "MDE", "n for 80%"],
                         [[f"`{r['arm']}`", str(r["n_a"]), fmt(r["mean_a"], 4),
                           f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", r["test"], fmt_p(r["p"]),
                           fmt_p(r["p_holm"]), fmt_p(r["p_fdr_bh"]), fmt(r["cohens_d"], 2), fmt(r["hedges_g"], 2),
-                          fmt(r["power"], 2), fmt(r["mde_d"], 3), fmt(r["n_for_80pct_power"])] for r in rows])
+                          fmt(r["d_z"], 2), fmt(r["power"], 2), fmt(r["mde_d"], 3), fmt(r["n_for_80pct_power"])]
+                         for r in rows])
         lines += [""] + [f"- {verdict(r, comp.alpha)}" for r in rows] + [""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Method", "", *METHOD_NOTES]
     return "\n".join(lines) + "\n"
+
+
+def arms_table(sweep: Sweep, summary: dict) -> list[str]:
+    """Per arm: jobs, completed / diverged / failed-or-other counts, the counted seeds, mean ± SD of SUMMARY_METRICS."""
+    rows = []
+    for arm in sweep.arms:
+        cells = [f"{fmt(summary[m, arm.label]['mean'], 4)} ± {fmt(summary[m, arm.label]['sd'], 2)}"
+                 for m in SUMMARY_METRICS]
+        done, diverged = len(arm.completed), len(arm.diverged)
+        rows.append([f"`{arm.label}`", str(len(arm.jobs)), str(done), str(diverged),
+                     str(len(arm.jobs) - done - diverged), " ".join(str(j.seed) for j in arm.completed), *cells])
+    return _table(["arm", "jobs", "completed", "diverged", "failed/other", "seeds", *SUMMARY_METRICS], rows)
+
+
+def report_warnings(sweep: Sweep) -> list[str]:
+    """Arms that lost seeds to divergence, then jobs that ran on different data or code."""
+    diverged = [w for w in (arm.divergence_warning() for arm in sweep.arms) if w]
+    return diverged + provenance_warnings(sweep)
 
 
 METHOD_NOTES = [
@@ -139,9 +164,20 @@ METHOD_NOTES = [
     "- Arms share seeds and data order is a function of the seed, so when both arms have the same seeds the test is "
     "a paired t-test (`scipy.stats.ttest_rel`); otherwise Welch's t-test (`ttest_ind(equal_var=False)`). "
     "CI: 95 % t-interval of the difference from the same test.",
-    "- d: Cohen's d with the pooled SD; g: Hedges' g (exact small-sample correction). "
-    "power / MDE / n for 80 %: `statsmodels` `TTestIndPower`, two-sided (for paired rows this ignores the pairing "
-    "gain, so it is conservative).",
+    "- d: Cohen's d_s = difference / pooled SD; g: Hedges' g = J(ν) d_s with the exact J and ν = n_a + n_b − 2. Both "
+    "are the between-arm standardised difference on every row, paired rows included, so they compare across paired "
+    "and Welch rows; d_z = mean / SD of the per-seed differences (paired rows only) is the paired test's own effect "
+    "size (t = d_z √n).",
+    "- power / MDE / n for 80 %: two-sided, `statsmodels`. Paired rows: `TTestPower` on n pairs, effect size d_z (n "
+    "for 80 % = pairs of seeds); Welch rows: `TTestIndPower` on n_a vs n_b, effect size d_s (n for 80 % = runs per "
+    "arm). `power` is post-hoc power at the observed effect: at given n it is a function of p (about 50 % at "
+    "p = alpha), so it is not evidence by itself; read the CI and the MDE.",
+    "- Diverged runs (status `diverged`, or recorded completed with a non-finite final val/test loss or a non-finite "
+    "train loss in metrics.csv) are in no mean, since their numbers are meaningless; they are listed under jobs not "
+    "counted, counted per arm, and every comparison of their arm carries a warning: dropping them flatters an "
+    "unstable arm.",
+    "- Jobs whose results.json records a different `data_manifest_key` (data) or `git_commit` (code) are named in "
+    "the warnings at the top.",
     "- Corrections (`multipletests`, method passed explicitly): the family is all comparisons of one metric; "
     "Holm is the headline, Bonferroni and Benjamini-Hochberg FDR are listed too.",
     f"- Time to target: first validation with val loss <= the target (resolution: one validation interval). "
@@ -154,7 +190,7 @@ def latex(comp: Comparison) -> str:
     """A booktabs table of every comparison (requires \\usepackage{booktabs})."""
     esc = lambda s: str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")  # noqa: E731
     lines = [r"\begin{tabular}{llrrrrrr}", r"\toprule",
-             r"Metric & Arm & $\Delta$ & 95\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE $d$ \\", r"\midrule"]
+             r"Metric & Arm & $\Delta$ & 95\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE$^a$ \\", r"\midrule"]
     for i, metric in enumerate(METRICS):
         rows = [r for r in comp.rows if r["metric"] == metric.name]
         if i and rows:
@@ -163,7 +199,8 @@ def latex(comp: Comparison) -> str:
             lines.append(f"{esc(metric.name)} & {esc(r['arm'])} & {fmt(r['diff'])} & [{fmt(r['ci_low'])}, "
                          f"{fmt(r['ci_high'])}] & {fmt(r['cohens_d'], 2)} & {fmt(r['hedges_g'], 2)} & "
                          f"{esc(fmt_p(r['p_holm']))} & {fmt(r['mde_d'], 3)} \\\\")
-    return "\n".join([*lines, r"\bottomrule", r"\end{tabular}"]) + "\n"
+    note = r"\multicolumn{8}{l}{\footnotesize $^a$ in units of $d_z$ on paired rows, of $d$ on Welch rows} \\"
+    return "\n".join([*lines, r"\bottomrule", note, r"\end{tabular}"]) + "\n"
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -178,12 +215,15 @@ def report_json(sweep: Sweep, comp: Comparison, name: str) -> dict:
     return _clean({
         "name": name, "sweep": str(sweep.path), "alpha": comp.alpha, "baseline": comp.baseline,
         "baseline_rule": comp.baseline_rule, "target_loss": comp.target_loss, "factors": sweep.factors,
+        "warnings": report_warnings(sweep), "provenance": provenance(sweep),
         "arms": [{"label": a.label, "factors": a.factors, "jobs": [j.name for j in a.jobs],
-                  "completed": [j.name for j in a.completed], "seeds": [j.seed for j in a.completed]}
+                  "completed": [j.name for j in a.completed], "seeds": [j.seed for j in a.completed],
+                  "diverged": [j.name for j in a.diverged], "diverged_seeds": [j.seed for j in a.diverged]}
                  for a in sweep.arms],
         "jobs": [{"name": j.name, "arm": j.arm, "seed": j.seed, "status": j.status, "error": j.error,
-                  "overrides": j.overrides} for j in sweep.jobs],
+                  "diverged_at_step": j.diverged_at_step, "overrides": j.overrides} for j in sweep.jobs],
         "not_counted": [j.name for j in sweep.problems], "censored": comp.censored,
+        "censored_reasons": comp.censored_reasons,
         "summaries": comp.summaries, "comparisons": comp.rows,
     })
 
@@ -246,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{len(sweep.jobs)} jobs, {len(sweep.arms)} arms, {len(sweep.problems)} not counted; baseline "
           f"{comp.baseline}")
+    for warning in provenance_warnings(sweep):
+        print(f"  warning: {warning}")
     for job in sweep.problems:
         print(f"  not counted: {job.name} [{job.status}] {first_line(job.error)[:120]}")
     for row in comp.rows:
