@@ -56,7 +56,7 @@ class LastCheckpoint(StepEnd):
 
     def step_end(self, trainer: L.Trainer) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state (and no log line per save)
 
 
 class InterruptAt(StepEnd):
@@ -73,7 +73,7 @@ class InterruptAt(StepEnd):
 
     def step_end(self, trainer: L.Trainer) -> None:
         if trainer.global_step >= self.step:
-            trainer.save_checkpoint(self.last_ckpt)
+            trainer.save_checkpoint(self.last_ckpt, weights_only=False)
             raise RunInterrupted(f"interrupted after step {trainer.global_step} (trainer.interrupt_at_step)")
 
 
@@ -95,7 +95,7 @@ class BestCheckpoint(Checkpoint):
             return
         previous = self.best_step
         self.best_loss, self.best_step = float(loss), trainer.global_step
-        trainer.save_checkpoint(self.path(self.best_step))
+        trainer.save_checkpoint(self.path(self.best_step), weights_only=False)
         if previous is not None and previous != self.best_step:
             trainer.strategy.remove_checkpoint(self.path(previous))
 

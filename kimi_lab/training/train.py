@@ -152,7 +152,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
             log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
             return {**_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status),
                     **stop.extra}
-        trainer.save_checkpoint(run.checkpoints / "last.ckpt")
+        trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
     results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="completed")
