@@ -193,6 +193,9 @@ def test_skip_completed_keeps_finished_jobs_and_reruns_the_rest(tmp_path):
     stamp = (tmp_path / "done" / "metrics.csv").stat().st_mtime_ns
     again = train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "done"))
     assert again == done and (tmp_path / "done" / "metrics.csv").stat().st_mtime_ns == stamp  # not retrained
+    resumed = {**done, "overrides": [*done["overrides"], "resume=true"]}  # finished by a resume: the same job
+    (tmp_path / "done" / "results.json").write_text(json.dumps(resumed))
+    assert train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "done")) == resumed
     with pytest.raises(ValueError):  # a failed job ...
         train(compose_config([*overrides, "optimizer.lr=-1"], output_dir=tmp_path / "failed"))
     rerun = train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "failed"))

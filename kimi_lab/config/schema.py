@@ -272,6 +272,16 @@ class PathsConfig:
     output_dir: str = "outputs"
 
 
+# overrides that control how a job runs, not what it trains: a relaunch of a killed sweep, the resume of one job.
+# Neither the sweep's arms (kimi_lab.stats) nor sweep.skip_completed's "same job" test (kimi_lab.training) read them.
+RUN_CONTROL_KEYS = frozenset({"sweep.skip_completed", "resume", "ckpt_path", "trainer.interrupt_at_step"})
+
+
+def override_key(item: str) -> str:
+    """The key of a command-line override (``+key=v``, ``~key`` -> ``key``)."""
+    return str(item).partition("=")[0].strip().lstrip("+~")
+
+
 @dataclass
 class SweepConfig:
     # re-running a sweep command (same hydra.sweep.dir) skips jobs whose folder already holds a completed run of

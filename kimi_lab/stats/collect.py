@@ -20,12 +20,12 @@ from pathlib import Path
 
 import yaml
 
+from kimi_lab.config.schema import RUN_CONTROL_KEYS
+
 SEED_KEY = "seed"
 DEFAULT_VALUE = "(default)"  # a swept key that a job did not override: the config's own value
 JOB_MARKERS = (".hydra/overrides.yaml", "status.json", "results.json")
 SKIP_DIRS = {"checkpoints", "tensorboard", ".hydra", "__pycache__"}
-# run control, not factors of the experiment: a relaunch of a killed sweep (README) or the resume of one job
-IGNORED_KEYS = {"sweep.skip_completed", "resume", "ckpt_path", "trainer.interrupt_at_step"}
 FINAL_LOSSES = ("val_loss", "test_loss")  # a non-finite value here means the run diverged
 
 
@@ -114,7 +114,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     """key -> value as Hydra writes it for a sweep job (``1e-3`` -> ``0.001``), so hand-written runs and sweep jobs
     of the same setting land in one arm; a line Hydra's parser rejects is split at its first '='.
 
-    Keys of IGNORED_KEYS (with any ``+``/``++``/``~`` prefix) are dropped: a relaunch with
+    Keys of RUN_CONTROL_KEYS (with any ``+``/``++``/``~`` prefix) are dropped: a relaunch with
     ``sweep.skip_completed=true``, or one job resumed with ``resume=true``, must not form an arm of its own."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -126,7 +126,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             key, value = override.get_key_element(), override.get_value_element_as_str()
         except HydraException:
             key, value = split_override(item)
-        if key.lstrip("+~") not in IGNORED_KEYS:
+        if key.lstrip("+~") not in RUN_CONTROL_KEYS:
             out[key] = value
     return out
 
@@ -248,7 +248,7 @@ def sweep_grid(multirun_yaml: Path) -> dict[str, list[str]] | None:
     task = (hydra.get("overrides") or {}).get("task") or []
     grid: dict[str, list[str]] = {}
     for override in OverridesParser.create().parse_overrides([*params, *task]):
-        if override.key_or_group in IGNORED_KEYS:
+        if override.key_or_group in RUN_CONTROL_KEYS:
             continue
         if override.is_sweep_override():
             grid[override.get_key_element()] = list(override.sweep_string_iterator())

@@ -13,15 +13,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError
+from kimi_lab.config.schema import RUN_CONTROL_KEYS
 
 # keys (and whole groups) that control the job, not the experiment: they may differ between the interrupted run and
 # its resume (README: "Resume")
 RESUME_MAY_CHANGE = (
-    "resume", "ckpt_path",  # how this job continues
-    "trainer.interrupt_at_step",  # set on the interrupted job only (a simulated preemption)
+    *sorted(RUN_CONTROL_KEYS),  # how this job continues: resume, ckpt_path, interrupt_at_step, sweep.skip_completed
     "trainer.checkpoint_every_n_steps", "trainer.log_every_n_steps",  # when last.ckpt is written / losses are read
     "paths",  # where the run folder, data cache and repository are on this machine
-    "sweep",  # sweep.skip_completed: how a sweep is relaunched
     "eval",  # benchmarks scored after training
     "logger",  # TensorBoard on or off
     "tags",  # labels

@@ -54,7 +54,7 @@ FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; fai
 
 def _completed_results(run: RunDir) -> dict | None:
     """The folder's results.json if it records a finished run (completed, or diverged: deterministic, it would diverge
-    again) of the same overrides (sweep.skip_completed aside)."""
+    again) of the same overrides (run-control ones such as sweep.skip_completed or resume aside)."""
     import json
 
     if not run.results_json.exists() or not run.status_json.exists():
@@ -64,13 +64,16 @@ def _completed_results(run: RunDir) -> dict | None:
         previous = json.loads(run.results_json.read_text())
     except (OSError, ValueError, KeyError):
         return None
-    same_job = _without_skip(previous.get("overrides", [])) == _without_skip(_overrides())
+    same_job = _without_run_control(previous.get("overrides", [])) == _without_run_control(_overrides())
     finished = status in FINISHED and previous.get("status") == status
     return previous if finished and same_job else None
 
 
-def _without_skip(overrides: list[str]) -> list[str]:
-    return [o for o in overrides if not o.lstrip("+~").startswith("sweep.skip_completed=")]
+def _without_run_control(overrides: list[str]) -> list[str]:
+    """The overrides that say what a job trains (sweep.skip_completed, resume=true, ... dropped)."""
+    from kimi_lab.config.schema import RUN_CONTROL_KEYS, override_key
+
+    return [o for o in overrides if override_key(o) not in RUN_CONTROL_KEYS]
 
 
 def steps_and_tokens(cfg: DictConfig, world_size: int) -> tuple[int, int]:
