@@ -48,14 +48,15 @@ UNSTABLE = {("0.008", 2): 7, ("0.008", 3): 8}  # write_divergent_sweep: (lr, see
 
 
 def write_run(path: Path, lr: str, seed: int, status: str, val_loss: float | None = None,
-              diverge_at: int | None = None) -> None:
+              diverge_at: int | None = None, extra: tuple[str, ...] = ()) -> None:
     """One job folder as a run writes it: overrides, status.json and, when it has a val_loss or diverged,
     results.json and a metrics.csv history (the lr 0.008, seed 1 job with one loss spike and one grad-norm spike).
 
     ``diverge_at``: losses are NaN from that step on; with status ``diverged`` the folder follows the training side's
-    contract (``diverged_at_step``, val_loss null), with ``completed`` it is an older run that recorded NaN losses."""
+    contract (``diverged_at_step``, val_loss null), with ``completed`` it is an older run that recorded NaN losses.
+    ``extra``: more overrides (``norm=rmsnorm``), placed before the lr as a sweep job lists them."""
     (path / ".hydra").mkdir(parents=True)
-    overrides = ["model=tiny", f"optimizer.lr={lr}", f"seed={seed}"]
+    overrides = ["model=tiny", *extra, f"optimizer.lr={lr}", f"seed={seed}"]
     (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     extra = {"error": "RuntimeError: loss is nan\ntraceback..."} if status == "failed" else {}
     extra |= {"diverged_at_step": diverge_at} if status == "diverged" else {}
@@ -93,11 +94,12 @@ def _write_metrics(path: Path, lr: str, seed: int, final: float | None, diverge_
                 writer.writerow({"step": step, "tokens": 100 * step, "wall_time_s": step + 0.1, "val_loss": value})
 
 
-def _sweep_root(root: Path, lrs: str) -> Path:
-    """The sweep folder with the multirun.yaml Hydra's basic sweeper writes for ``optimizer.lr=<lrs> seed=1,2,3``."""
+def _sweep_root(root: Path, lrs: str, extra: tuple[str, ...] = ()) -> Path:
+    """The sweep folder with the multirun.yaml Hydra's basic sweeper writes for ``[extra] optimizer.lr=<lrs>
+    seed=1,2,3``."""
     multirun = {"hydra": {"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
                                       "params": None},
-                          "overrides": {"task": ["model=tiny", f"optimizer.lr={lrs}", "seed=1,2,3"]}}}
+                          "overrides": {"task": ["model=tiny", *extra, f"optimizer.lr={lrs}", "seed=1,2,3"]}}}
     root.mkdir(parents=True)
     (root / "multirun.yaml").write_text(yaml.safe_dump(multirun))
     return root
@@ -123,4 +125,32 @@ def write_divergent_sweep(tmp_path: Path) -> Path:
     for index, (lr, seed) in enumerate((lr, s) for lr in ("0.001", "0.008") for s in (1, 2, 3)):
         status = "diverged" if (lr, seed) == ("0.008", 2) else "completed"
         write_run(root / str(index), lr, seed, status, VAL.get((lr, seed)), UNSTABLE.get((lr, seed)))
+    return root
+
+
+# ---------------------------------------------------------------- a factorial sweep: norm x lr x seed
+
+NORMS, GRID_LRS, SEEDS = ("layernorm", "rmsnorm"), ("0.001", "0.002", "0.004"), (1, 2, 3)
+LR_SHIFT = {"0.001": 0.20, "0.002": 0.0, "0.004": 0.10}  # val loss added by each lr
+SEED_SHIFT = {1: 0.0, 2: 0.05, 3: -0.04}  # shared by every arm: what pairing on the seed removes
+
+
+def factorial_values(rms_effect: dict[str, float], noise: float = 0.01) -> dict[tuple[str, str, int], float]:
+    """(norm, lr, seed) -> val loss = 3 + LR_SHIFT + SEED_SHIFT + rms_effect[lr] for rmsnorm + small noise."""
+    rng = np.random.default_rng(0)
+    return {(norm, lr, seed): 3.0 + LR_SHIFT[lr] + SEED_SHIFT[seed] + (rms_effect[lr] if norm == "rmsnorm" else 0.0)
+            + noise * float(rng.standard_normal())
+            for norm in NORMS for lr in GRID_LRS for seed in SEEDS}
+
+
+def write_factorial_sweep(tmp_path: Path, values: dict[tuple[str, str, int], float], name: str = "grid",
+                          skip: tuple[tuple[str, str, int], ...] = ()) -> Path:
+    """``norm=layernorm,rmsnorm optimizer.lr=1e-3,2e-3,4e-3 seed=1,2,3``, every job completed with ``values``
+    but the (norm, lr, seed) in ``skip``, which failed."""
+    root = _sweep_root(tmp_path / "multirun" / "2026-01-04" / f"10-00-00-000000-{name}", "1e-3,2e-3,4e-3",
+                       ("norm=layernorm,rmsnorm",))
+    for index, (norm, lr, seed) in enumerate(values):
+        status = "failed" if (norm, lr, seed) in skip else "completed"
+        write_run(root / str(index), lr, seed, status, values[norm, lr, seed] if status == "completed" else None,
+                  extra=(f"norm={norm}",))
     return root

@@ -12,6 +12,7 @@ import yaml
 
 from kimi_lab.stats.report import write_report
 from tests.helpers import REPO_ROOT
+from tests.synthetic import factorial_values, write_factorial_sweep
 
 pytest.importorskip("matplotlib", reason="plots need the `report` extra (matplotlib)")
 
@@ -89,11 +90,15 @@ def test_no_expert_load_heat_map_without_moe_arms(ablation_sweep, tmp_path):
     assert not (out / "expert_load.png").exists() and (out / "leave_one_out.png").exists()
 
 
-def test_analysis_notebook_redraws_the_report(ablation_sweep, tmp_path, monkeypatch):
-    """notebooks/analysis.ipynb runs top to bottom on a report and shows every plot and the verdicts."""
+@pytest.mark.parametrize("kind", ["leave_one_out", "factorial"])
+def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, monkeypatch):
+    """notebooks/analysis.ipynb runs top to bottom on a report and shows every plot and the verdicts: the combined
+    study's (leave-one-out, expert load) or a norm x lr grid's (main effects)."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    out, _, _ = write_report(ablation_sweep, tmp_path / "rep", plots=False)
+    sweep = ablation_sweep if kind == "leave_one_out" else write_factorial_sweep(
+        tmp_path / "grid", factorial_values({"0.001": -0.05, "0.002": -0.05, "0.004": -0.05}))
+    out, _, _ = write_report(sweep, tmp_path / "rep", plots=False)
     monkeypatch.setenv("KIMI_LAB_REPORT", str(out))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(REPO_ROOT / "notebooks" / "analysis.ipynb", as_version=4)
@@ -101,6 +106,12 @@ def test_analysis_notebook_redraws_the_report(ablation_sweep, tmp_path, monkeypa
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4  # curves, effects, leave-one-out, expert load
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
+    if kind == "factorial":
+        assert len(images) == 3  # curves, effects, main effects
+        assert "norm=rmsnorm lowers val loss by 0.06" in text and "Averaged over 3 of 3 contexts" in text
+        assert "no MoE arm" in text and "not a leave-one-out sweep" in text
+        return
+    assert len(images) == 4  # curves, effects, leave-one-out, expert load
     assert "baseline ablation=full" in text and "ablation=baseline raises val loss by 0.3" in text
+    assert "one swept key: no main effects" in text

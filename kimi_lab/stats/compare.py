@@ -186,6 +186,10 @@ class Comparison:
     summaries: list[dict] = field(default_factory=list)  # one per (metric, arm): n, mean, sd, min, max, seeds
     censored: dict[str, list[str]] = field(default_factory=dict)  # metric -> completed jobs without a value
     censored_reasons: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # metric -> reason -> jobs
+    # factorial sweeps (kimi_lab.stats.factorial.add_factorial): main effects and Type II ANOVA terms per metric
+    main_effects: list[dict] = field(default_factory=list)  # factorial.EFFECT_COLUMNS
+    anova: list[dict] = field(default_factory=list)  # factorial.ANOVA_COLUMNS
+    anova_notes: dict[str, str] = field(default_factory=dict)  # metric -> why its ANOVA was skipped
 
 
 def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:

@@ -73,7 +73,7 @@ def _error_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return diff, np.nan_to_num(err.T)  # no CI (one seed): a bare point
 
 
-def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS):
+def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, title: str | None = None):
     """Each arm minus the baseline with its 95 % CI, one panel per metric (``rows``: the report's comparisons)."""
     plt = pyplot()
     n_arms = max(len({r["arm"] for r in rows}), 1)
@@ -87,8 +87,17 @@ def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS):
         ax.axvline(0, color="grey", linewidth=1)
         ax.set_yticks(y, [r["arm"] for r in metric_rows], fontsize=8)
         ax.set_title(metric, fontsize=10, loc="left")
-    fig.suptitle(f"arm - baseline ({baseline}), 95 % CI", fontsize=10)
+    fig.suptitle(title or f"arm - baseline ({baseline}), 95 % CI", fontsize=10)
     return fig
+
+
+def figure_main_effects(rows: list[dict], metrics=EFFECT_METRICS):
+    """Factorial sweeps: each level minus its key's baseline level over the grid, 95 % CI (``rows``: the report's
+    main effects); None for a one-key sweep."""
+    if not rows:
+        return None
+    labelled = [{**r, "arm": f"{r['arm']} vs {r['base_level']}"} for r in rows]
+    return figure_effects(labelled, "", metrics, "main effects over the grid (level - baseline level), 95 % CI")
 
 
 def ablation_name(arm_label: str) -> str | None:
@@ -169,6 +178,7 @@ def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
     if plt is None:
         return []
     figures = {"val_loss_curves": figure_curves(sweep), "effects": figure_effects(comp.rows, comp.baseline),
+               "main_effects": figure_main_effects(comp.main_effects),
                "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline),
                "expert_load": figure_expert_load(sweep)}
     written = []

@@ -1,5 +1,6 @@
 """``python -m kimi_lab.stats.report [SWEEP]``: a sweep folder -> reports/<sweep>/ (comparisons.csv, report.json,
-report.md with verdicts, report.tex, PNG plots when matplotlib is installed). Idempotent; diverged, failed, missing
+report.md with verdicts, report.tex, PNG plots when matplotlib is installed; factorial sweeps also main_effects.csv
+and anova.csv). Idempotent; diverged, failed, missing
 and running jobs are listed, never dropped silently."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key, provenance, provenance_warnings
 from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, compare_sweep
+from kimi_lab.stats.factorial import ANOVA_COLUMNS, CROSS, EFFECT_COLUMNS, add_factorial
 from kimi_lab.stats.metrics import LOSS_SPIKE_REL, METRICS, METRICS_BY_NAME, SPIKE_WINDOW, TIMING_METRICS
 
 SUMMARY_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")  # columns of the arms table
@@ -37,6 +39,12 @@ def fmt_p(p) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.2g}"
 
 
+def p_is(name: str, p) -> str:
+    """'p_holm = 0.02', 'p_holm < 0.001', 'p_holm n/a'."""
+    text = fmt_p(p)
+    return f"{name} {text}" if text.startswith("<") or text == "n/a" else f"{name} = {text}"
+
+
 def _clean(value):
     """JSON-safe: NaN/inf -> null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -50,8 +58,16 @@ def _clean(value):
 
 def verdict(row: dict, alpha: float) -> str:
     """'norm=rmsnorm lowers val loss by 0.031 [0.012, 0.050] vs norm=layernorm (better), d = 2.4, p_holm = 0.02 ...',
-    plus 'Warning: arm X: 1 of 3 seeds diverged ...' when either arm lost seeds to divergence."""
+    plus 'Warning: arm X: 1 of 3 seeds diverged ...' when either arm lost seeds to divergence. A main-effect row
+    (factorial sweeps) also says over how many contexts it averages and flags an interaction of its key."""
     text, warning = _verdict(row, alpha), row.get("warning")
+    if "factor" in row and row["n_contexts"]:
+        n, grid = row["n_contexts"], row["grid_contexts"]
+        text += (f" Averaged over {n} of {grid} contexts (per-context effect {fmt(row['context_min'])} to "
+                 f"{fmt(row['context_max'])})." if n > 1 else f" Read in 1 of {grid} contexts only.")
+        if math.isfinite(row["interaction_p"]) and row["interaction_p"] < alpha:
+            text += (f" The effect depends on the other keys (ANOVA interaction {row['interaction_term']}, "
+                     f"{p_is('p', row['interaction_p'])}): read the per-cell comparisons too.")
     return f"{text} Warning: {warning}." if isinstance(warning, str) and warning else text
 
 
@@ -73,14 +89,14 @@ def _verdict(row: dict, alpha: float) -> str:
     d, dz, paired = row["cohens_d"], row.get("d_z", math.nan), row["test"] == "paired"
     stats_part = f"d = {fmt(abs(d), 2)}, " if math.isfinite(d) else ""
     stats_part += f"d_z = {fmt(abs(dz), 2)}, " if paired and math.isfinite(dz) else ""
-    stats_part += f"p_holm = {fmt_p(row['p_holm'])} ({row['test']} t-test)"
+    stats_part += f"{p_is('p_holm', row['p_holm'])} ({row['test']} t-test)"
     mde = (f"MDE d_z >= {row['mde_d']:.2f} with {row['n_a']} pairs" if paired
            else f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}")
     if row["p_holm"] < alpha:
         return f"{head}, {stats_part}: significant after Holm at alpha = {alpha}. {mde}."
-    more = ""
+    more, pairs = "", "matched pairs" if "factor" in row else "paired seeds"
     if math.isfinite(row["n_for_80pct_power"]):
-        more = (f"; about {row['n_for_80pct_power']:.0f} paired seeds would detect d_z = {fmt(abs(dz), 2)}" if paired
+        more = (f"; about {row['n_for_80pct_power']:.0f} {pairs} would detect d_z = {fmt(abs(dz), 2)}" if paired
                 else f"; about {row['n_for_80pct_power']:.0f} seeds per arm would detect d = {fmt(abs(d), 2)}")
     return f"{head}, {stats_part}: not significant after Holm. {mde}{more}."
 
@@ -134,10 +150,42 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
                           fmt(r["d_z"], 2), fmt(r["power"], 2), fmt(r["mde_d"], 3), fmt(r["n_for_80pct_power"])]
                          for r in rows])
         lines += [""] + [f"- {verdict(r, comp.alpha)}" for r in rows] + [""]
+    lines += main_effects_section(sweep, comp)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += ["## Method", "", *METHOD_NOTES]
     return "\n".join(lines) + "\n"
+
+
+def main_effects_section(sweep: Sweep, comp: Comparison) -> list[str]:
+    """Factorial sweeps: per metric, each key's levels vs the baseline level over the grid, and the ANOVA."""
+    if not comp.main_effects:
+        return []
+    keys = ", ".join(f"`{k}`" for k in sweep.factors)
+    lines = [f"## Main effects over the grid ({keys} crossed)", "",
+             "Each level vs the baseline arm's level of its key, matched on the other keys' levels and the seed and "
+             "averaged over every context (the rows above read it at the baseline corner only). ANOVA: Type II, "
+             "the seed as a block.", ""]
+    for metric in METRICS:
+        rows = [r for r in comp.main_effects if r["metric"] == metric.name]
+        if not rows:
+            continue
+        lines += [f"### {metric.name} ({'lower' if metric.lower_is_better else 'higher'} is better)", ""]
+        lines += _table(["level vs baseline", "pairs", "contexts", "diff [95% CI]", "per-context min..max", "test",
+                         "p", "p_holm", "d_z", "interaction p"],
+                        [[f"`{r['arm']}` vs `{r['base_level']}`", str(r["n_a"]), str(r["n_contexts"]),
+                          f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+                          f"{fmt(r['context_min'])} .. {fmt(r['context_max'])}", r["test"], fmt_p(r["p"]),
+                          fmt_p(r["p_holm"]), fmt(r["d_z"], 2), fmt_p(r["interaction_p"])] for r in rows])
+        terms = [t for t in comp.anova if t["metric"] == metric.name and t["term"] != "residual"]
+        residual = next((t for t in comp.anova if t["metric"] == metric.name and t["term"] == "residual"), None)
+        if terms:
+            listed = "; ".join(f"`{t['term']}` F = {fmt(t['F'])}, {p_is('p', t['p'])}" for t in terms)
+            lines += ["", f"ANOVA: {listed} (residual df {residual['df']:.0f})."]
+        elif metric.name in comp.anova_notes:
+            lines += ["", f"ANOVA skipped: {comp.anova_notes[metric.name]}."]
+        lines += [""] + [f"- {verdict(r, comp.alpha)}" for r in rows] + [""]
+    return lines
 
 
 def arms_table(sweep: Sweep, summary: dict) -> list[str]:
@@ -180,6 +228,11 @@ METHOD_NOTES = [
     "the warnings at the top.",
     "- Corrections (`multipletests`, method passed explicitly): the family is all comparisons of one metric; "
     "Holm is the headline, Bonferroni and Benjamini-Hochberg FDR are listed too.",
+    "- Factorial sweeps (two or more swept keys): a main effect compares a level with the baseline level of its key "
+    "on runs matched by the other keys' levels and the seed, pooled over the grid (paired t-test over those pairs, "
+    "so variation of the effect between contexts counts as error; its own Holm family per metric). ANOVA: "
+    f"statsmodels OLS, `anova_lm(typ=2)`, value ~ all keys crossed{CROSS.strip()} + seed, p-values not corrected; "
+    "skipped when a cell of the grid has no run or no residual degree of freedom is left.",
     f"- Time to target: first validation with val loss <= the target (resolution: one validation interval). "
     f"Loss spike: a step with train loss > {1 + LOSS_SPIKE_REL:.2f} x the median of the previous {SPIKE_WINDOW} "
     f"steps; grad-norm spike: the largest ratio of grad norm to that running median.",
@@ -187,28 +240,38 @@ METHOD_NOTES = [
 
 
 def latex(comp: Comparison) -> str:
-    """A booktabs table of every comparison (requires \\usepackage{booktabs})."""
-    esc = lambda s: str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+    """A booktabs table of every comparison, then (factorial sweeps) every main effect (requires booktabs)."""
     lines = [r"\begin{tabular}{llrrrrrr}", r"\toprule",
              r"Metric & Arm & $\Delta$ & 95\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE$^a$ \\", r"\midrule"]
-    for i, metric in enumerate(METRICS):
-        rows = [r for r in comp.rows if r["metric"] == metric.name]
-        if i and rows:
-            lines.append(r"\midrule")
-        for r in rows:
-            lines.append(f"{esc(metric.name)} & {esc(r['arm'])} & {fmt(r['diff'])} & [{fmt(r['ci_low'])}, "
-                         f"{fmt(r['ci_high'])}] & {fmt(r['cohens_d'], 2)} & {fmt(r['hedges_g'], 2)} & "
-                         f"{esc(fmt_p(r['p_holm']))} & {fmt(r['mde_d'], 3)} \\\\")
+    lines += _tex_rows(comp.rows, "")
+    if comp.main_effects:
+        title = r"\multicolumn{8}{l}{\emph{Main effects over the grid (vs the key's baseline level)}} \\"
+        lines += [r"\midrule", title, r"\midrule"]
+        lines += _tex_rows(comp.main_effects, " (main)")
     note = r"\multicolumn{8}{l}{\footnotesize $^a$ in units of $d_z$ on paired rows, of $d$ on Welch rows} \\"
     return "\n".join([*lines, r"\bottomrule", note, r"\end{tabular}"]) + "\n"
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def _tex_rows(all_rows: list[dict], suffix: str) -> list[str]:
+    esc = lambda s: str(s).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%")  # noqa: E731
+    lines = []
+    for metric in METRICS:
+        rows = [r for r in all_rows if r["metric"] == metric.name]
+        if lines and rows:
+            lines.append(r"\midrule")
+        for r in rows:
+            lines.append(f"{esc(metric.name)} & {esc(r['arm'])}{suffix} & {fmt(r['diff'])} & [{fmt(r['ci_low'])}, "
+                         f"{fmt(r['ci_high'])}] & {fmt(r['cohens_d'], 2)} & {fmt(r['hedges_g'], 2)} & "
+                         f"{esc(fmt_p(r['p_holm']))} & {fmt(r['mde_d'], 3)} \\\\")
+    return lines
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
     cell = lambda v: "" if isinstance(v, float) and not math.isfinite(v) else (repr(v) if isinstance(v, float) else v)  # noqa: E731
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({k: cell(r[k]) for k in COLUMNS} for r in rows)
+        writer.writerows({k: cell(r[k]) for k in columns} for r in rows)
 
 
 def report_json(sweep: Sweep, comp: Comparison, name: str) -> dict:
@@ -225,6 +288,7 @@ def report_json(sweep: Sweep, comp: Comparison, name: str) -> dict:
         "not_counted": [j.name for j in sweep.problems], "censored": comp.censored,
         "censored_reasons": comp.censored_reasons,
         "summaries": comp.summaries, "comparisons": comp.rows,
+        "main_effects": comp.main_effects, "anova": comp.anova, "anova_notes": comp.anova_notes,
     })
 
 
@@ -250,6 +314,7 @@ def write_report(sweep_path: Path, out: Path | None = None, baseline: str | None
     """Collect, compare and write every report file; returns (folder, sweep, comparison)."""
     sweep = collect_sweep(sweep_path)
     comp = compare_sweep(sweep, baseline=baseline, target_loss=target_loss, alpha=alpha, pairing=pairing)
+    add_factorial(sweep, comp, pairing)
     name = sweep_name(sweep.path)
     out = Path(out) if out is not None else Path("reports") / name
     out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +324,11 @@ def write_report(sweep_path: Path, out: Path | None = None, baseline: str | None
 
         written_plots = write_plots(sweep, comp, out)
     write_csv(out / "comparisons.csv", comp.rows)
+    for stale in ("main_effects.csv", "anova.csv"):  # a rerun on a sweep that is no longer factorial
+        (out / stale).unlink(missing_ok=True)
+    if comp.main_effects:
+        write_csv(out / "main_effects.csv", comp.main_effects, EFFECT_COLUMNS)
+        write_csv(out / "anova.csv", comp.anova, ANOVA_COLUMNS)
     (out / "report.json").write_text(json.dumps(report_json(sweep, comp, name), indent=2) + "\n")
     (out / "report.md").write_text(markdown(sweep, comp, name, written_plots))
     (out / "report.tex").write_text(latex(comp))
@@ -290,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  warning: {warning}")
     for job in sweep.problems:
         print(f"  not counted: {job.name} [{job.status}] {first_line(job.error)[:120]}")
-    for row in comp.rows:
+    for row in comp.rows + comp.main_effects:
         if row["metric"] == "val_loss":
-            print(f"  {verdict(row, comp.alpha)}")
+            print(f"  {'main effect: ' if 'factor' in row else ''}{verdict(row, comp.alpha)}")
     print(f"report: {out}/report.md")
     return 0
 

@@ -1,0 +1,145 @@
+"""Main effects and interactions of a factorial sweep (two or more swept keys crossed), for every metric.
+
+The arm-vs-baseline rows of ``compare`` read a factor at one corner of the grid (``norm=rmsnorm`` vs
+``norm=layernorm`` at the first lr only). Here each factor is read over the whole grid:
+
+- Main effect of ``key=level`` vs the baseline arm's level of that key: every run at ``level`` is matched with the run
+  at the baseline level in the same context (the levels of the other swept keys) and with the same seed; the mean of
+  the matched differences is the effect averaged over the grid. Test, CI, effect sizes, power and corrections as for
+  the arm rows (``compare_samples`` on the matched pairs; family: one metric's main effects). The pairs of different
+  contexts are pooled, so a variation of the effect between contexts is part of its error: the test asks whether the
+  effect holds on average over the grid. ``context_min`` / ``context_max``: the smallest and largest per-context
+  effect (mean over that context's pairs), to see whether it changes sign.
+- ANOVA (statsmodels OLS + ``anova_lm``, Type II sums of squares; Montgomery, *Design and Analysis of Experiments*,
+  ch. 5): ``value ~ C(key1) * C(key2) * ... + C(seed)`` over the completed runs, the seed an additive block (data
+  order and init are functions of the seed). An interaction term with p < alpha says the main effects of its keys
+  average effects that differ between contexts: read the per-cell rows too. Needs a run in every cell of the grid and
+  a residual degree of freedom; otherwise the metric's ANOVA is skipped and ``anova_notes`` says why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from kimi_lab.stats.collect import Sweep
+from kimi_lab.stats.compare import ALPHA, COLUMNS, CORRECTIONS, Comparison, adjust_pvalues, arm_values, compare_samples
+from kimi_lab.stats.metrics import METRICS
+
+EFFECT_COLUMNS = ["factor", "level", "base_level", *COLUMNS, "n_contexts", "grid_contexts", "context_min",
+                  "context_max", "interaction_term", "interaction_p"]
+ANOVA_COLUMNS = ["metric", "term", "df", "sum_sq", "F", "p"]
+CROSS = " × "  # interaction terms: "norm × optimizer.lr"
+
+
+def is_factorial(sweep: Sweep) -> bool:
+    """Two or more swept keys (the seed aside): one-key sweeps have nothing to average over."""
+    return len(sweep.factors) >= 2
+
+
+def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
+    """Fill ``comp.main_effects``, ``comp.anova`` and ``comp.anova_notes`` for a factorial sweep (else leave them
+    empty), with the baseline levels of ``comp.baseline`` and the values ``compare_sweep`` compared."""
+    if not is_factorial(sweep):
+        return
+    base_levels = sweep.arm(comp.baseline).factors
+    values = arm_values(sweep, comp.target_loss)
+    for metric in METRICS:
+        per_arm = values[metric.name]
+        if metric.optional and not any(per_arm.values()):
+            continue
+        terms, note = anova(sweep, per_arm)
+        if note:
+            comp.anova_notes[metric.name] = note
+        comp.anova += [{"metric": metric.name, **t} for t in terms]
+        rows = [main_effect(sweep, per_arm, key, level, base_levels, comp.alpha, pairing)
+                for key, levels in sweep.factors.items() for level in levels if level != base_levels[key]]
+        for row in rows:
+            row["metric"] = metric.name
+            row["interaction_term"], row["interaction_p"] = strongest_interaction(terms, row["factor"])
+        for column, method in CORRECTIONS.items():
+            for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
+                row[column] = float(p_adj)
+        comp.main_effects += [{c: row[c] for c in EFFECT_COLUMNS} for row in rows]
+
+
+def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, level: str,
+                base_levels: dict[str, str], alpha: float = ALPHA, pairing: bool = True) -> dict:
+    """``key=level`` vs ``key=base_levels[key]`` on the runs matched by context and seed (every EFFECT_COLUMNS field
+    but the metric, corrected p-values and the interaction)."""
+    base = base_levels[key]
+    arms = {tuple(sorted(a.factors.items())): a for a in sweep.arms}
+    at_level, at_base, per_context, touched = {}, {}, [], []
+    for arm in sweep.arms:
+        if arm.factors[key] != level:
+            continue
+        twin = arms.get(tuple(sorted((arm.factors | {key: base}).items())))
+        if twin is None:
+            continue
+        seeds = sorted(set(per_arm[arm.label]) & set(per_arm[twin.label]))
+        for seed in seeds:
+            pair = len(at_level)
+            at_level[pair], at_base[pair] = per_arm[arm.label][seed], per_arm[twin.label][seed]
+        if seeds:
+            per_context.append(float(np.mean([per_arm[arm.label][s] - per_arm[twin.label][s] for s in seeds])))
+            touched += [arm, twin]
+    row = compare_samples(at_level, at_base, alpha, pairing)
+    contexts = math.prod(len(v) for k, v in sweep.factors.items() if k != key)
+    pairs = len(at_level)
+    if row["test"] == "paired":
+        row["note"] = f"paired on {pairs} (context, seed) pairs in {len(per_context)} of {contexts} contexts"
+    elif pairs:
+        row["note"] = f"{row['note']}; {pairs} matched runs per level in {len(per_context)} of {contexts} contexts"
+    else:
+        row["note"] = f"no run at {key}={level} has a twin at {key}={base} with the same other keys and seed"
+    found = dict.fromkeys(w for w in (a.divergence_warning() for a in touched) if w)
+    return row | {"factor": key, "level": level, "base_level": base, "arm": f"{key}={level}",
+                  "baseline": f"{key}={base}", "seeds_a": "", "seeds_b": "", "n_contexts": len(per_context),
+                  "grid_contexts": contexts,
+                  "context_min": min(per_context, default=math.nan),
+                  "context_max": max(per_context, default=math.nan), "warning": "; ".join(found)}
+
+
+def anova(sweep: Sweep, per_arm: dict[str, dict[int, float]]) -> tuple[list[dict], str]:
+    """Type II ANOVA of one metric: (rows of ANOVA_COLUMNS but the metric, "" ) or ([], why it was skipped)."""
+    keys = list(sweep.factors)
+    rows = [(arm.factors, seed, value) for arm in sweep.arms for seed, value in per_arm[arm.label].items()]
+    empty = [arm.label for arm in sweep.arms if not per_arm[arm.label]]
+    cells = math.prod(len(v) for v in sweep.factors.values())
+    if len(sweep.arms) < cells or empty:
+        absent = empty or ["cells of the grid without an arm"]
+        return [], f"not every cell of the grid has a run ({', '.join(absent[:4])}{', ...' * (len(absent) > 4)})"
+    seeds = sorted({seed for _, seed, _ in rows})
+    residual_df = len(rows) - cells - (len(seeds) - 1)
+    if residual_df < 1:
+        return [], f"no residual degree of freedom ({len(rows)} runs, {cells} cells, {len(seeds)} seeds)"
+    import pandas as pd
+    from statsmodels.formula.api import ols
+    from statsmodels.stats.anova import anova_lm
+
+    names = {f"f{i}": key for i, key in enumerate(keys)}  # formula-safe column names: keys hold dots
+    frame = pd.DataFrame([{**{c: factors[k] for c, k in names.items()}, "seed": str(seed), "value": value}
+                          for factors, seed, value in rows])
+    formula = "value ~ " + " * ".join(f"C({c})" for c in names) + (" + C(seed)" if len(seeds) > 1 else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a perfect fit (no residual variance) warns; its F and p are NaN
+        table = anova_lm(ols(formula, data=frame).fit(), typ=2)
+    out = []
+    for term, rec in table.iterrows():
+        parts = [p.removeprefix("C(").removesuffix(")") for p in str(term).split(":")]
+        label = "residual" if term == "Residual" else CROSS.join(names.get(p, p) for p in parts)
+        out.append({"term": label, "df": float(rec["df"]), "sum_sq": float(rec["sum_sq"]),
+                    "F": float(rec.get("F", math.nan)), "p": float(rec.get("PR(>F)", math.nan))})
+    return out, ""
+
+
+def strongest_interaction(terms: list[dict], key: str) -> tuple[str, float]:
+    """The interaction term involving ``key`` with the smallest p ("", NaN when there is none or no ANOVA)."""
+    found = [t for t in terms if CROSS in t["term"] and key in t["term"].split(CROSS) and math.isfinite(t["p"])]
+    if not found:
+        return "", math.nan
+    best = min(found, key=lambda t: t["p"])
+    return best["term"], best["p"]
+
