@@ -1,6 +1,7 @@
 """Sweep statistics: read run folders (no torch, no model or training code), compare arms, write reports.
 
 ``collect_sweep(path)`` -> jobs and arms; ``compare_sweep(sweep)`` -> arm-vs-baseline statistics;
+``factorial.add_factorial(sweep, comparison)`` -> main effects over the grid and an ANOVA (two or more swept keys);
 ``python -m kimi_lab.stats.report [SWEEP]`` (or ``make report``) -> reports/<sweep>/.
 """
 
