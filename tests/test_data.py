@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shlex
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -297,11 +298,34 @@ def test_crashed_build_leaves_nothing(text_cfg, tmp_path, monkeypatch):
     assert not cache_mod.cache_path(text_cfg, tmp_path / "cache").exists()
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
 
-    monkeypatch.undo()  # a killed build leaves a .tmp folder: the next build removes it
-    stale = tmp_path / "cache" / f".tmp-{cache_mod.cache_path(text_cfg, tmp_path / 'cache').name}-1-x"
-    stale.mkdir()
+    monkeypatch.undo()  # killed builds leave .tmp folders, killed deletions .trash ones: the next build removes them
+    name = cache_mod.cache_path(text_cfg, tmp_path / "cache").name
+    stale = [tmp_path / "cache" / f".tmp-{name}-1-x", tmp_path / "cache" / f".trash-{name}-x"]
+    for folder in stale:
+        folder.mkdir()
     build_or_load_cache(text_cfg, tmp_path / "cache")
-    assert not stale.exists()
+    assert not any(folder.exists() for folder in stale)
+
+
+def test_forced_rebuild_deletes_the_old_cache_only_after_the_new_one_is_in_place(text_cfg, tmp_path, monkeypatch):
+    """`prepare --force` while jobs read the cache: the old folder is renamed aside, the new one renamed in, and only
+    then deleted (a job that verified the old cache finds a complete one under the name at every moment but
+    between two renames); its open memmaps keep reading the unlinked files."""
+    old = build_or_load_cache(text_cfg, tmp_path / "cache")
+    final, first_train = old.path, np.array(old.train[:50])
+    seen = []
+    real_rmtree = cache_mod.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".trash-"):
+            seen.append(cache_mod.verify_cache(final))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_mod.shutil, "rmtree", rmtree)
+    new = build_or_load_cache(text_cfg, tmp_path / "cache", force=True)
+    assert seen == [None]  # the one deletion of the old folder ran with a complete cache at `final`
+    assert new.manifest["created"] >= old.manifest["created"] and np.array_equal(old.train[:50], first_train)
+    assert not list(final.parent.glob(".trash-*")) and not list(final.parent.glob(".tmp-*"))
 
 
 def _build_in_subprocess(args) -> str:

@@ -181,20 +181,30 @@ def build_cache(data_cfg: Any, final: Path) -> None:
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         _write_manifest(tmp, manifest)
-        _remove(final)
+        previous = _set_aside(final)  # two renames, so `final` is missing only between them
         os.replace(tmp, final)
     finally:
         _remove(tmp)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)  # open memmaps of the old files stay readable (POSIX unlink)
     counts = {s: (v["n_docs"], v["n_tokens"]) for s, v in split_info.items()}
     log.info("Built token cache %s in %.1fs (docs, tokens) per split: %s", final,
              time.perf_counter() - started, counts)
 
 
+def _set_aside(path: Path) -> Path | None:
+    """Rename a folder to a hidden trash name (one atomic step); the trash path, or None when there was none."""
+    if not path.exists():
+        return None
+    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    return trash
+
+
 def _remove(path: Path) -> None:
     """Delete a folder without leaving it half-deleted under its real name."""
-    if path.exists():
-        trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(path, trash)
+    trash = _set_aside(path)
+    if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -261,8 +271,9 @@ def build_or_load_cache(data_cfg: Any, cache_dir: str | os.PathLike, force: bool
         if problem is not None:
             if final.exists() or force:
                 log.warning("Rebuilding token cache %s: %s", final, problem)
-            for stale in final.parent.glob(f".tmp-{final.name}-*"):  # left by a crashed build
-                shutil.rmtree(stale, ignore_errors=True)
+            for prefix in (".tmp", ".trash"):  # left by a build or a deletion that was killed
+                for stale in final.parent.glob(f"{prefix}-{final.name}-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             try:
                 build_cache(data_cfg, final)
             except ConfigError:
