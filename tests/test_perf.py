@@ -14,6 +14,7 @@ from kimi_lab.bench.attention import HeapPeak
 from kimi_lab.model import build_model
 from kimi_lab.model.loss import linear_cross_entropy
 from kimi_lab.training import train
+from kimi_lab.training.module import compile_model
 from tests.helpers import compose_config, read_metrics
 
 FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "optimizer.warmup_steps=2", "data.eval_lengths=[]"]
@@ -104,6 +105,38 @@ def _compiled_matches_eager(overrides):
 
 def test_compile_smoke(one_thread):
     _compiled_matches_eager(["moe=dense", "attention=flash"])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "mla"])
+def test_compiled_bf16_model_has_no_graph_break(attention, one_thread):
+    """Under bf16 autocast torch.compile traces the whole MoE model: the grouped GEMM, the gate (no ContextVar
+    read), the SwiGLU and SDPA (no kernel-label query) stay in one graph instead of breaking in every layer."""
+    torch._dynamo.reset()
+    model = build_model(compose_config(["moe=deepseek_v3", f"attention={attention}"])).train()
+    ids = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(ids[:, :-1])
+    assert explained.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+
+
+def test_compile_with_activation_checkpointing_matches_eager_and_counts_tokens_once(one_thread):
+    """hardware.compile with hardware.activation_checkpointing: blocks compiled one by one inside the checkpoint
+    (dynamo cannot trace the checkpoint's context_fn); gradients equal eager's, the recompute counts no tokens."""
+    torch._dynamo.reset()
+    ids = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(1))
+    plain, _, grads = _grads(compose_config(["moe=deepseek_v3"]), ids)
+    torch.manual_seed(0)
+    model = build_model(compose_config(["moe=deepseek_v3", "hardware.activation_checkpointing=true"])).train()
+    compile_model(model)
+    for _ in range(2):  # the second step runs the cached graphs (forward, and the recompute's own variant)
+        model.zero_grad()
+        out = model(ids[:, :-1], return_hidden=True)
+        (linear_cross_entropy(out.hidden, model.lm_head.weight, ids[:, 1:], None) + out.aux_loss).backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(param.grad, grads[name], atol=1e-5), name
+    for a, b in zip(plain.moe_layers(), model.moe_layers()):  # two forwards counted, the recomputes not
+        assert torch.equal(2 * a.tokens_per_expert, b.tokens_per_expert) and torch.equal(
+            2 * a.gate.bias_counts, b.gate.bias_counts)
 
 
 @pytest.mark.slow

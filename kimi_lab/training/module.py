@@ -14,6 +14,17 @@ from kimi_lab.model.loss import linear_cross_entropy
 from kimi_lab.optim import build_optimizer, build_scheduler
 
 
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` in place (the module type and its state_dict keys stay as they are). With activation
+    checkpointing each block is compiled on its own and the checkpoint stays outside the graphs (torchtitan's order):
+    dynamo cannot trace a checkpoint whose ``context_fn`` marks the recompute for the MoE load counters."""
+    if getattr(model, "activation_checkpointing", False):
+        for layer in model.layers:
+            layer.compile()
+    else:
+        model.compile()
+
+
 class LanguageModelModule(L.LightningModule):
     """Wraps the plain ``nn.Module`` from ``build_model`` (compile or inspect ``self.model`` without Lightning)."""
 
@@ -26,8 +37,8 @@ class LanguageModelModule(L.LightningModule):
         self.cfg = cfg
         self.max_steps = max_steps
         self.model = build_model(cfg)
-        if cfg.hardware.compile:  # in place: the module type and its state_dict keys stay as they are
-            self.model.compile()
+        if cfg.hardware.compile:
+            compile_model(self.model)
         self.loss_chunk_tokens = cfg.hardware.loss_chunk_tokens
         self.last_train_ce = torch.zeros(())  # mean CE of the latest micro-batch (for the step aggregator)
         self.last_aux_loss = torch.zeros(())

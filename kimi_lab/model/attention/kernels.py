@@ -218,6 +218,7 @@ class KernelRunner:
         self.last: str | None = None
 
     def __call__(self, q, k, v, *, dropout_p: float, scale: float | None, training: bool) -> torch.Tensor:
-        if training or self.last is None:
+        # under torch.compile the graph decides the kernel, and asking SDPA's dispatcher would break the graph
+        if (training or self.last is None) and not torch.compiler.is_compiling():
             self.last = self._label(q, k, v, dropout_p=dropout_p)
         return self.fn(q, k, v, dropout_p=dropout_p, scale=scale)

@@ -27,6 +27,8 @@ def grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.device.type not in ("cpu", "cuda"):
         return False
+    if torch.compiler.is_compiling():  # traced (bf16, see grouped_linear): data_ptr() would break the graph, and
+        return x.dtype == torch.bfloat16  # fresh activations and parameter banks are allocator-aligned
     size = x.element_size()
     strides = [st for st in (*x.stride(), *weight.stride()) if st != 1]
     aligned = all((n * size) % 16 == 0 for n in (*strides, x.shape[-1], weight.shape[-2]))
@@ -40,10 +42,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     expert -> (S, out). Fused grouped GEMM where it runs, else the segment form (one matmul per contiguous slice:
     float64 parity tests, sizes that break the 16-byte alignment, torch < 2.9).
     """
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return _grouped_linear_eager(x, weight, offsets, counts)  # one graph break, then the eager route below
     if grouped_mm_runs(x, weight):
         return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
     segments = x.split(counts.tolist())
     return torch.cat([F.linear(seg, w) for seg, w in zip(segments, weight)])
+
+
+# torch.compile traces the grouped GEMM in bf16 only (its meta kernel's rule); other dtypes run it outside the graph
+_grouped_linear_eager = torch.compiler.disable(grouped_linear, reason="grouped_mm is traceable in bf16 only")
 
 
 class PackedSwiGLU(torch.autograd.Function):
@@ -90,6 +98,9 @@ class GroupedExperts(nn.Module):
             x_sorted, gate_up, down = x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
         packed = grouped_linear(x_sorted, gate_up, offsets, counts)  # (S, 2I): gate | up
+        if torch.compiler.is_compiling():  # inductor fuses autograd's version; the hand-written out= would not trace
+            gate, up = packed.chunk(2, dim=-1)
+            return grouped_linear(F.silu(gate) * up, down, offsets, counts)
         return grouped_linear(PackedSwiGLU.apply(packed), down, offsets, counts)  # (S, H)
 
     def expert_params(self) -> int:

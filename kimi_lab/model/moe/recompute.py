@@ -1,23 +1,27 @@
 """Activation-checkpoint recompute flag: a recomputed MoE forward routes again (same result) but must not count
-its tokens twice in the load statistics, aux-loss sums or noaux_tc bias counts."""
+its tokens twice in the load statistics, aux-loss sums or noaux_tc bias counts.
+
+A module global, not a ``ContextVar``: ``torch.compile`` cannot trace ``ContextVar.get`` (a graph break in every MoE
+layer) but reads a global and guards on its value, so a compiled forward and its recompute are two graph variants.
+The flag is set and read by one forward at a time (the recompute runs inside the backward that needs it)."""
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
-_RECOMPUTING = contextvars.ContextVar("moe_recomputing", default=False)
+_recomputing = False
 
 
 @contextlib.contextmanager
 def recomputing():
     """Context of ``torch.utils.checkpoint``'s recompute (its ``context_fn``'s second context)."""
-    token = _RECOMPUTING.set(True)
+    global _recomputing
+    saved, _recomputing = _recomputing, True
     try:
         yield
     finally:
-        _RECOMPUTING.reset(token)
+        _recomputing = saved
 
 
 def is_recomputing() -> bool:
-    return _RECOMPUTING.get()
+    return _recomputing
