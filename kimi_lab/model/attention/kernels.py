@@ -89,9 +89,11 @@ def query_blocked_attention(q, k, v, *, block: int, dropout_p: float = 0.0,
 
 def sdpa_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention, causal, PyTorch picks the backend; where it picks the math
-    backend and T > MATH_QUERY_BLOCK, the queries go in causal blocks (``query_blocked_attention``)."""
+    backend and T > MATH_QUERY_BLOCK, the queries go in causal blocks (``query_blocked_attention``; eager only)."""
     seq_len = q.shape[-2]
-    backend = sdpa_backend(q, k, v, dropout_p=dropout_p) if seq_len > MATH_QUERY_BLOCK else None  # ask only if long
+    # ask only if long; never under torch.compile, whose graph picks the kernel (and the query would break it)
+    asked = seq_len > MATH_QUERY_BLOCK and not torch.compiler.is_compiling()
+    backend = sdpa_backend(q, k, v, dropout_p=dropout_p) if asked else None
     if _in_query_blocks(seq_len, backend):
         return query_blocked_attention(q, k, v, block=MATH_QUERY_BLOCK, dropout_p=dropout_p, scale=scale)
     return _sdpa_causal(q, k, v, dropout_p=dropout_p, scale=scale)
