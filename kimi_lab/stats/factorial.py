@@ -6,15 +6,17 @@ The arm-vs-baseline rows of ``compare`` read a factor at one corner of the grid 
 - Main effect of ``key=level`` vs the baseline arm's level of that key: every run at ``level`` is matched with the run
   at the baseline level in the same context (the levels of the other swept keys) and with the same seed; the mean of
   the matched differences is the effect averaged over the grid. Test, CI, effect sizes, power and corrections as for
-  the arm rows (``compare_samples`` on the matched pairs; family: one metric's main effects). The pairs of different
-  contexts are pooled, so a variation of the effect between contexts is part of its error: the test asks whether the
+  the arm rows (``compare_samples`` on the matched pairs; family: one metric's main effects), except d and g, left
+  empty: their SD would hold the other keys' effects. The pairs of different contexts are pooled (a context with more
+  seeds weighs more), so a variation of the effect between contexts is part of its error: the test asks whether the
   effect holds on average over the grid. ``context_min`` / ``context_max``: the smallest and largest per-context
   effect (mean over that context's pairs), to see whether it changes sign.
 - ANOVA (statsmodels OLS + ``anova_lm``, Type II sums of squares; Montgomery, *Design and Analysis of Experiments*,
   ch. 5): ``value ~ C(key1) * C(key2) * ... + C(seed)`` over the completed runs, the seed an additive block (data
-  order and init are functions of the seed). An interaction term with p < alpha says the main effects of its keys
-  average effects that differ between contexts: read the per-cell rows too. Needs a run in every cell of the grid and
-  a residual degree of freedom; otherwise the metric's ANOVA is skipped and ``anova_notes`` says why.
+  order and init are functions of the seed). ``interaction_p_holm``: the smallest Holm-adjusted p of the interaction
+  terms that hold a key (one family per key); below alpha, the key's main effects average effects that differ
+  between contexts: read the per-cell rows too. Needs a value in every cell of the grid, a design that separates every
+  term (full rank) and residual variance; otherwise the metric's ANOVA is skipped and ``anova_notes`` says why.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import warnings
 import numpy as np
 
 from kimi_lab.stats.collect import Sweep
-from kimi_lab.stats.compare import ALPHA, COLUMNS, CORRECTIONS, Comparison, adjust_pvalues, arm_values, compare_samples
+from kimi_lab.stats.compare import (ALPHA, COLUMNS, CORRECTIONS, Comparison, adjust_pvalues, arm_values,
+                                    compare_samples, is_flat)
 from kimi_lab.stats.metrics import METRICS
 
 EFFECT_COLUMNS = ["factor", "level", "base_level", *COLUMNS, "n_contexts", "grid_contexts", "context_min",
-                  "context_max", "interaction_term", "interaction_p"]
+                  "context_max", "interaction_term", "interaction_p_holm"]
 ANOVA_COLUMNS = ["metric", "term", "df", "sum_sq", "F", "p"]
 CROSS = " × "  # interaction terms: "norm × optimizer.lr"
 
@@ -58,7 +61,7 @@ def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
                 for key, levels in sweep.factors.items() for level in levels if level != base_levels[key]]
         for row in rows:
             row["metric"] = metric.name
-            row["interaction_term"], row["interaction_p"] = strongest_interaction(terms, row["factor"])
+            row["interaction_term"], row["interaction_p_holm"] = strongest_interaction(terms, row["factor"])
         for column, method in CORRECTIONS.items():
             for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
                 row[column] = float(p_adj)
@@ -88,12 +91,14 @@ def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, le
     row = compare_samples(at_level, at_base, alpha, pairing)
     contexts = math.prod(len(v) for k, v in sweep.factors.items() if k != key)
     pairs = len(at_level)
-    if row["test"] == "paired":
-        row["note"] = f"paired on {pairs} (context, seed) pairs in {len(per_context)} of {contexts} contexts"
-    elif pairs:
-        row["note"] = f"{row['note']}; {pairs} matched runs per level in {len(per_context)} of {contexts} contexts"
-    else:
+    where = f"{pairs} matched (context, seed) pairs in {len(per_context)} of {contexts} contexts"
+    if not pairs:
         row["note"] = f"no run at {key}={level} has a twin at {key}={base} with the same other keys and seed"
+    elif row["test"] == "paired" and math.isfinite(row["p"]):
+        row["note"] = f"paired on {where}"
+    else:  # Welch (--no-pairing), or no test (no variance, < 2 pairs): keep compare_samples' reason
+        row["note"] = f"{row['note']}; {where}"
+    row["cohens_d"] = row["hedges_g"] = math.nan  # a between-arm SD here would hold the other keys' effects
     found = dict.fromkeys(w for w in (a.divergence_warning() for a in touched) if w)
     return row | {"factor": key, "level": level, "base_level": base, "arm": f"{key}={level}",
                   "baseline": f"{key}={base}", "seeds_a": "", "seeds_b": "", "n_contexts": len(per_context),
@@ -108,9 +113,11 @@ def anova(sweep: Sweep, per_arm: dict[str, dict[int, float]]) -> tuple[list[dict
     rows = [(arm.factors, seed, value) for arm in sweep.arms for seed, value in per_arm[arm.label].items()]
     empty = [arm.label for arm in sweep.arms if not per_arm[arm.label]]
     cells = math.prod(len(v) for v in sweep.factors.values())
-    if len(sweep.arms) < cells or empty:
-        absent = empty or ["cells of the grid without an arm"]
-        return [], f"not every cell of the grid has a run ({', '.join(absent[:4])}{', ...' * (len(absent) > 4)})"
+    if len(sweep.arms) < cells:
+        return [], f"the grid has {cells} cells, the sweep {len(sweep.arms)} arms"
+    if empty:
+        listed = "; ".join(empty[:4]) + "; ..." * (len(empty) > 4)
+        return [], f"no completed run with a value of this metric in {len(empty)} cell(s) ({listed})"
     seeds = sorted({seed for _, seed, _ in rows})
     residual_df = len(rows) - cells - (len(seeds) - 1)
     if residual_df < 1:
@@ -124,8 +131,14 @@ def anova(sweep: Sweep, per_arm: dict[str, dict[int, float]]) -> tuple[list[dict
                           for factors, seed, value in rows])
     formula = "value ~ " + " * ".join(f"C({c})" for c in names) + (" + C(seed)" if len(seeds) > 1 else "")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a perfect fit (no residual variance) warns; its F and p are NaN
-        table = anova_lm(ols(formula, data=frame).fit(), typ=2)
+        warnings.simplefilter("ignore")  # an exact fit warns: caught below
+        fit = ols(formula, data=frame).fit()
+        if round(fit.df_resid) != residual_df:  # e.g. a cell whose only run has a seed no other cell has
+            rank = round(fit.nobs - fit.df_resid)
+            return [], f"the design cannot separate every term (rank {rank} of {cells + len(seeds) - 1} parameters)"
+        if is_flat(fit.resid.to_numpy(), float(frame["value"].abs().max())):
+            return [], "no residual variance (every run equals its cell and seed effects)"
+        table = anova_lm(fit, typ=2)
     out = []
     for term, rec in table.iterrows():
         parts = [p.removeprefix("C(").removesuffix(")") for p in str(term).split(":")]
@@ -136,10 +149,12 @@ def anova(sweep: Sweep, per_arm: dict[str, dict[int, float]]) -> tuple[list[dict
 
 
 def strongest_interaction(terms: list[dict], key: str) -> tuple[str, float]:
-    """The interaction term involving ``key`` with the smallest p ("", NaN when there is none or no ANOVA)."""
+    """The interaction term holding ``key`` with the smallest Holm-adjusted p over all such terms (a key is in 2^(K-1)
+    - 1 of them in a K-key grid); ("", NaN) when there is none or no ANOVA."""
     found = [t for t in terms if CROSS in t["term"] and key in t["term"].split(CROSS) and math.isfinite(t["p"])]
     if not found:
         return "", math.nan
-    best = min(found, key=lambda t: t["p"])
-    return best["term"], best["p"]
+    adjusted = adjust_pvalues([t["p"] for t in found], "holm")
+    best = min(range(len(found)), key=lambda i: (adjusted[i], found[i]["p"]))  # Holm ties: the smaller raw p
+    return found[best]["term"], float(adjusted[best])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key, provenance, provenance_warnings
 from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, compare_sweep
-from kimi_lab.stats.factorial import ANOVA_COLUMNS, CROSS, EFFECT_COLUMNS, add_factorial
+from kimi_lab.stats.factorial import ANOVA_COLUMNS, EFFECT_COLUMNS, add_factorial
 from kimi_lab.stats.metrics import LOSS_SPIKE_REL, METRICS, METRICS_BY_NAME, SPIKE_WINDOW, TIMING_METRICS
 
 SUMMARY_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")  # columns of the arms table
@@ -65,9 +65,9 @@ def verdict(row: dict, alpha: float) -> str:
         n, grid = row["n_contexts"], row["grid_contexts"]
         text += (f" Averaged over {n} of {grid} contexts (per-context effect {fmt(row['context_min'])} to "
                  f"{fmt(row['context_max'])})." if n > 1 else f" Read in 1 of {grid} contexts only.")
-        if math.isfinite(row["interaction_p"]) and row["interaction_p"] < alpha:
+        if math.isfinite(row["interaction_p_holm"]) and row["interaction_p_holm"] < alpha:
             text += (f" The effect depends on the other keys (ANOVA interaction {row['interaction_term']}, "
-                     f"{p_is('p', row['interaction_p'])}): read the per-cell comparisons too.")
+                     f"{p_is('p_holm', row['interaction_p_holm'])}): read the per-cell comparisons too.")
     return f"{text} Warning: {warning}." if isinstance(warning, str) and warning else text
 
 
@@ -94,10 +94,11 @@ def _verdict(row: dict, alpha: float) -> str:
            else f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}")
     if row["p_holm"] < alpha:
         return f"{head}, {stats_part}: significant after Holm at alpha = {alpha}. {mde}."
-    more, pairs = "", "matched pairs" if "factor" in row else "paired seeds"
+    main = "factor" in row
+    more, pairs, runs = "", "matched pairs" if main else "paired seeds", "runs per level" if main else "seeds per arm"
     if math.isfinite(row["n_for_80pct_power"]):
         more = (f"; about {row['n_for_80pct_power']:.0f} {pairs} would detect d_z = {fmt(abs(dz), 2)}" if paired
-                else f"; about {row['n_for_80pct_power']:.0f} seeds per arm would detect d = {fmt(abs(d), 2)}")
+                else f"; about {row['n_for_80pct_power']:.0f} {runs} would detect d = {fmt(abs(d), 2)}")
     return f"{head}, {stats_part}: not significant after Holm. {mde}{more}."
 
 
@@ -172,11 +173,11 @@ def main_effects_section(sweep: Sweep, comp: Comparison) -> list[str]:
             continue
         lines += [f"### {metric.name} ({'lower' if metric.lower_is_better else 'higher'} is better)", ""]
         lines += _table(["level vs baseline", "pairs", "contexts", "diff [95% CI]", "per-context min..max", "test",
-                         "p", "p_holm", "d_z", "interaction p"],
+                         "p", "p_holm", "d_z", "interaction p_holm"],
                         [[f"`{r['arm']}` vs `{r['base_level']}`", str(r["n_a"]), str(r["n_contexts"]),
                           f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
                           f"{fmt(r['context_min'])} .. {fmt(r['context_max'])}", r["test"], fmt_p(r["p"]),
-                          fmt_p(r["p_holm"]), fmt(r["d_z"], 2), fmt_p(r["interaction_p"])] for r in rows])
+                          fmt_p(r["p_holm"]), fmt(r["d_z"], 2), fmt_p(r["interaction_p_holm"])] for r in rows])
         terms = [t for t in comp.anova if t["metric"] == metric.name and t["term"] != "residual"]
         residual = next((t for t in comp.anova if t["metric"] == metric.name and t["term"] == "residual"), None)
         if terms:
@@ -230,9 +231,12 @@ METHOD_NOTES = [
     "Holm is the headline, Bonferroni and Benjamini-Hochberg FDR are listed too.",
     "- Factorial sweeps (two or more swept keys): a main effect compares a level with the baseline level of its key "
     "on runs matched by the other keys' levels and the seed, pooled over the grid (paired t-test over those pairs, "
-    "so variation of the effect between contexts counts as error; its own Holm family per metric). ANOVA: "
-    f"statsmodels OLS, `anova_lm(typ=2)`, value ~ all keys crossed{CROSS.strip()} + seed, p-values not corrected; "
-    "skipped when a cell of the grid has no run or no residual degree of freedom is left.",
+    "so variation of the effect between contexts counts as error, and a context with more seeds weighs more; its own "
+    "Holm family per metric; d_z only, since a between-arm SD would hold the other keys' effects). Pairs of one seed "
+    "in different contexts share that seed's noise, so the n - 1 degrees of freedom can overstate the precision when "
+    "seeds interact with the key. ANOVA: statsmodels OLS, `anova_lm(typ=2)`, value ~ all keys crossed + seed as a "
+    "block; a main effect's `interaction p_holm` is the smallest Holm-adjusted p of the interaction terms holding its "
+    "key. Skipped, with the reason, when a cell has no value, the design is rank-deficient or nothing varies.",
     f"- Time to target: first validation with val loss <= the target (resolution: one validation interval). "
     f"Loss spike: a step with train loss > {1 + LOSS_SPIKE_REL:.2f} x the median of the previous {SPIKE_WINDOW} "
     f"steps; grad-norm spike: the largest ratio of grad norm to that running median.",
@@ -247,7 +251,7 @@ def latex(comp: Comparison) -> str:
     if comp.main_effects:
         title = r"\multicolumn{8}{l}{\emph{Main effects over the grid (vs the key's baseline level)}} \\"
         lines += [r"\midrule", title, r"\midrule"]
-        lines += _tex_rows(comp.main_effects, " (main)")
+        lines += _tex_rows([{**r, "arm": f"{r['arm']} vs {r['base_level']}"} for r in comp.main_effects], "")
     note = r"\multicolumn{8}{l}{\footnotesize $^a$ in units of $d_z$ on paired rows, of $d$ on Welch rows} \\"
     return "\n".join([*lines, r"\bottomrule", note, r"\end{tabular}"]) + "\n"
 
