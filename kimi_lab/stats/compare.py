@@ -75,6 +75,13 @@ def adjust_pvalues(p, method: str) -> np.ndarray:
     return out
 
 
+def add_corrected_p(family: list[dict]) -> None:
+    """Set every CORRECTIONS column of the rows of one family from their ``p``."""
+    for column, method in CORRECTIONS.items():
+        for row, p_adj in zip(family, adjust_pvalues([r["p"] for r in family], method)):
+            row[column] = float(p_adj)
+
+
 def _power_setup(n_a: int, n_b: int, paired: bool) -> tuple:
     """(statsmodels power analysis, its size arguments): one-sample TTestPower on n pairs for a paired test (effect
     size d_z), two-sample TTestIndPower on n_a vs n_b for Welch (effect size d_s)."""
@@ -248,8 +255,6 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
                 for arm in sweep.arms if arm.label != label]
         for row in rows:  # dropping diverged seeds flatters an unstable arm: say so on every row it touches
             row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label]) if w)
-        for column, method in CORRECTIONS.items():
-            for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
-                row[column] = float(p_adj)
+        add_corrected_p(rows)
         result.rows += [{c: row[c] for c in COLUMNS} for row in rows]
     return result

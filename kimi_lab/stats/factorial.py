@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 
 from kimi_lab.stats.collect import Sweep
-from kimi_lab.stats.compare import (ALPHA, COLUMNS, CORRECTIONS, Comparison, adjust_pvalues, arm_values,
+from kimi_lab.stats.compare import (ALPHA, COLUMNS, Comparison, add_corrected_p, adjust_pvalues, arm_values,
                                     compare_samples, is_flat)
 from kimi_lab.stats.metrics import METRICS
 
@@ -62,9 +62,7 @@ def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
         for row in rows:
             row["metric"] = metric.name
             row["interaction_term"], row["interaction_p_holm"] = strongest_interaction(terms, row["factor"])
-        for column, method in CORRECTIONS.items():
-            for row, p_adj in zip(rows, adjust_pvalues([r["p"] for r in rows], method)):
-                row[column] = float(p_adj)
+        add_corrected_p(rows)
         comp.main_effects += [{c: row[c] for c in EFFECT_COLUMNS} for row in rows]
 
 
