@@ -26,7 +26,7 @@ import warnings
 
 import numpy as np
 
-from kimi_lab.stats.collect import Sweep
+from kimi_lab.stats.collect import Arm, Sweep
 from kimi_lab.stats.compare import (ALPHA, COLUMNS, Comparison, add_corrected_p, adjust_pvalues, arm_values,
                                     compare_samples, is_flat)
 from kimi_lab.stats.metrics import METRICS
@@ -49,6 +49,8 @@ def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
         return
     base_levels = sweep.arm(comp.baseline).factors
     values = arm_values(sweep, comp.target_loss)
+    comparisons = [(key, level, twin_arms(sweep, key, level, base_levels[key]))  # the matching is metric-free
+                   for key, levels in sweep.factors.items() for level in levels if level != base_levels[key]]
     for metric in METRICS:
         per_arm = values[metric.name]
         if metric.optional and not any(per_arm.values()):
@@ -57,8 +59,8 @@ def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
         if note:
             comp.anova_notes[metric.name] = note
         comp.anova += [{"metric": metric.name, **t} for t in terms]
-        rows = [main_effect(sweep, per_arm, key, level, base_levels, comp.alpha, pairing)
-                for key, levels in sweep.factors.items() for level in levels if level != base_levels[key]]
+        rows = [main_effect(sweep, per_arm, key, level, base_levels[key], twins, comp.alpha, pairing)
+                for key, level, twins in comparisons]
         for row in rows:
             row["metric"] = metric.name
             row["interaction_term"], row["interaction_p_holm"] = strongest_interaction(terms, row["factor"])
@@ -66,19 +68,20 @@ def add_factorial(sweep: Sweep, comp: Comparison, pairing: bool = True) -> None:
         comp.main_effects += [{c: row[c] for c in EFFECT_COLUMNS} for row in rows]
 
 
-def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, level: str,
-                base_levels: dict[str, str], alpha: float = ALPHA, pairing: bool = True) -> dict:
-    """``key=level`` vs ``key=base_levels[key]`` on the runs matched by context and seed (every EFFECT_COLUMNS field
-    but the metric, corrected p-values and the interaction)."""
-    base = base_levels[key]
+def twin_arms(sweep: Sweep, key: str, level: str, base: str) -> list[tuple[Arm, Arm]]:
+    """(arm at ``key=level``, the arm with the same other keys at ``key=base``) for every context that has both."""
     arms = {tuple(sorted(a.factors.items())): a for a in sweep.arms}
+    twins = [(arm, arms.get(tuple(sorted((arm.factors | {key: base}).items()))))
+             for arm in sweep.arms if arm.factors[key] == level]
+    return [(arm, twin) for arm, twin in twins if twin is not None]
+
+
+def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, level: str, base: str,
+                twins: list[tuple[Arm, Arm]], alpha: float = ALPHA, pairing: bool = True) -> dict:
+    """``key=level`` vs ``key=base`` on the runs of ``twins`` (``twin_arms``) matched by seed (every EFFECT_COLUMNS
+    field but the metric, corrected p-values and the interaction)."""
     at_level, at_base, per_context, touched = {}, {}, [], []
-    for arm in sweep.arms:
-        if arm.factors[key] != level:
-            continue
-        twin = arms.get(tuple(sorted((arm.factors | {key: base}).items())))
-        if twin is None:
-            continue
+    for arm, twin in twins:
         seeds = sorted(set(per_arm[arm.label]) & set(per_arm[twin.label]))
         for seed in seeds:
             pair = len(at_level)
