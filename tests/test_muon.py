@@ -199,6 +199,26 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         assert ka == kb and all(torch.equal(va[k], vb[k]) for k in va)
 
 
+def test_load_state_dict_into_a_stepped_optimizer_takes_the_loaded_state():
+    """Rolling an optimizer that has already stepped back to a saved state: momentum and moments are the saved
+    ones (the sub-optimizers' own pre-load state used to be copied back over them)."""
+    torch.manual_seed(7)
+    model = BankModel()
+    opt = build_muon(model, _opt_cfg())
+    ids = torch.randint(0, 11, (4, 9))
+    for _ in range(2):
+        _step(model, opt, ids)
+    saved = copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        _step(model, opt, ids)
+    opt.load_state_dict(copy.deepcopy(saved))
+    for (key, want), got in zip(saved["state"].items(), opt.state_dict()["state"].values()):
+        assert want.keys() == got.keys()
+        assert all(torch.equal(torch.as_tensor(want[k]), torch.as_tensor(got[k])) for k in want), key
+    for sub in opt.optimizers:
+        assert sub.state is opt.state
+
+
 def test_one_optimizer_object_with_per_group_base_lr():
     cfg = compose_config(["optimizer=muon", "optimizer.warmup_steps=4", "optimizer.lr=0.02", "optimizer.adamw_lr=3e-3"])
     validate_config(cfg)

@@ -90,6 +90,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.optimizers = optimizers
         groups = [group for opt in optimizers for group in opt.param_groups]
         super().__init__(groups, defaults={})  # keeps the same group dicts (add_param_group appends them)
+        for opt in optimizers:  # any state the sub-optimizers already hold (disjoint parameters) moves here
+            self.state.update(opt.state)
         self._share_state()
 
     def _share_state(self) -> None:
@@ -99,8 +101,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
             count = len(opt.param_groups)
             opt.param_groups = self.param_groups[start:start + count]
             start += count
-            for p, s in opt.state.items():
-                self.state[p] = s
             opt.state = self.state
 
     @torch.no_grad()
