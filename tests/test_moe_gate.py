@@ -187,6 +187,18 @@ def test_bias_is_a_checkpointed_buffer_without_gradient():
     assert gate.weight.grad is not None and gate.weight.grad.abs().sum() > 0
 
 
+def test_load_counts_stay_exact_fp32_under_bf16_weights():
+    """precision=bf16-true casts the model: the per-step load statistics must still count tokens exactly (a bf16
+    buffer rounds 8,229 to 8,256)."""
+    model = build_model(deepseek_v3_cfg(["data.seq_len=8"])).to(torch.bfloat16).train()
+    layer = model.moe_layers()[0]
+    for name in ("tokens_per_expert", "tokens_dropped", "aux_loss_sum", "n_forwards"):
+        assert getattr(layer, name).dtype == torch.float32, name
+    layer.tokens_per_expert += 8229
+    layer.tokens_per_expert += torch.ones(4, dtype=torch.int64)
+    assert layer.tokens_per_expert.tolist() == [8230.0] * 4
+
+
 def test_bias_changes_the_output_only_through_selection():
     cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.n_group=1", "moe.topk_group=1",
                            "moe.moe_intermediate_size=16"])

@@ -45,6 +45,13 @@ class MoE(nn.Module):
         self.register_buffer("n_forwards", torch.zeros(()), persistent=False)  # micro-batches since last read
         self.aux_loss = torch.zeros(())
 
+    def _apply(self, fn, recurse=True):
+        """``.to(bf16)`` keeps the load statistics fp32 (bf16 counts round at 256: 8,229 tokens would read 8,256)."""
+        super()._apply(fn, recurse)
+        for name in ("tokens_per_expert", "tokens_dropped", "aux_loss_sum", "n_forwards"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, d_model = x.shape
         routing = self.gate(x)  # over N = B*T tokens; the gate sees (B, T, D) for sequence-wise losses
