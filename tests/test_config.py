@@ -116,6 +116,7 @@ def test_wrong_type_is_rejected():
         (["hardware.loss_chunk_tokens=0"], "hardware.loss_chunk_tokens"),
         (["rope.theta=-1"], "rope.theta"),
         (["seed=-1"], "seed"),
+        (["attention=mla", "attention.kernel=flash", "attention.v_head_dim=128"], "attention.v_head_dim"),
     ],
 )
 def test_impossible_configs_fail_with_the_key(overrides, key):

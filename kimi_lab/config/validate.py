@@ -108,6 +108,10 @@ def _check_attention(cfg: DictConfig) -> None:
     _check(attn.dropout == 0 or _name(cfg.hardware.accelerator) != "cpu", "attention.dropout", attn.dropout,
            f"0 with {what} on CPU (PyTorch's CPU flash kernel has no dropout), or attention=sdpa/standard")
     head_dim = cfg.model.d_model // attn.n_heads if name != "mla" else attn.qk_nope_head_dim + attn.qk_rope_head_dim
+    if name == "mla":  # FlashAttention-2 takes one head dim for q, k and v: MLA's v is zero-padded up to q/k's
+        _check(attn.v_head_dim <= head_dim, "attention.v_head_dim", attn.v_head_dim,
+               f"<= qk_nope_head_dim + qk_rope_head_dim = {head_dim} with attention.kernel=flash (v is padded to "
+               "the q/k head dim), or attention.kernel=sdpa/standard")
     _check(head_dim <= FLASH_MAX_HEAD_DIM_CUDA or _name(cfg.hardware.accelerator) != "gpu", "attention.n_heads",
            attn.n_heads, f"a value giving a head dim <= {FLASH_MAX_HEAD_DIM_CUDA} with {what} on GPU (head dim "
            f"{head_dim}), or attention=sdpa/standard")
