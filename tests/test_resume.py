@@ -72,3 +72,24 @@ def test_resume_refuses_another_config_before_training(tmp_path):
     resumed = train(compose_config([*overrides, "resume=true", "hardware.num_threads=1",
                                     "trainer.log_every_n_steps=1", "logger.tensorboard=true"], output_dir=cut_dir))
     assert resumed["status"] == "completed" and resumed["steps"] == 4
+
+
+def test_data_position_is_saved_globally_and_refuses_another_device_count():
+    """The checkpoint holds the global samples consumed (steps x batch x accumulation x ranks); a resume on another
+    number of processes is refused with the key; a checkpoint without the entry resumes at steps x batch x accum."""
+    from types import SimpleNamespace
+
+    from kimi_lab.training.callbacks import DataPosition
+
+    starts = []
+    datamodule = SimpleNamespace(set_train_start=starts.append)
+    position = DataPosition(samples_per_rank_step=4 * 2)  # batch 4, accumulate 2
+    checkpoint = {"global_step": 3}
+    position.on_save_checkpoint(SimpleNamespace(global_step=3, world_size=2), None, checkpoint)
+    assert checkpoint[DataPosition.KEY] == {"samples_consumed": 3 * 4 * 2 * 2, "world_size": 2}
+    position.on_load_checkpoint(SimpleNamespace(world_size=2, datamodule=datamodule), None, checkpoint)
+    assert starts == [48]
+    with pytest.raises(ValueError, match=r"hardware\.devices"):
+        position.on_load_checkpoint(SimpleNamespace(world_size=1, datamodule=datamodule), None, checkpoint)
+    position.on_load_checkpoint(SimpleNamespace(world_size=1, datamodule=datamodule), None, {"global_step": 5})
+    assert starts == [48, 40]

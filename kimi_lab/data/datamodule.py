@@ -124,7 +124,8 @@ class ResumableShardSampler(Sampler[int]):
     """Yields start_index + k * world_size + rank; the same count on every rank.
 
     `start_index` (global samples already consumed) is read when iteration starts, so a
-    resumed run skips exactly what was consumed before."""
+    resumed run skips exactly what was consumed before. ``len`` is the whole epoch's count whatever the start:
+    Lightning sizes the epoch once and counts a resumed run's earlier batches in it."""
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
@@ -133,11 +134,11 @@ class ResumableShardSampler(Sampler[int]):
         self.start_index = 0
 
     def __len__(self) -> int:
-        return max(0, self.length - self.start_index) // self.world_size
+        return self.length // self.world_size
 
     def __iter__(self) -> Iterator[int]:
-        start, n = self.start_index, len(self)
-        return iter(range(start + self.rank, start + n * self.world_size, self.world_size))
+        start, end = self.start_index, len(self) * self.world_size  # end: every rank gets the same count
+        return iter(range(start + self.rank, end, self.world_size))
 
 
 class LMDataModule(L.LightningDataModule):

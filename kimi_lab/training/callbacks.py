@@ -310,13 +310,29 @@ class StepMetrics(L.Callback):
 
 
 class DataPosition(L.Callback):
-    """On (re)start, tell the sampler how many samples earlier steps consumed, so a resumed run sees the same data."""
+    """A resumed run continues the data where the checkpoint left it: the global samples consumed (all ranks) are
+    saved in the checkpoint and given to the sampler when the checkpoint is loaded, which Lightning does before it
+    builds the train loader's iterator (worker processes start reading the sampler then, so ``on_train_start`` is
+    too late with ``data.num_workers > 0``). A different device count is refused: it changes the global batch."""
 
-    def __init__(self, samples_per_step: int):
-        self.samples_per_step = samples_per_step
+    KEY = "data_position"
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        trainer.datamodule.set_train_start(trainer.global_step * self.samples_per_step)
+    def __init__(self, samples_per_rank_step: int):
+        self.samples_per_rank_step = samples_per_rank_step  # data.batch_size * trainer.accumulate_grad_batches
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[self.KEY] = {"samples_consumed": trainer.global_step * self.samples_per_rank_step
+                                * trainer.world_size, "world_size": trainer.world_size}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        saved = checkpoint.get(self.KEY)
+        if saved is None:  # checkpoints written before the position was saved: one process, steps x batch
+            saved = {"samples_consumed": checkpoint["global_step"] * self.samples_per_rank_step, "world_size": 1}
+        if saved["world_size"] != trainer.world_size:
+            raise ValueError(f"resume: the checkpoint was trained on {saved['world_size']} process(es), this run has "
+                             f"{trainer.world_size}; allowed: hardware.devices giving {saved['world_size']} (another "
+                             "count changes the global batch, data order and max_tokens' step count)")
+        trainer.datamodule.set_train_start(int(saved["samples_consumed"]))
 
 
 class RunStopped(Exception):

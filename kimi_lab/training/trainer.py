@@ -46,7 +46,7 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
                             log_every_n_steps=int(cfg.trainer.log_every_n_steps),
                             checkpoint_every_n_steps=int(cfg.trainer.checkpoint_every_n_steps)),
         experts=experts,
-        data_position=DataPosition(samples_per_step=cfg.data.batch_size * accumulate),
+        data_position=DataPosition(samples_per_rank_step=cfg.data.batch_size * accumulate),
         interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt", val_every)
                    if cfg.trainer.interrupt_at_step is not None else None),
         optimizer_timer=OptimizerStepTimer(),
