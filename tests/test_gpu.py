@@ -1,4 +1,5 @@
-"""GPU checks (marker `gpu`; skipped without CUDA): bf16-mixed training runs and records the CUDA memory peak."""
+"""GPU checks (marker `gpu`; skipped without CUDA): bf16-mixed training runs and records the CUDA memory peak; the
+training-batch window of that peak is tested on any machine with a faked allocator."""
 
 from __future__ import annotations
 
@@ -53,3 +54,38 @@ def test_grouped_experts_on_cuda_bf16_autocast_match_fp32():
     got.float().sum().backward()
     torch.testing.assert_close(got.float(), want, rtol=5e-2, atol=5e-2)
     assert moe.experts.gate_up_proj.grad is not None and moe.experts.gate_up_proj.grad.dtype == torch.float32
+
+
+def test_cuda_peak_is_the_training_batches_only(monkeypatch):
+    """Runs everywhere (the allocator is faked): the peak is reset at each training batch's start and read at its
+    end, so a larger allocation outside the batches (validation, test, downstream) never enters peak_mem_mb."""
+    from types import SimpleNamespace
+
+    from kimi_lab.training.callbacks import MemoryWindow
+
+    allocator = {"current": 100, "peak": 100}
+
+    def reset(device=None):
+        allocator["peak"] = allocator["current"]
+
+    def allocate(n):
+        allocator["current"] += n
+        allocator["peak"] = max(allocator["peak"], allocator["current"])
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    window, module = MemoryWindow(), SimpleNamespace(device=torch.device("cuda", 0))
+    for activations in (50, 70):  # two training batches: weights (100) + activations, freed at the end
+        window.on_train_batch_start(None, module, None, 0)
+        allocate(activations)
+        allocate(-activations)
+        window.on_train_batch_end(None, module, None, None, 0)
+    allocate(500)  # a validation pass building full logits
+    allocate(-500)
+    assert window.cuda_peak_bytes == 170
+    window.on_train_batch_start(None, module, None, 0)  # the next batch starts from the current level, not 600
+    window.on_train_batch_end(None, module, None, None, 0)
+    assert window.cuda_peak_bytes == 170
+    cpu = MemoryWindow()
+    cpu.on_train_batch_start(None, SimpleNamespace(device=torch.device("cpu")), None, 0)
+    assert cpu.cuda_peak_bytes == 0

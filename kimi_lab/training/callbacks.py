@@ -391,17 +391,24 @@ class OptimizerStepTimer(L.Callback):
 
 
 class MemoryWindow(L.Callback):
-    """Opens the job's memory sampler (``rundir.PeakRSS``, set as ``.rss`` once it runs) for each training batch:
-    forward, backward and optimizer step. First in the callback list, so it closes before the checkpoint callbacks save
-    (Lightning moves checkpoint callbacks last)."""
+    """Peak memory of training batches only (forward, backward and optimizer step), not of validation, test or
+    checkpoint writes: opens the job's CPU memory sampler (``rundir.PeakRSS``, set as ``.rss`` once it runs) for each
+    training batch, and on CUDA resets the allocator's peak at the batch start and reads it at the end
+    (``cuda_peak_bytes``). First in the callback list, so it closes before the checkpoint callbacks save (Lightning
+    moves checkpoint callbacks last)."""
 
     def __init__(self):
         self.rss = None
+        self.cuda_peak_bytes = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.rss is not None:
             self.rss.open_window()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.rss is not None:
             self.rss.close_window()
+        if pl_module.device.type == "cuda":
+            self.cuda_peak_bytes = max(self.cuda_peak_bytes, torch.cuda.max_memory_allocated(pl_module.device))

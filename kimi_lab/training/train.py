@@ -105,7 +105,6 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> di
 
 def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     import lightning as L
-    import torch
 
     from kimi_lab.data import LMDataModule
     from kimi_lab.training.trainer import build_trainer
@@ -140,12 +139,9 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     norm_profile = _profile_norms(cfg, module.model)
     log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
-    callbacks.data_position.samples_per_step = samples_per_step
 
     from kimi_lab.training.callbacks import RunStopped
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     with rss:
         callbacks.memory.rss = rss  # samples during training batches only
         try:
@@ -198,11 +194,10 @@ def _check_vocab(cfg: DictConfig, tokenizer_vocab: int) -> None:
                           f">= the tokenizer's {tokenizer_vocab} ids")
 
 
-def _peak_mem_mb(rss) -> tuple[float, str]:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+def _peak_mem_mb(rss, cuda_peak_bytes: int) -> tuple[float, str]:
+    """Training batches' peak: CUDA max allocated within them (``MemoryWindow``), else the CPU sampler's."""
+    if cuda_peak_bytes > 0:
+        return cuda_peak_bytes / 2**20, "cuda_max_allocated"
     if rss.peak_in_use_bytes is not None:
         return (rss.peak_in_use_bytes - rss.base_in_use_bytes) / 2**20, "cpu_peak_malloc_in_use"
     return rss.peak_bytes / 2**20, "cpu_peak_rss"
@@ -216,7 +211,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
     final = vals[-1] if vals else {}
     finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
     best = min(finite, key=lambda r: r["val_loss"]) if finite else {}  # ties: the earlier step, as BestCheckpoint
-    peak_mb, peak_kind = _peak_mem_mb(rss)
+    peak_mb, peak_kind = _peak_mem_mb(rss, callbacks.memory.cuda_peak_bytes)
     groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
     choices = {g: _choice(cfg, g) for g in groups}
     choices["moe.topk_method"] = _value(cfg.moe.topk_method)  # moe.name only says moe or dense
