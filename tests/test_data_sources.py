@@ -47,6 +47,36 @@ def test_hf_json_and_missing_field(hf_offline, tmp_path):
         build_or_load_cache(bad, tmp_path / "cache")
 
 
+def test_hf_cache_key_follows_local_globs_folders_and_dataset_folders(tmp_path):
+    """The offline hf recipe names files by glob (data.hf.data_files=/path/*.txt), a folder, or a local dataset
+    folder as hf.path: adding or editing a file must change the source fingerprint (the cache key)."""
+    import os
+
+    from kimi_lab.data.sources import source_fingerprint
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"doc{k}.txt").write_text(f"document {k}")
+    configs = {
+        "glob": data_cfg(name="hf", hf={"path": "text", "data_files": str(folder / "*.txt")}),
+        "folder": data_cfg(name="hf", hf={"path": "text", "data_files": str(folder)}),
+        "dict of globs": data_cfg(name="hf", hf={"path": "text", "data_files": {"train": str(folder / "**")}}),
+        "dataset folder": data_cfg(name="hf", hf={"path": str(folder)}),
+    }
+    before = {name: source_fingerprint(cfg) for name, cfg in configs.items()}
+    assert all("doc2.txt" in str(fp) for fp in before.values())
+    (folder / "doc3.txt").write_text("a new document")
+    added = {name: source_fingerprint(cfg) for name, cfg in configs.items()}
+    assert all(added[name] != before[name] for name in configs), [n for n in configs if added[n] == before[n]]
+    (folder / "doc0.txt").write_text("document 0, edited")
+    os.utime(folder / "doc0.txt", ns=(1, 1))  # a different mtime even on a coarse-clock filesystem
+    edited = {name: source_fingerprint(cfg) for name, cfg in configs.items()}
+    assert all(edited[name] != added[name] for name in configs)
+    hub = data_cfg(name="hf", hf={"path": "wikitext", "name": "wikitext-2-raw-v1"})
+    assert "local_path" not in source_fingerprint(hub) and source_fingerprint(hub)["local_files"] == []
+
+
 # ---------------------------------------------------------------- clear errors
 
 def test_seq_len_longer_than_split(text_cfg, tmp_path):

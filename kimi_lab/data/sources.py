@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 from enum import Enum
 from pathlib import Path
@@ -92,16 +93,32 @@ def hf_documents(hf: Any) -> list[Document]:
     return docs
 
 
+def _local_files(item: Any) -> list[str]:
+    """The local files a ``data_files`` entry or ``hf.path`` names: itself, every file under a folder, or a glob's
+    matches (``**`` recursive, as ``datasets`` reads them); [] for a hub id or anything not on disk."""
+    if not isinstance(item, str):
+        return []
+    path = os.path.expanduser(item)
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        return sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+    if glob.has_magic(path):
+        return sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    return []
+
+
 def _local_stats(data_files: Any) -> list:
-    """(path, size, mtime) of the local files named in data_files, so edits change the cache key."""
+    """(path, size, mtime) of every local file data_files names (files, folders, globs), so adding, removing or
+    editing one changes the cache key."""
     if isinstance(data_files, dict):
         return [_local_stats(v) for _, v in sorted(data_files.items())]
     items = data_files if isinstance(data_files, list) else [data_files]
     stats = []
     for item in items:
-        if isinstance(item, str) and os.path.isfile(item):
-            st = os.stat(item)
-            stats.append([os.path.abspath(item), st.st_size, st.st_mtime_ns])
+        for file in _local_files(item):
+            st = os.stat(file)
+            stats.append([os.path.abspath(file), st.st_size, st.st_mtime_ns])
     return stats
 
 
@@ -118,8 +135,11 @@ def source_fingerprint(data_cfg: Any) -> dict:
                 "files": [[doc_id, p.stat().st_size, p.stat().st_mtime_ns] for doc_id, p in files]}
     if name == "hf":
         kwargs = _hf_kwargs(data_cfg.hf)
-        return {"load_dataset": kwargs, "text_field": data_cfg.hf.text_field,
-                "local_files": _local_stats(kwargs["data_files"])}
+        fingerprint = {"load_dataset": kwargs, "text_field": data_cfg.hf.text_field,
+                       "local_files": _local_stats(kwargs["data_files"])}
+        if _local_files(kwargs["path"]):  # a local dataset folder (or loading script) instead of a hub id
+            fingerprint["local_path"] = _local_stats(kwargs["path"])
+        return fingerprint
     raise ValueError(f"Unknown data.name {name!r}; expected one of default, text, hf")
 
 
