@@ -80,6 +80,21 @@ def test_text_cache_splits_are_disjoint(text_cfg, tmp_path):
         assert x.numpy().astype("<u2").tobytes() not in train_bytes
 
 
+def test_duplicate_documents_are_dropped_before_the_split(corpus, tmp_path):
+    """A copied file (or a repeated row, up to whitespace) is one document: it cannot be in train and in val/test."""
+    for k in range(30):
+        text = (corpus / f"doc{k:03d}.txt").read_text()
+        (corpus / f"copy_of_doc{k:03d}.txt").write_text("  " + text.replace(" ", "\n", 1) + "\n")
+    cfg = data_cfg(name="text", paths=[str(corpus)], seq_len=32, val_fraction=0.1, test_fraction=0.1)
+    cache = build_or_load_cache(cfg, tmp_path / "cache")
+    ids = split_ids(cache.manifest)
+    assert sum(len(v) for v in ids.values()) == 30  # the first of each pair in load (path) order: the copies
+    assert cache.manifest["duplicates_dropped"]["n"] == 30
+    tok = get_tokenizer("cl100k_32k")
+    texts = {s: tok.decode(cache.split(s).tolist()) for s in ("train", "val", "test")}
+    assert all(sum(t.count(marker(k)) for t in texts.values()) == 1 for k in range(30))
+
+
 def test_split_depends_only_on_split_seed(corpus, tmp_path):
     def val_ids(split_seed, train_seed=0):
         cfg = data_cfg(name="text", paths=[str(corpus)], seq_len=16, val_fraction=0.1,

@@ -105,6 +105,20 @@ def _n_held_out(fraction: float, n: int) -> int:
     return math.ceil(round(fraction * n, 9)) if fraction > 0 else 0
 
 
+def drop_duplicates(docs: list[Document]) -> tuple[list[Document], list[str]]:
+    """(documents without repeats, ids dropped): a document whose text equals an earlier one's up to whitespace is
+    dropped, so a copied file or a repeated row cannot sit in train and in val/test at once."""
+    kept, dropped, seen = [], [], set()
+    for doc in docs:
+        digest = hashlib.sha256(" ".join(doc.text.split()).encode()).digest()
+        if digest in seen:
+            dropped.append(f"{doc.source}:{doc.doc_id}")
+        else:
+            seen.add(digest)
+            kept.append(doc)
+    return kept, dropped
+
+
 def split_documents(docs: list[Document], split_seed: int, val_fraction: float,
                     test_fraction: float) -> dict[str, list[Document]]:
     """Deterministic document-level split, stratified per source; each split in hash order."""
@@ -164,6 +178,10 @@ def build_cache(data_cfg: Any, final: Path) -> None:
     tokenizer = get_tokenizer(data_cfg.tokenizer)
     assert tokenizer.n_vocab <= np.iinfo(DTYPE).max + 1, "token ids must fit in uint16"
     docs, sources = load_documents(data_cfg, final.parent)
+    docs, duplicates = drop_duplicates(docs)
+    if duplicates:
+        log.warning("data: %d duplicate document(s) dropped before the split, e.g. %s", len(duplicates),
+                    ", ".join(duplicates[:3]))
     splits = split_documents(docs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
                              float(data_cfg.test_fraction))
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -177,6 +195,7 @@ def build_cache(data_cfg: Any, final: Path) -> None:
             "split_seed": int(data_cfg.split_seed), "val_fraction": float(data_cfg.val_fraction),
             "test_fraction": float(data_cfg.test_fraction),
             "sources": sources, "fingerprint": source_fingerprint(data_cfg), "splits": split_info,
+            "duplicates_dropped": {"n": len(duplicates), "doc_ids": duplicates[:100]},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - started, 2),
         }

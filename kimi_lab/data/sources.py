@@ -17,6 +17,7 @@ from kimi_lab.data.documents import Document
 __all__ = ["Document", "enum_value", "source_fingerprint", "load_documents", "text_files"]
 
 TEXT_SUFFIXES = (".txt", ".md")
+DEDUPE = "whitespace-normalised text"  # how build_cache drops repeated documents (part of the cache key)
 
 
 def enum_value(x: Any) -> Any:
@@ -125,17 +126,18 @@ def _local_stats(data_files: Any) -> list:
 # ---------------------------------------------------------------- dispatch
 
 def source_fingerprint(data_cfg: Any) -> dict:
-    """Everything about the source that determines the documents (hashed into the cache key)."""
+    """Everything about the source that determines the documents (hashed into the cache key). Local and hub sources
+    carry ``dedupe``: their caches built before duplicates were dropped are rebuilt (the default corpus has none)."""
     name = enum_value(data_cfg.name)
     if name == "default":
         return {"archives": corpus.default_fingerprint()}
     if name == "text":
         files = text_files(list(data_cfg.paths))
-        return {"doc_separator": data_cfg.doc_separator,
+        return {"doc_separator": data_cfg.doc_separator, "dedupe": DEDUPE,
                 "files": [[doc_id, p.stat().st_size, p.stat().st_mtime_ns] for doc_id, p in files]}
     if name == "hf":
         kwargs = _hf_kwargs(data_cfg.hf)
-        fingerprint = {"load_dataset": kwargs, "text_field": data_cfg.hf.text_field,
+        fingerprint = {"load_dataset": kwargs, "text_field": data_cfg.hf.text_field, "dedupe": DEDUPE,
                        "local_files": _local_stats(kwargs["data_files"])}
         if _local_files(kwargs["path"]):  # a local dataset folder (or loading script) instead of a hub id
             fingerprint["local_path"] = _local_stats(kwargs["path"])
