@@ -358,6 +358,17 @@ def test_concurrent_builds_share_one_cache(text_cfg, tmp_path):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 1
 
 
+@pytest.mark.parametrize("name", ["default", "text", "hf"])
+def test_prepare_builds_the_cache_training_reads(name, corpus):
+    """`python -m kimi_lab.data.prepare data=<name> ...` composes the option file as train.py does: same cache key
+    (it used to take the schema's split fractions and hf defaults for text and hf)."""
+    from tests.helpers import compose_config
+
+    source = {"default": ["data=default"], "text": ["data=text", f"data.paths=[{corpus}]"],
+              "hf": ["data=hf", f"data.hf.data_files={corpus}/*.txt"]}[name]
+    assert cache_mod.cache_key(prepare.data_config(source)) == cache_mod.cache_key(compose_config(source).data)
+
+
 def test_error_command_rebuilds(text_cfg, tmp_path, capsys):
     """The command printed in a build error is one that works."""
     command = cache_mod.prepare_command(text_cfg, tmp_path / "cache")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -73,18 +74,15 @@ def cache_path(data_cfg: Any, cache_dir: str | os.PathLike) -> Path:
 
 
 def prepare_command(data_cfg: Any, cache_dir: str | os.PathLike) -> str:
-    """The shell command that deletes and rebuilds this cache."""
-    defaults = DataConfig()
-    args = ["python", "-m", "kimi_lab.data.prepare", f"data={enum_value(data_cfg.name)}"]
-    for key in ("tokenizer", "split_seed", "val_fraction", "test_fraction", "paths", "doc_separator"):
-        value = _to_plain(enum_value(getattr(data_cfg, key)))
-        if value != enum_value(getattr(defaults, key)):
-            args.append(f"data.{key}={json.dumps(value)}")
-    if enum_value(data_cfg.name) == "hf":
-        for key, value in vars(defaults.hf).items():
-            new = _to_plain(getattr(data_cfg.hf, key))
-            if new != value:
-                args.append(f"data.hf.{key}={json.dumps(new)}")
+    """The shell command that deletes and rebuilds this cache: every key of the cache key written out (prepare reads
+    conf/data/<name>.yaml first, so a value equal to the schema's default may still differ from the option's)."""
+    name = enum_value(data_cfg.name)
+    args = ["python", "-m", "kimi_lab.data.prepare", f"data={name}"]
+    keys = ["tokenizer", "split_seed", "val_fraction", "test_fraction"]
+    keys += {"text": ["paths", "doc_separator"], "hf": [f"hf.{k}" for k in vars(DataConfig().hf)]}.get(name, [])
+    for key in keys:
+        value = _to_plain(enum_value(functools.reduce(getattr, key.split("."), data_cfg)))
+        args.append(f"data.{key}={json.dumps(value)}")
     args += ["--cache-dir", str(cache_dir), "--force"]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -24,22 +24,28 @@ def default_cache_dir() -> str:
 
 
 def data_config(overrides: list[str], data: str | None = None) -> DictConfig:
-    """DataConfig from Hydra-style overrides: `data=text`, `data.paths=[a,b]`, `data.hf.path=json`."""
-    cfg = OmegaConf.structured(DataConfig)
-    dotlist = []
+    """The ``data`` node train.py composes, from Hydra-style overrides (`data=text`, `data.paths=[a,b]`,
+    `data.hf.path=json`): the DataConfig schema, then the group's option file ``conf/data/<name>.yaml`` (its split
+    fractions and hf defaults: the same cache key as training), then the field overrides."""
+    name, dotlist = "default", []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"override {item!r} is not of the form key=value")
         if key == "data":
-            cfg.name = value
+            name = value
         elif key.startswith("data."):
             dotlist.append(f"{key[len('data.'):]}={value}")
         else:
             raise SystemExit(f"override {item!r}: only data=... and data.<field>=... are understood here")
+    name = data if data is not None else name
+    cfg = OmegaConf.structured(DataConfig)
+    option = REPO_ROOT / "conf" / "data" / f"{name}.yaml"
+    if option.is_file():
+        cfg.merge_with(OmegaConf.load(option))
+    else:
+        cfg.name = name  # the schema's Enum names the allowed values
     cfg.merge_with_dotlist(dotlist)
-    if data is not None:
-        cfg.name = data
     return cfg
 
 
