@@ -293,7 +293,7 @@ class SweepConfig:
 class EvalConfig:
     name: EvalName = EvalName.none
     tasks: list[EvalTask] = field(default_factory=list)  # eval=downstream: which benchmarks (in this order)
-    limit: int | None = None  # score only the first `limit` items of each task (quick runs); null = all
+    limit: int | None = None  # score `limit` items of each task, spread evenly over it (quick runs); null = all
     batch_size: int = 32  # sequences per forward pass (results do not depend on it)
 
 

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run_dir", type=Path, help="a run folder (holds config_resolved.yaml and checkpoints/)")
     parser.add_argument("--tasks", nargs="+", default=tasks, choices=tasks, metavar="TASK",
                         help=f"tasks to score (default: all of {', '.join(tasks)})")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each task")
+    parser.add_argument("--limit", type=int, default=None, help="score N items per task, spread over it")
     parser.add_argument("--checkpoint", default="last", help="last (default), best, or a .ckpt file")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
