@@ -239,9 +239,9 @@ class StepMetrics(L.Callback):
         step_ms = 1000.0 * (time.perf_counter() - self._step_start)
         self.train_time_s += step_ms / 1000.0
         self.step_times_ms.append(step_ms)
-        ce = torch.stack([m[0] for m in self._micro]).mean()
-        aux = torch.stack([m[1] for m in self._micro]).mean()
-        ce = trainer.strategy.reduce(ce, reduce_op="mean")
+        ce = torch.stack([m[0] for m in self._micro]).float().mean()
+        aux = torch.stack([m[1] for m in self._micro]).float().mean().to(ce.device)
+        ce, aux = trainer.strategy.reduce(torch.stack([ce, aux]), reduce_op="mean")  # both over ranks (DDP)
         self._micro, self._step_start, self._trainer = [], None, trainer
         row = {"step": trainer.global_step, "tokens": self.tokens, "wall_time_s": round(self._wall_time(), 4),
                "train_time_s": round(self.train_time_s, 4), "lr": self._lr, "step_time_ms": round(step_ms, 3)}
