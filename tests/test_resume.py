@@ -76,7 +76,8 @@ def test_resume_refuses_another_config_before_training(tmp_path):
 
 def test_data_position_is_saved_globally_and_refuses_another_device_count():
     """The checkpoint holds the global samples consumed (steps x batch x accumulation x ranks); a resume on another
-    number of processes is refused with the key; a checkpoint without the entry resumes at steps x batch x accum."""
+    number of processes is refused with the key; a checkpoint without the entry (older code) resumes at
+    steps x batch x accumulation x this run's ranks, as that code did."""
     from types import SimpleNamespace
 
     from kimi_lab.training.callbacks import DataPosition
@@ -91,5 +92,5 @@ def test_data_position_is_saved_globally_and_refuses_another_device_count():
     assert starts == [48]
     with pytest.raises(ValueError, match=r"hardware\.devices"):
         position.on_load_checkpoint(SimpleNamespace(world_size=1, datamodule=datamodule), None, checkpoint)
-    position.on_load_checkpoint(SimpleNamespace(world_size=1, datamodule=datamodule), None, {"global_step": 5})
-    assert starts == [48, 40]
+    position.on_load_checkpoint(SimpleNamespace(world_size=2, datamodule=datamodule), None, {"global_step": 5})
+    assert starts == [48, 80]

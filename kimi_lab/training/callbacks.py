@@ -326,8 +326,9 @@ class DataPosition(L.Callback):
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         saved = checkpoint.get(self.KEY)
-        if saved is None:  # checkpoints written before the position was saved: one process, steps x batch
-            saved = {"samples_consumed": checkpoint["global_step"] * self.samples_per_rank_step, "world_size": 1}
+        if saved is None:  # checkpoints written before the position was saved: assume this run's process count
+            saved = {"samples_consumed": checkpoint["global_step"] * self.samples_per_rank_step * trainer.world_size,
+                     "world_size": trainer.world_size}
         if saved["world_size"] != trainer.world_size:
             raise ValueError(f"resume: the checkpoint was trained on {saved['world_size']} process(es), this run has "
                              f"{trainer.world_size}; allowed: hardware.devices giving {saved['world_size']} (another "
