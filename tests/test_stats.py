@@ -199,6 +199,44 @@ def test_relaunch_with_skip_completed_does_not_split_arms(sweep_dir):
     assert [j.name for j in sweep.jobs if j.status == "missing"] == ["11"]  # the grid ignores the key too
 
 
+def test_other_spellings_of_a_setting_join_its_arm(tmp_path):
+    """`++k=v` sets the same key as `k=v`; `theta=10000` is the setting a sweep writes `10000.0` (from `1e4`): a
+    hand re-run in either spelling lands in the sweep's arm, not in a factor or an arm of its own."""
+    for seed in (1, 2):
+        write_run(tmp_path / f"a{seed}", "0.001", seed, "completed", 3.0 + seed / 100, extra=("rope.theta=1e4",))
+        write_run(tmp_path / f"b{seed}", "0.001", seed, "completed", 3.1 + seed / 100, extra=("rope.theta=5e4",))
+    write_run(tmp_path / "a3", "0.001", 3, "completed", 3.03, extra=("rope.theta=10000",))
+    write_run(tmp_path / "b3", "0.001", 3, "completed", 3.13, extra=("++rope.theta=50000",))
+    sweep = collect_sweep(tmp_path)
+    assert sweep.factors == {"rope.theta": ["10000.0", "50000.0"]}
+    assert [len(a.completed) for a in sweep.arms] == [3, 3]
+    assert compare_sweep(sweep, baseline="rope.theta=50000").baseline == "rope.theta=50000.0"
+
+
+def test_unreadable_job_files_are_listed_not_fatal(sweep_dir, tmp_path):
+    """A half-written overrides.yaml, a results.json or status.json that is JSON but not an object, results without
+    status.json: each job is listed as unreadable (with the reason) and the report is still written."""
+    for name, (file, text) in {"0": (".hydra/overrides.yaml", "- model=tiny\n- 'optimizer.lr=0.0"),
+                               "1": ("results.json", "[1, 2]"), "2": ("status.json", "[]")}.items():
+        (sweep_dir / name / file).write_text(text)
+    (sweep_dir / "3" / "status.json").unlink()
+    jobs = {j.name: j for j in collect_sweep(sweep_dir).jobs}
+    assert {n: jobs[n].status for n in "0123"} == dict.fromkeys("0123", "unreadable")
+    assert "overrides.yaml" in jobs["0"].error and "results.json without status.json" in jobs["3"].error
+    write_report(sweep_dir, tmp_path / "report", plots=False)
+    assert "unreadable" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_sweep_grid_hydra_cannot_expand_here_is_skipped(sweep_dir):
+    """glob(...) needs the config tree to expand: the report reads the jobs and lists none as never started."""
+    multirun = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+    multirun["hydra"]["overrides"]["task"].append("model=glob(*)")
+    (sweep_dir / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    sweep = collect_sweep(sweep_dir)
+    assert [len(a.completed) for a in sweep.arms] == [3, 3, 2, 1]
+    assert not [j for j in sweep.jobs if j.status == "missing"]
+
+
 def test_diverged_jobs_are_listed_counted_per_arm_and_flagged(tmp_path):
     out, sweep, comp = write_report(write_divergent_sweep(tmp_path), tmp_path / "rep", plots=False)
     jobs = {j.name: j for j in sweep.jobs}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from kimi_lab.config.schema import RUN_CONTROL_KEYS
+
+log = logging.getLogger(__name__)
 
 SEED_KEY = "seed"
 DEFAULT_VALUE = "(default)"  # a swept key that a job did not override: the config's own value
@@ -126,9 +129,37 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             key, value = override.get_key_element(), override.get_value_element_as_str()
         except HydraException:
             key, value = split_override(item)
-        if key.lstrip("+~") not in RUN_CONTROL_KEYS:
+        key = key.lstrip("+")  # `++k=v` / `+k=v` set the same key as `k=v` (a `~k` deletion stays its own)
+        if key.lstrip("~") not in RUN_CONTROL_KEYS:
             out[key] = value
     return out
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def unify_number_spellings(jobs: list[Job], grids: dict[Path, dict[str, list[str]]]) -> None:
+    """A key whose values are all numbers and include a float: every value written as that float (``1000`` and
+    ``1e3`` -> ``1000.0``), so an int spelling of a float setting does not form an arm of its own. In place."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for key, value in job.overrides.items():
+            values.setdefault(key, set()).add(value)
+    for grid in grids.values():
+        for key, listed in grid.items():
+            values.setdefault(key, set()).update(listed)
+    floats = {k for k, vs in values.items() if k != SEED_KEY and all(_number(v) is not None for v in vs)
+              and any(not re.fullmatch(r"[+-]?\d+", v) for v in vs)}
+    for job in jobs:
+        for key in floats & job.overrides.keys():
+            job.overrides[key] = repr(float(job.overrides[key]))
+    for grid in grids.values():
+        for key in floats & grid.keys():
+            grid[key] = list(dict.fromkeys(repr(float(v)) for v in grid[key]))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -195,19 +226,28 @@ def classify_divergence(job: Job, status: dict) -> None:
 def read_job(path: Path, name: str) -> Job:
     """A job's overrides, status and results; its status says whether it may be counted."""
     overrides_file = path / ".hydra" / "overrides.yaml"
-    items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None
+    try:
+        items = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else None
+    except (OSError, yaml.YAMLError):
+        items = "unreadable"
     results = _read_json(path / "results.json") if (path / "results.json").exists() else {}
+    results = results if isinstance(results, dict) or results is None else None  # valid JSON, but not an object
     if items is None and results:
         items = results.get("overrides")
-    overrides = parse_overrides(items or [])
+    readable_items = isinstance(items, list) or items is None
+    overrides = parse_overrides(items if isinstance(items, list) else [])
     status_file = path / "status.json"
     status = _read_json(status_file) if status_file.exists() else {}
+    status = status if isinstance(status, dict) or status is None else None
     job = Job(name=name, path=path, overrides=overrides, status="missing", results=results or {})
-    if status is None or results is None:
-        job.status, job.error = "unreadable", "status.json or results.json is not valid JSON"
+    if status is None or results is None or not readable_items:
+        job.status, job.error = "unreadable", ("status.json or results.json is not a JSON object" if readable_items
+                                               else ".hydra/overrides.yaml is not a readable list of overrides")
+        job.results = {}
     elif not status:
-        job.status = "missing"
-        job.error = "no status.json: the job never started training"
+        job.status = "missing" if not results else "unreadable"
+        job.error = ("no status.json: the job never started training" if not results
+                     else "results.json without status.json (a copied or half-deleted run folder)")
     else:
         job.status, job.error = status.get("status", "unreadable"), status.get("error")
         if job.status == "completed" and not results:
@@ -238,6 +278,7 @@ def sweep_grid(multirun_yaml: Path) -> dict[str, list[str]] | None:
     Uses Hydra's own override parser, so ``a=1,2``, ``range(1,4)``, ``choice(...)`` and quoted lists expand exactly
     as they did when the sweep ran (as in hydra._internal.core_plugins.basic_sweeper.split_arguments)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
     cfg = yaml.safe_load(multirun_yaml.read_text()) or {}
     hydra = cfg.get("hydra") or {}
@@ -247,13 +288,19 @@ def sweep_grid(multirun_yaml: Path) -> dict[str, list[str]] | None:
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     task = (hydra.get("overrides") or {}).get("task") or []
     grid: dict[str, list[str]] = {}
-    for override in OverridesParser.create().parse_overrides([*params, *task]):
-        if override.key_or_group in RUN_CONTROL_KEYS:
-            continue
-        if override.is_sweep_override():
-            grid[override.get_key_element()] = list(override.sweep_string_iterator())
-        else:
-            grid[override.get_key_element()] = [override.get_value_element_as_str()]
+    try:
+        for override in OverridesParser.create().parse_overrides([*params, *task]):
+            if override.key_or_group in RUN_CONTROL_KEYS:
+                continue
+            key = override.get_key_element().lstrip("+")
+            if override.is_sweep_override():
+                grid[key] = list(override.sweep_string_iterator())
+            else:
+                grid[key] = [override.get_value_element_as_str()]
+    except HydraException as error:  # e.g. glob(...) needs the config tree to expand: jobs are still read
+        log.warning("%s: its grid cannot be expanded here (%s); jobs it never started are not listed",
+                    multirun_yaml, error)
+        return None
     return grid
 
 
@@ -322,6 +369,7 @@ def collect_sweep(path: str | Path) -> Sweep:
         raise FileNotFoundError(f"sweep folder not found: {root}")
     jobs = [read_job(d, str(d.relative_to(root)) if d != root else ".") for d in find_job_dirs(root)]
     grids = find_grids(root)
+    unify_number_spellings(jobs, grids)
     jobs += _missing_jobs(root, jobs, grids)
     if not jobs:
         raise FileNotFoundError(f"no run folders under {root} (a run folder holds status.json or .hydra/)")

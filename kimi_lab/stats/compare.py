@@ -204,15 +204,25 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
     are normalised as Hydra writes them, like the arm labels (``optimizer.lr=2e-3`` matches ``0.002``)."""
     if not spec:
         return sweep.arms[0].label, "the first value of each swept factor"
-    wanted = parse_overrides(re.split(r",(?=[^,=]+=)", spec))
+    wanted = parse_overrides([item.strip() for item in re.split(r",(?=[^,=]+=)", spec)])
     unknown = [k for k in wanted if k not in sweep.factors]
     if unknown:
         raise ValueError(f"--baseline {spec}: {unknown[0]!r} is not a swept key; allowed: {sorted(sweep.factors)}")
+    for key, value in wanted.items():  # `--baseline theta=10000` names the arm the sweep writes 10000.0
+        same = [level for level in sweep.factors[key] if _same_number(level, value)]
+        wanted[key] = same[0] if value not in sweep.factors[key] and same else value
     matches = [a for a in sweep.arms if all(a.factors[k] == v for k, v in wanted.items())]
     if len(matches) != 1:
         raise ValueError(f"--baseline {spec} matches {len(matches)} arms; allowed: one of "
                          f"{[a.label for a in sweep.arms]}")
     return matches[0].label, f"--baseline {spec}"
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def arm_values(sweep: Sweep, target_loss: float) -> dict[str, dict[str, dict[int, float]]]:
