@@ -102,6 +102,8 @@ def test_a_missing_cell_skips_the_anova_and_narrows_the_matched_contexts(tmp_pat
     rms = effects["val_loss", "norm=rmsnorm"]  # lr 0.002 loses seed 2, lr 0.004 every rmsnorm seed
     assert (rms["n_a"], rms["n_contexts"], rms["grid_contexts"]) == (5, 2, 3)
     assert rms["note"] == "paired on 5 matched (context, seed) pairs in 2 of 3 contexts"
+    # the context that gave no pair is on the row's warning (it used to list only arms that gave pairs)
+    assert "arm norm=rmsnorm, optimizer.lr=0.004: seed 1 failed, seed 2 failed, seed 3 failed" in rms["warning"]
     values = factorial_values(UNIFORM)  # the pairs are matched by seed: lr 0.002 keeps seeds 1 and 3
     kept = [("0.001", 1), ("0.001", 2), ("0.001", 3), ("0.002", 1), ("0.002", 3)]
     ref = stats.ttest_rel([values["rmsnorm", lr, s] for lr, s in kept], [values["layernorm", lr, s] for lr, s in kept])

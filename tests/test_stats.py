@@ -339,7 +339,12 @@ def test_report_on_the_synthetic_sweep(sweep_dir, tmp_path):
     assert "optimizer.lr=0.002 lowers val loss by 0.0967 [" in md and "paired t-test" in md
     assert "MDE d_z >= 3.26 with 3 pairs" in md and "MDE d >= 3.89 with n = 2 vs 3" in md and "estimate only" in md
     assert "No value for 2 completed run(s): never reached the target val loss 3.1: 6, 9." in md
-    assert "run too short" not in md and "conservative" not in md and "Warning" not in md
+    assert "run too short" not in md and "conservative" not in md
+    assert "Warning: arm optimizer.lr=0.004: seed 2 failed: not in the mean." in md  # a lost seed is on its rows
+    assert "Warning: arm optimizer.lr=0.008: seed 2 running, seed 3 missing: not in the mean." in md
+    to_target = rows["tokens_to_target", "optimizer.lr=0.004"]["warning"]  # conditional on reaching the target
+    assert "arm optimizer.lr=0.004: 1 completed run(s) excluded (never reached the target val loss 3.1)" in to_target
+    assert "excluded" not in rows["val_loss", "optimizer.lr=0.004"]["warning"]
     assert report["warnings"] == [] and report["provenance"]["git_commit"] == {
         "c90c2add7571d7a6af90a35972d26043ccc5453e": [str(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]}
     tex = (out / "report.tex").read_text()

@@ -87,6 +87,19 @@ class Arm:
         return (f"arm {self.label}: {k} of {n} seeds diverged ({where}) and {'is' if k == 1 else 'are'} not in the "
                 f"mean, which flatters it")
 
+    def incomplete_warning(self) -> str | None:
+        """'arm X: seed 2 failed, seed 3 missing: not in the mean'; seeds with no completed or diverged run."""
+        counted = {j.seed for j in self.jobs if j.status in ("completed", "duplicate", "diverged")}
+        lost = {j.seed: j.status for j in self.jobs if j.seed not in counted}
+        if not lost:
+            return None
+        where = ", ".join(f"seed {seed} {status}" for seed, status in sorted(lost.items(), key=lambda x: str(x[0])))
+        return f"arm {self.label}: {where}: not in the mean"
+
+    def row_warning(self) -> str:
+        """Every reason this arm's mean is over fewer seeds than it ran (divergence, then other losses)."""
+        return "; ".join(w for w in (self.divergence_warning(), self.incomplete_warning()) if w)
+
 
 @dataclass
 class Sweep:

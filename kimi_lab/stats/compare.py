@@ -243,17 +243,20 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
     target = default_target_loss(sweep.jobs) if target_loss is None else float(target_loss)
     result = Comparison(baseline=label, baseline_rule=rule, target_loss=target, alpha=alpha)
     values = arm_values(sweep, target)
-    warnings_ = {arm.label: arm.divergence_warning() for arm in sweep.arms}
+    warnings_ = {arm.label: arm.row_warning() for arm in sweep.arms}
     for metric in METRICS:
         per_arm = values[metric.name]
         if metric.optional and not any(per_arm.values()):
             continue  # e.g. downstream scores in a sweep run without eval=downstream
         missing = [j for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
+        excluded: dict[str, dict[str, int]] = {}  # arm -> reason -> completed runs without a value
         if missing:
             result.censored[metric.name] = [j.name for j in missing]
             for job in missing:
                 reason = missing_reason(job, metric, target)
                 result.censored_reasons.setdefault(metric.name, {}).setdefault(reason, []).append(job.name)
+                excluded.setdefault(job.arm, {}).setdefault(reason, 0)
+                excluded[job.arm][reason] += 1
         for arm in sweep.arms:
             v = np.array(list(per_arm[arm.label].values()))
             result.summaries.append({"metric": metric.name, "arm": arm.label, "n": len(v), "mean": _mean(v),
@@ -263,8 +266,10 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
         rows = [{"metric": metric.name, "arm": arm.label, "baseline": label,
                  **compare_samples(per_arm[arm.label], per_arm[label], alpha, pairing)}
                 for arm in sweep.arms if arm.label != label]
-        for row in rows:  # dropping diverged seeds flatters an unstable arm: say so on every row it touches
-            row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label]) if w)
+        for row in rows:  # dropping diverged (or failed) seeds can flatter an arm: say so on every row it touches
+            lost = [f"arm {arm}: {k} completed run(s) excluded ({reason})" for arm in (row["arm"], label)
+                    for reason, k in excluded.get(arm, {}).items()]  # e.g. never reached the target: conditional
+            row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label], *lost) if w)
         add_corrected_p(rows)
         result.rows += [{c: row[c] for c in COLUMNS} for row in rows]
     return result

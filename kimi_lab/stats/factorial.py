@@ -80,7 +80,7 @@ def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, le
                 twins: list[tuple[Arm, Arm]], alpha: float = ALPHA, pairing: bool = True) -> dict:
     """``key=level`` vs ``key=base`` on the runs of ``twins`` (``twin_arms``) matched by seed (every EFFECT_COLUMNS
     field but the metric, corrected p-values and the interaction)."""
-    at_level, at_base, per_context, touched = {}, {}, [], []
+    at_level, at_base, per_context = {}, {}, []
     for arm, twin in twins:
         seeds = sorted(set(per_arm[arm.label]) & set(per_arm[twin.label]))
         for seed in seeds:
@@ -88,7 +88,6 @@ def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, le
             at_level[pair], at_base[pair] = per_arm[arm.label][seed], per_arm[twin.label][seed]
         if seeds:
             per_context.append(float(np.mean([per_arm[arm.label][s] - per_arm[twin.label][s] for s in seeds])))
-            touched += [arm, twin]
     row = compare_samples(at_level, at_base, alpha, pairing)
     contexts = math.prod(len(v) for k, v in sweep.factors.items() if k != key)
     pairs = len(at_level)
@@ -100,7 +99,9 @@ def main_effect(sweep: Sweep, per_arm: dict[str, dict[int, float]], key: str, le
     else:  # Welch (--no-pairing), or no test (no variance, < 2 pairs): keep compare_samples' reason
         row["note"] = f"{row['note']}; {where}"
     row["cohens_d"] = row["hedges_g"] = math.nan  # a between-arm SD here would hold the other keys' effects
-    found = dict.fromkeys(w for w in (a.divergence_warning() for a in touched) if w)
+    # every arm at either level, not only those that gave pairs: a context whose runs all diverged gives none
+    involved = [a for a in sweep.arms if a.factors[key] in (level, base)]
+    found = dict.fromkeys(w for w in (a.row_warning() for a in involved) if w)
     return row | {"factor": key, "level": level, "base_level": base, "arm": f"{key}={level}",
                   "baseline": f"{key}={base}", "seeds_a": "", "seeds_b": "", "n_contexts": len(per_context),
                   "grid_contexts": contexts,
