@@ -61,7 +61,7 @@ def ablation_sweep(tmp_path) -> Path:
 
 
 def test_leave_one_out_and_expert_load_plots(ablation_sweep, tmp_path):
-    from kimi_lab.stats.plots import ablation_name, expert_load_by_arm, figure_leave_one_out
+    from kimi_lab.stats.plots import ablation_name, expert_load_by_arm, expert_load_cv_by_arm, figure_leave_one_out
 
     out, sweep, comp = write_report(ablation_sweep, tmp_path / "rep")
     assert comp.baseline == "ablation=full"  # the first value: every arm is read against the full combination
@@ -79,6 +79,11 @@ def test_leave_one_out_and_expert_load_plots(ablation_sweep, tmp_path):
     assert [ablation_name(a) for a in ("ablation=minus_norm", "norm=rmsnorm")] == ["minus_norm", None]
     lr_rows = [{**r, "arm": "optimizer.lr=0.002"} for r in comp.rows]
     assert figure_leave_one_out(lr_rows, "optimizer.lr=0.001") is None  # not a leave-one-out sweep
+    # the heat maps' titles give the report's expert_load_cv (per-seed CVs averaged), not the CV of the seed-mean load
+    cv_titles = expert_load_cv_by_arm(sweep)
+    assert cv_titles["ablation=baseline"] == pytest.approx(cv["ablation=baseline"]["mean_a"])
+    mean_load = np.asarray(LOAD["baseline"])
+    assert cv_titles["ablation=baseline"] != pytest.approx((mean_load.std(axis=1) / mean_load.mean(axis=1)).mean())
 
 
 def test_no_expert_load_heat_map_without_moe_arms(ablation_sweep, tmp_path):

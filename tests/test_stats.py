@@ -354,6 +354,17 @@ def test_report_on_the_synthetic_sweep(sweep_dir, tmp_path):
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}  # idempotent
 
 
+def test_interval_labels_follow_alpha(sweep_dir, tmp_path):
+    """--alpha 0.01 gives 99 % intervals (t_test's 1 - alpha): every label says so, none says 95 %."""
+    out, _, comp = write_report(sweep_dir, tmp_path / "a01", alpha=0.01, plots=False)
+    row = next(r for r in comp.rows if r["metric"] == "val_loss" and r["arm"] == "optimizer.lr=0.002")
+    ref = stats.ttest_rel([VAL["0.002", s] for s in (1, 2, 3)], [VAL["0.001", s] for s in (1, 2, 3)])
+    assert row["ci_low"] == pytest.approx(ref.confidence_interval(0.99).low, abs=1e-12)
+    md, tex = (out / "report.md").read_text(), (out / "report.tex").read_text()
+    assert "diff [99% CI]" in md and "99 % t-interval" in md and r"99\% CI" in tex
+    assert "95" not in md.split("## Method")[1].split("- d:")[0] and "95% CI" not in md and r"95\%" not in tex
+
+
 def test_verdict_words_follow_the_metric_direction(sweep_dir):
     comp = compare_sweep(collect_sweep(sweep_dir))
     row = next(r for r in comp.rows if r["metric"] == "val_acc" and r["arm"] == "optimizer.lr=0.002")

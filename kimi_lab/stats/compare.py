@@ -33,6 +33,11 @@ COLUMNS = [
 ]
 
 
+def ci_label(alpha: float = ALPHA) -> str:
+    """'95 % CI' at alpha 0.05: the level of the intervals ``t_test`` gives (1 - alpha)."""
+    return f"{100 * (1 - alpha):.4g} % CI"
+
+
 def t_test(a, b, paired: bool, alpha: float = ALPHA) -> dict:
     """t-test of mean(a) - mean(b) along the last axis (vectorised): Welch, or paired on aligned seeds.
 

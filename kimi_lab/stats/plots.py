@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from kimi_lab.stats.collect import Arm, Sweep
-from kimi_lab.stats.compare import Comparison
+from kimi_lab.stats.compare import Comparison, ci_label
+from kimi_lab.stats.metrics import _finite
 
 EFFECT_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")
 ABLATION_KEY = "ablation"  # the combined study's factor: full, baseline, minus_<component>
@@ -73,8 +74,10 @@ def _error_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return diff, np.nan_to_num(err.T)  # no CI (one seed): a bare point
 
 
-def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, title: str | None = None):
-    """Each arm minus the baseline with its 95 % CI, one panel per metric (``rows``: the report's comparisons)."""
+def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, title: str | None = None,
+                   alpha: float = 0.05):
+    """Each arm minus the baseline with its (1 - alpha) CI, one panel per metric (``rows``: the report's
+    comparisons)."""
     plt = pyplot()
     n_arms = max(len({r["arm"] for r in rows}), 1)
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, (0.35 * n_arms + 1.0) * len(metrics)),
@@ -87,17 +90,18 @@ def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, titl
         ax.axvline(0, color="grey", linewidth=1)
         ax.set_yticks(y, [r["arm"] for r in metric_rows], fontsize=8)
         ax.set_title(metric, fontsize=10, loc="left")
-    fig.suptitle(title or f"arm - baseline ({baseline}), 95 % CI", fontsize=10)
+    fig.suptitle(title or f"arm - baseline ({baseline}), {ci_label(alpha)}", fontsize=10)
     return fig
 
 
-def figure_main_effects(rows: list[dict], metrics=EFFECT_METRICS):
-    """Factorial sweeps: each level minus its key's baseline level over the grid, 95 % CI (``rows``: the report's
-    main effects); None for a one-key sweep."""
+def figure_main_effects(rows: list[dict], metrics=EFFECT_METRICS, alpha: float = 0.05):
+    """Factorial sweeps: each level minus its key's baseline level over the grid, (1 - alpha) CI (``rows``: the
+    report's main effects); None for a one-key sweep."""
     if not rows:
         return None
     labelled = [{**r, "arm": f"{r['arm']} vs {r['base_level']}"} for r in rows]
-    return figure_effects(labelled, "", metrics, "main effects over the grid (level - baseline level), 95 % CI")
+    return figure_effects(labelled, "", metrics,
+                          f"main effects over the grid (level - baseline level), {ci_label(alpha)}")
 
 
 def ablation_name(arm_label: str) -> str | None:
@@ -109,9 +113,9 @@ def ablation_name(arm_label: str) -> str | None:
     return None
 
 
-def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_METRICS):
+def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_METRICS, alpha: float = 0.05):
     """The combined study: what removing each component (arm ``minus_<c>``) and all of them (``baseline``) costs
-    relative to the full combination, with 95 % CIs. None unless the baseline arm is an ``ablation`` arm."""
+    relative to the full combination, with (1 - alpha) CIs. None unless the baseline arm is an ``ablation`` arm."""
     if ablation_name(baseline) is None:
         return None
     plt = pyplot()
@@ -130,7 +134,7 @@ def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_
         ax.invert_yaxis()
         ax.set_title(f"{metric}: arm - {ablation_name(baseline)}", fontsize=10, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("leave-one-out ablation (95 % CI)", fontsize=10)
+    fig.suptitle(f"leave-one-out ablation ({ci_label(alpha)})", fontsize=10)
     return fig
 
 
@@ -145,6 +149,24 @@ def expert_load_by_arm(sweep: Sweep) -> dict[str, np.ndarray]:
     return loads
 
 
+def expert_load_cv_by_arm(sweep: Sweep) -> dict[str, float]:
+    """arm -> mean over its completed seeds of each run's ``expert_load_cv`` (the report's metric), else of the CV
+    of each run's ``expert_load``: per-seed imbalance, which the CV of the seed-mean load would average away."""
+    out = {}
+    for arm in sweep.arms:
+        per_seed = []
+        for job in arm.completed:
+            cv = _finite(job.results.get("expert_load_cv"))  # per layer -> their mean, as the metric reads it
+            if not math.isfinite(cv) and job.results.get("expert_load"):
+                load = np.asarray(job.results["expert_load"], dtype=float)
+                cv = float((load.std(axis=1) / load.mean(axis=1)).mean())
+            if math.isfinite(cv):
+                per_seed.append(cv)
+        if per_seed:
+            out[arm.label] = float(np.mean(per_seed))
+    return out
+
+
 def figure_expert_load(sweep: Sweep):
     """One heat map per MoE arm: load of each expert in each layer relative to uniform (1 = balanced)."""
     from matplotlib.colors import TwoSlopeNorm
@@ -153,6 +175,7 @@ def figure_expert_load(sweep: Sweep):
     loads = expert_load_by_arm(sweep)
     if not loads:
         return None
+    cv_by_arm = expert_load_cv_by_arm(sweep)
     plt = pyplot()
     cols = min(3, len(loads))
     rows = math.ceil(len(loads) / cols)
@@ -161,8 +184,8 @@ def figure_expert_load(sweep: Sweep):
     for ax, (label, load) in zip(axes.flat, loads.items()):
         relative = load * load.shape[1]  # share x experts: 1 everywhere when balanced
         image = ax.imshow(relative, aspect="auto", cmap="coolwarm", norm=TwoSlopeNorm(1.0, 0.0, top))
-        cv = (load.std(axis=1) / load.mean(axis=1)).mean()
-        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{label}\nmean CV {cv:.2f}")
+        cv = cv_by_arm.get(label, math.nan)
+        ax.set(xlabel="expert", ylabel="MoE layer", title=f"{label}\nexpert_load_cv {cv:.2f} (mean over seeds)")
         ax.title.set_fontsize(8)
         ax.set_yticks(range(load.shape[0]))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -177,9 +200,10 @@ def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
-    figures = {"val_loss_curves": figure_curves(sweep), "effects": figure_effects(comp.rows, comp.baseline),
-               "main_effects": figure_main_effects(comp.main_effects),
-               "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline),
+    figures = {"val_loss_curves": figure_curves(sweep),
+               "effects": figure_effects(comp.rows, comp.baseline, alpha=comp.alpha),
+               "main_effects": figure_main_effects(comp.main_effects, alpha=comp.alpha),
+               "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline, alpha=comp.alpha),
                "expert_load": figure_expert_load(sweep)}
     written = []
     for name, fig in figures.items():

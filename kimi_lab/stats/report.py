@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key, provenance, provenance_warnings
-from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, compare_sweep
+from kimi_lab.stats.compare import ALPHA, COLUMNS, Comparison, ci_label, compare_sweep
 from kimi_lab.stats.factorial import ANOVA_COLUMNS, EFFECT_COLUMNS, add_factorial
 from kimi_lab.stats.metrics import LOSS_SPIKE_REL, METRICS, METRICS_BY_NAME, SPIKE_WINDOW, TIMING_METRICS
 
@@ -143,7 +143,8 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
         if metric.name in comp.censored:
             reasons = "; ".join(f"{why}: {', '.join(jobs)}" for why, jobs in comp.censored_reasons[metric.name].items())
             lines += [f"No value for {len(comp.censored[metric.name])} completed run(s): {reasons}.", ""]
-        lines += _table(["arm", "n", "mean", "diff [95% CI]", "test", "p", "p_holm", "p_fdr_bh", "d", "g", "d_z",
+        ci_column = f"diff [{ci_label(comp.alpha).replace(' %', '%')}]"
+        lines += _table(["arm", "n", "mean", ci_column, "test", "p", "p_holm", "p_fdr_bh", "d", "g", "d_z",
                          "power", "MDE", "n for 80%"],
                         [[f"`{r['arm']}`", str(r["n_a"]), fmt(r["mean_a"], 4),
                           f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", r["test"], fmt_p(r["p"]),
@@ -154,7 +155,8 @@ def markdown(sweep: Sweep, comp: Comparison, name: str, plots: list[Path]) -> st
     lines += main_effects_section(sweep, comp)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["## Method", "", *METHOD_NOTES]
+    lines += ["## Method", "", *(n.replace("95 % t-interval", f"{100 * (1 - comp.alpha):.4g} % t-interval")
+                                 for n in METHOD_NOTES)]
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +174,8 @@ def main_effects_section(sweep: Sweep, comp: Comparison) -> list[str]:
         if not rows:
             continue
         lines += [f"### {metric.name} ({'lower' if metric.lower_is_better else 'higher'} is better)", ""]
-        lines += _table(["level vs baseline", "pairs", "contexts", "diff [95% CI]", "per-context min..max", "test",
+        ci_column = f"diff [{ci_label(comp.alpha).replace(' %', '%')}]"
+        lines += _table(["level vs baseline", "pairs", "contexts", ci_column, "per-context min..max", "test",
                          "p", "p_holm", "d_z", "interaction p_holm"],
                         [[f"`{r['arm']}` vs `{r['base_level']}`", str(r["n_a"]), str(r["n_contexts"]),
                           f"{fmt(r['diff'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
@@ -245,8 +248,9 @@ METHOD_NOTES = [
 
 def latex(comp: Comparison) -> str:
     """A booktabs table of every comparison, then (factorial sweeps) every main effect (requires booktabs)."""
+    level = f"{100 * (1 - comp.alpha):.4g}"
     lines = [r"\begin{tabular}{llrrrrrr}", r"\toprule",
-             r"Metric & Arm & $\Delta$ & 95\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE$^a$ \\", r"\midrule"]
+             r"Metric & Arm & $\Delta$ & " + level + r"\% CI & $d$ & $g$ & $p_\mathrm{Holm}$ & MDE$^a$ \\", r"\midrule"]
     lines += _tex_rows(comp.rows, "")
     if comp.main_effects:
         title = r"\multicolumn{8}{l}{\emph{Main effects over the grid (vs the key's baseline level)}} \\"
