@@ -37,6 +37,16 @@ def test_every_grid_point_composes_and_validates(experiment):
     assert len(seen) == len(list(itertools.product(*params.values())))  # every axis really changes the config
 
 
+@pytest.mark.parametrize("study", [*STUDIES, "attention", "moe_routing", "combined"])
+def test_reference_size_studies_run_on_a_gpu_and_their_twins_on_cpu(study):
+    """`python train.py -m hydra/launcher=gpu_pool experiment=norm` (the README's) needs no hardware=gpu: every
+    reference-size study selects it (four of them used to train base models in fp32 on the CPU)."""
+    for name, accelerator, precision in ((study, "gpu", "bf16-mixed"), (f"{study}_cpu", "cpu", "32-true")):
+        hardware = compose_config([f"experiment={name}"], model=None).hardware
+        assert (getattr(hardware.accelerator, "value", hardware.accelerator), str(hardware.precision)) == (
+            accelerator, precision), name
+
+
 def _select(cfg, key: str):
     from omegaconf import OmegaConf
 
