@@ -57,6 +57,10 @@ CASES = {
                                      *YARN_SHORT], "Qwen3MoeForCausalLM"),
     "qwen3_dense_qk_norm_bias": (["moe=dense", "norm.qk_norm=true", "norm.eps=1e-6", "attention.bias=true"],
                                  "Qwen3ForCausalLM"),
+    # softmax gates whose selection bias is never read: the buffer stays behind (it broke the strict load)
+    "qwen2_moe_softmax_aux_tc": (["moe.topk_method=aux_tc"], "Qwen2MoeForCausalLM"),
+    "qwen3_moe_group_limited_all_groups": (["moe.topk_method=group_limited_greedy", "norm.qk_norm=true"],
+                                           "Qwen3MoeForCausalLM"),
 }
 
 

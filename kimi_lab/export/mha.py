@@ -17,6 +17,7 @@ import torch
 
 from kimi_lab.export.common import Routing, check_hf_common, refuse, rope_from_hf, rope_parameters
 
+_SELECTION_BIAS = ".mlp.gate.e_score_correction_bias"
 _O_BIAS = ".self_attn.o_proj.bias"
 
 
@@ -77,9 +78,11 @@ def hf_config(model_type: str, cfg, routing: Routing | None, eos_token_id: int |
 
 
 def to_hf_state(model_type: str, state: dict, cfg, routing: Routing | None) -> dict:
-    """Our state dict -> the HF one (``model.`` prefix; Qwen2-MoE: no o_proj bias, a zero-width shared expert)."""
+    """Our state dict -> the HF one (``model.`` prefix; Qwen2-MoE: no o_proj bias, a zero-width shared expert).
+    The gate's ``e_score_correction_bias`` is left out: these families have none, and ``choose`` admits only gates
+    that never read it (aux_tc, group_limited_greedy keeping every group)."""
     out = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state.items()
-           if not (model_type == "qwen2_moe" and k.endswith(_O_BIAS))}
+           if not (model_type == "qwen2_moe" and k.endswith(_O_BIAS)) and not k.endswith(_SELECTION_BIAS)}
     if model_type == "qwen2_moe":
         d_model, ref = int(cfg.model.d_model), state["embed_tokens.weight"]
         for i in range(int(cfg.moe.first_k_dense_replace), int(cfg.model.n_layers)):
