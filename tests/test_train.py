@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kimi_lab.config import ConfigError
 from kimi_lab.training import train
 from tests.helpers import DATA_DIR, REPO_ROOT, compose_config, read_metrics, tensorboard_hparams
 
@@ -198,6 +199,13 @@ def test_skip_completed_keeps_finished_jobs_and_reruns_the_rest(tmp_path):
     resumed = {**done, "overrides": [*done["overrides"], "resume=true"]}  # finished by a resume: the same job
     (tmp_path / "done" / "results.json").write_text(json.dumps(resumed))
     assert train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "done")) == resumed
+    # a relaunch with another grid puts another job on this folder (numbered by grid position): refused, not trained
+    other = {**done, "overrides": ["moe.topk_method=noaux_tc"]}
+    (tmp_path / "done" / "results.json").write_text(json.dumps(other))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match=r"sweep\.skip_completed=true; .*\(moe\.topk_method=noaux_tc\), this job"):
+        train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "done"))
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "done").iterdir() if p.is_file()}
     with pytest.raises(ValueError):  # a failed job ...
         train(compose_config([*overrides, "optimizer.lr=-1"], output_dir=tmp_path / "failed"))
     rerun = train(compose_config([*overrides, "sweep.skip_completed=true"], output_dir=tmp_path / "failed"))

@@ -26,10 +26,16 @@ def train(cfg: DictConfig) -> dict:
     run returns normally, so a sweep goes on)."""
     run = RunDir(resolve_output_dir(cfg))
     if cfg.sweep.skip_completed:
-        previous = _completed_results(run)
-        if previous is not None:
+        previous = _finished_results(run)
+        if previous is not None and _same_job(previous):
             log.info("skipping: %s already holds a completed run of these overrides (sweep.skip_completed)", run.path)
             return previous
+        if previous is not None:  # job folders are numbered by grid position: another grid lands on finished runs
+            raise ConfigError(
+                f"Invalid config: sweep.skip_completed=true; {run.path} holds a finished run of other overrides "
+                f"({_listed(previous.get('overrides', []))}), this job is ({_listed(_overrides())}); allowed: "
+                "relaunch the sweep's own command "
+                "(same grid, same order) or another hydra.sweep.dir (nothing was overwritten)")
     commit = git_commit()  # the code the job starts with, not whatever the tree holds when it ends
     run.write_status("running", pid=os.getpid(), git_commit=commit)
     try:
@@ -52,9 +58,9 @@ def train(cfg: DictConfig) -> dict:
 FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; failed and interrupted jobs run again
 
 
-def _completed_results(run: RunDir) -> dict | None:
-    """The folder's results.json if it records a finished run (completed, or diverged: deterministic, it would diverge
-    again) of the same overrides (run-control ones such as sweep.skip_completed or resume aside)."""
+def _finished_results(run: RunDir) -> dict | None:
+    """The folder's results.json if it records a finished run (completed, or diverged: deterministic, it would
+    diverge again)."""
     import json
 
     if not run.results_json.exists() or not run.status_json.exists():
@@ -62,11 +68,18 @@ def _completed_results(run: RunDir) -> dict | None:
     try:
         status = json.loads(run.status_json.read_text())["status"]
         previous = json.loads(run.results_json.read_text())
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    same_job = _without_run_control(previous.get("overrides", [])) == _without_run_control(_overrides())
-    finished = status in FINISHED and previous.get("status") == status
-    return previous if finished and same_job else None
+    return previous if isinstance(previous, dict) and status in FINISHED and previous.get("status") == status else None
+
+
+def _listed(overrides: list[str]) -> str:
+    return " ".join(_without_run_control(overrides)) or "no overrides"
+
+
+def _same_job(previous: dict) -> bool:
+    """Whether a finished run had this job's overrides (run-control ones such as sweep.skip_completed aside)."""
+    return _without_run_control(previous.get("overrides", [])) == _without_run_control(_overrides())
 
 
 def _without_run_control(overrides: list[str]) -> list[str]:
