@@ -117,3 +117,19 @@ def test_a_failure_while_writing_the_results_marks_the_run_failed(tmp_path, monk
     with pytest.raises(OSError):
         train(compose_config([*QUICK, "trainer.max_steps=1", "trainer.val_check_interval=1"], output_dir=tmp_path))
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
+
+
+def test_a_failed_job_releases_its_model_while_the_sweep_holds_the_exception(tmp_path):
+    """Hydra keeps a failed job's exception until the sweep ends; its frames must not keep the model alive (on a GPU
+    that memory would sit under every later job)."""
+    import gc
+
+    from kimi_lab.model.transformer import Transformer
+
+    gc.collect()
+    before = sum(isinstance(o, Transformer) for o in gc.get_objects())
+    with pytest.raises(FileNotFoundError) as held:  # fails after the model is built
+        train(compose_config([*QUICK, f"init_from={tmp_path / 'no-such-run'}"], output_dir=tmp_path / "run"))
+    gc.collect()
+    assert held.value.__traceback__ is not None
+    assert sum(isinstance(o, Transformer) for o in gc.get_objects()) == before

@@ -50,9 +50,24 @@ def train(cfg: DictConfig) -> dict:
     except BaseException as error:  # KeyboardInterrupt too: the folder must say it did not complete
         run.write_failure(error)
         log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
+        _release_frames(error)
         raise
     log.info("%s: results in %s", results["status"], run.path)
     return results
+
+
+def _release_frames(error: BaseException) -> None:
+    """A sweep keeps a failed job's exception (Hydra's JobReturn) until it ends: clear its frames' locals, so the
+    model, optimizer and activations they hold do not stay in (GPU) memory under the jobs that follow."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; failed and interrupted jobs run again
