@@ -117,6 +117,10 @@ def test_wrong_type_is_rejected():
         (["rope.theta=-1"], "rope.theta"),
         (["seed=-1"], "seed"),
         (["attention=mla", "attention.kernel=flash", "attention.v_head_dim=128"], "attention.v_head_dim"),
+        (["attention=sdpa", "attention.kernel=flash"], "attention.kernel"),  # read only by mla: one run, two arms
+        (["attention=standard", "attention.attention_bias=true"], "attention.attention_bias"),
+        (["hardware.num_threads=0"], "hardware.num_threads"),
+        (["hardware.devices=0"], "hardware.devices"),
     ],
 )
 def test_impossible_configs_fail_with_the_key(overrides, key):

@@ -106,7 +106,9 @@ INERT = {
     "rope_linear": {**ROPE_NO_RAMP, "rope.scaling.original_max_position_embeddings": "linear reads only factor"},
     "rope_dynamic": ROPE_NO_RAMP,
     "rope_yarn": {},
-    "mla": {"attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
+    "mla": {"attention.name": "mla -> an MHA option is not a single-key change (attention.kernel must become "
+                              "null); covered by the moe base",
+            "attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
             "attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
     "deepseek_v3": {},
 }
@@ -288,7 +290,7 @@ def test_every_key_changes_the_run(base, key, new):
 
 def test_mla_keys_are_covered():
     ids = {case.id for case in CASES}
-    for key in ["name", "n_heads", "dropout", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    for key in ["n_heads", "dropout", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                 "v_head_dim", "attention_bias"]:
         assert f"mla:attention.{key}" in ids, key
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from kimi_lab.config.schema import PRECISIONS, EvalTask
 
@@ -37,6 +37,12 @@ def validate_config(cfg: DictConfig) -> None:
     _check_eval(cfg.eval)
     chunk = cfg.hardware.loss_chunk_tokens
     _check(chunk is None or chunk > 0, "hardware.loss_chunk_tokens", chunk, "> 0 or null (full logits)")
+    threads = cfg.hardware.num_threads
+    _check(threads is None or threads > 0, "hardware.num_threads", threads, "> 0 or null (torch's default)")
+    devices = cfg.hardware.devices
+    _check(devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices > 0)
+           or (isinstance(devices, (list, ListConfig)) and len(devices) > 0), "hardware.devices", devices,
+           "a count > 0, a non-empty list of device indices, or auto")
 
 
 def _check_rope_scaling(scaling: DictConfig) -> None:
@@ -102,6 +108,11 @@ def _check_attention(cfg: DictConfig) -> None:
         _check(attn.n_kv_heads is None, "attention.n_kv_heads", attn.n_kv_heads,
                "null for attention=mla (k/v come from one shared latent)")
         _check(not attn.bias, "attention.bias", attn.bias, "false for attention=mla (set attention.attention_bias)")
+    else:  # MHA options read neither: accepting them would make two sweep arms one run
+        _check(attn.kernel is None, "attention.kernel", _name(attn.kernel),
+               f"null for attention={name} (the MHA options are their own kernel; attention.kernel picks MLA's)")
+        _check(not attn.attention_bias, "attention.attention_bias", attn.attention_bias,
+               f"null or false for attention={name} (MLA's projection bias; set attention.bias)")
     if kernel != "flash":
         return
     what = "attention=flash" if name == "flash" else "attention.kernel=flash"
