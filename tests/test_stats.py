@@ -213,6 +213,32 @@ def test_other_spellings_of_a_setting_join_its_arm(tmp_path):
     assert compare_sweep(sweep, baseline="rope.theta=50000").baseline == "rope.theta=50000.0"
 
 
+def test_a_diverged_seed_rerun_until_it_completes_is_still_flagged(tmp_path):
+    """Re-running a diverged seed until it finishes flatters the arm as dropping it does: its rows say so."""
+    for seed in (1, 2, 3):
+        write_run(tmp_path / f"a{seed}", "0.001", seed, "completed", 3.0 + seed / 100)
+        write_run(tmp_path / f"b{seed}", "0.008", seed, "completed", 2.9 + seed / 100)
+    write_run(tmp_path / "b2-first", "0.008", 2, "diverged", diverge_at=5)
+    sweep = collect_sweep(tmp_path)
+    row = next(r for r in compare_sweep(sweep).rows if r["metric"] == "val_loss")
+    assert "arm optimizer.lr=0.008: seed 2 diverged (job b2-first), its re-run completed (job b2)" in row["warning"]
+
+
+def test_the_baseline_rule_says_when_no_arm_has_every_first_value(tmp_path):
+    """Two one-key sweeps in one folder: (lr=1e-3, theta default) and (lr default, theta=1e4) arms, none with the
+    first value of both keys: the rule must not claim it picked 'the first value of each swept factor'."""
+    for seed in (1, 2):
+        write_run(tmp_path / f"lr{seed}", "0.001", seed, "completed", 3.0)
+        write_run(tmp_path / f"lr2-{seed}", "0.002", seed, "completed", 3.1)
+    (tmp_path / "theta").mkdir()
+    for seed in (1, 2):
+        job = tmp_path / "theta" / str(seed)
+        write_run(job, "0.001", seed, "completed", 3.2, extra=("rope.theta=1e4",))
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", "rope.theta=1e4", f"seed={seed}"]))
+    comp = compare_sweep(collect_sweep(tmp_path))
+    assert comp.baseline_rule.startswith("the first arm: no arm has the first value of every swept factor")
+
+
 def test_unreadable_job_files_are_listed_not_fatal(sweep_dir, tmp_path):
     """A half-written overrides.yaml, a results.json or status.json that is JSON but not an object, results without
     status.json: each job is listed as unreadable (with the reason) and the report is still written."""

@@ -96,9 +96,21 @@ class Arm:
         where = ", ".join(f"seed {seed} {status}" for seed, status in sorted(lost.items(), key=lambda x: str(x[0])))
         return f"arm {self.label}: {where}: not in the mean"
 
+    def rerun_warning(self) -> str | None:
+        """'arm X: seed 2 diverged (job 7) and its re-run completed (counted)': re-running diverged seeds until they
+        finish flatters an unstable arm as dropping them does."""
+        done = {j.seed: j.name for j in self.completed}
+        reruns = sorted({(j.seed, j.name, done[j.seed]) for j in self.jobs if j.status == "diverged"
+                         and j.seed in done}, key=lambda x: str(x))
+        if not reruns:
+            return None
+        where = ", ".join(f"seed {seed} diverged (job {bad}), its re-run completed (job {good})"
+                          for seed, bad, good in reruns)
+        return f"arm {self.label}: {where}; the re-run is counted, the divergence is not"
+
     def row_warning(self) -> str:
-        """Every reason this arm's mean is over fewer seeds than it ran (divergence, then other losses)."""
-        return "; ".join(w for w in (self.divergence_warning(), self.incomplete_warning()) if w)
+        """Every reason this arm's mean may flatter it: diverged seeds left out or re-run, other lost seeds."""
+        return "; ".join(w for w in (self.divergence_warning(), self.rerun_warning(), self.incomplete_warning()) if w)
 
 
 @dataclass

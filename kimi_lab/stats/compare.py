@@ -208,7 +208,11 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
     """(arm label, how it was chosen). ``spec`` like ``norm=layernorm,optimizer=adam`` must match one arm; its values
     are normalised as Hydra writes them, like the arm labels (``optimizer.lr=2e-3`` matches ``0.002``)."""
     if not spec:
-        return sweep.arms[0].label, "the first value of each swept factor"
+        first = sweep.arms[0]
+        if all(first.factors[k] == levels[0] for k, levels in sweep.factors.items()):
+            return first.label, "the first value of each swept factor"
+        return first.label, ("the first arm: no arm has the first value of every swept factor (several sweeps in "
+                             "one folder?); name one with --baseline")
     wanted = parse_overrides([item.strip() for item in re.split(r",(?=[^,=]+=)", spec)])
     unknown = [k for k in wanted if k not in sweep.factors]
     if unknown:
