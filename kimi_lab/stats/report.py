@@ -227,7 +227,9 @@ METHOD_NOTES = [
     "- Diverged runs (status `diverged`, or recorded completed with a non-finite final val/test loss or a non-finite "
     "train loss in metrics.csv) are in no mean, since their numbers are meaningless; they are listed under jobs not "
     "counted, counted per arm, and every comparison of their arm carries a warning: dropping them flatters an "
-    "unstable arm.",
+    "unstable arm. So do diverged seeds re-run until they completed, seeds lost otherwise (failed, killed, "
+    "missing), and completed runs without a value of the row's metric (time to target: never reached it, so that "
+    "comparison is conditional on reaching it).",
     "- Jobs whose results.json records a different `data_manifest_key` (data) or `git_commit` (code) are named in "
     "the warnings at the top.",
     "- Corrections (`multipletests`, method passed explicitly): the family is all comparisons of one metric; "
