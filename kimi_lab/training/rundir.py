@@ -17,10 +17,26 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (setting it, even briefly, races with threads
+    that create files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    """Write to a temp file in the same folder, then rename: readers never see half a file. The file gets the mode
+    a plain ``open`` would (0666 less the umask; mkstemp's 0600 would hide results from the group on a cluster)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
