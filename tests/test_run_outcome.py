@@ -99,12 +99,17 @@ def test_tensorboard_train_loss_is_the_step_mean_under_accumulation(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    train(compose_config([*QUICK, "logger.tensorboard=true", "trainer.max_steps=3", "trainer.val_check_interval=3",
+    train(compose_config([*QUICK, "logger.tensorboard=true", "trainer.max_steps=5", "trainer.val_check_interval=2",
                           "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=1"], output_dir=run))
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
-    assert logged == pytest.approx({int(r["step"]): float(r["train_loss"]) for r in read_metrics(run)[0]}, rel=1e-6)
+    train_rows, val_rows = read_metrics(run)
+    assert logged == pytest.approx({int(r["step"]): float(r["train_loss"]) for r in train_rows}, rel=1e-6)
+    # validations at the optimizer step metrics.csv gives them (Lightning's own logging put them one step early)
+    for tag in ("val_loss", "val_acc"):
+        logged = {e.step: e.value for e in events.Scalars(tag)}
+        assert logged == pytest.approx({int(r["step"]): float(r[tag]) for r in val_rows}, rel=1e-6), tag
 
 
 def test_a_failure_while_writing_the_results_marks_the_run_failed(tmp_path, monkeypatch):
@@ -133,3 +138,21 @@ def test_a_failed_job_releases_its_model_while_the_sweep_holds_the_exception(tmp
     gc.collect()
     assert held.value.__traceback__ is not None
     assert sum(isinstance(o, Transformer) for o in gc.get_objects()) == before
+
+
+def test_run_files_are_readable_by_the_group_as_open_would_make_them(tmp_path):
+    """results.json, status.json and config_resolved.yaml go through a temp file + rename: they must get the mode a
+    plain open() gives (0666 less the umask), not mkstemp's 0600 (a teammate's `make report` could not read them)."""
+    import os
+    import stat
+
+    from kimi_lab.training.rundir import atomic_write_json
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "results.json", {"status": "completed"})
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(previous)
+    mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
+    assert mode == 0o644 == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)

@@ -297,6 +297,8 @@ class StepMetrics(L.Callback):
             return  # the same step validated twice (end-of-run check): keep one row
         self.val_history.append(record)
         self._append(trainer, {**record, "wall_time_s": round(self._wall_time(), 4)})
+        for logger in trainer.loggers:  # at the step metrics.csv gives it
+            logger.log_metrics({k: record[k] for k in ("val_loss", "val_ppl", "val_acc")}, step=record["step"])
         if not math.isfinite(record["val_loss"]):
             self._diverged(record["step"])
         self._stop_if_diverged()

@@ -70,7 +70,9 @@ class LanguageModelModule(L.LightningModule):
         loss = (sums[0] / sums[2]).item()
         metrics = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)),
                    f"{prefix}_acc": (sums[1] / sums[2]).item()}
-        self.log_dict(metrics, sync_dist=False)
+        # validation: callback metrics only; StepMetrics logs them at the optimizer step they belong to (Lightning's
+        # logger step for an in-fit validation is one behind, so TensorBoard curves would not match metrics.csv)
+        self.log_dict(metrics, sync_dist=False, logger=prefix != "val")
         self._eval_sums.zero_()
 
     def on_validation_epoch_start(self) -> None:
