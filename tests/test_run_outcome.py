@@ -156,3 +156,24 @@ def test_run_files_are_readable_by_the_group_as_open_would_make_them(tmp_path):
         os.umask(previous)
     mode = stat.S_IMODE((tmp_path / "results.json").stat().st_mode)
     assert mode == 0o644 == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+
+
+def test_step_timings_wait_for_the_device_at_their_edges(tmp_path, monkeypatch):
+    """On CUDA a step's clock must stop after its kernels ran, not after their launch: the timers call
+    wait_for_device at each edge (faked here as a 40 ms wait for queued work, on any machine)."""
+    import time
+
+    from kimi_lab.training import callbacks
+
+    waits = []
+
+    def queued_work(device):
+        waits.append(time.perf_counter())
+        time.sleep(0.04)
+
+    monkeypatch.setattr(callbacks, "wait_for_device", queued_work)
+    results = train(compose_config([*QUICK, "trainer.max_steps=2", "trainer.val_check_interval=2"],
+                                   output_dir=tmp_path / "run"))
+    assert len(waits) == 2 * 2 + 2 * 2  # per step: its start and end, the optimizer update's start and end
+    # the end-of-step wait and both optimizer waits fall inside the step's window, the start wait before it
+    assert results["step_time_ms"] >= 3 * 40 and results["optimizer_step_ms"] >= 40

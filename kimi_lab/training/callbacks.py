@@ -222,6 +222,7 @@ class StepMetrics(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._step_start is None:
+            wait_for_device(pl_module.device)  # earlier work (a validation, the last step) is not this step's
             self._step_start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -236,6 +237,7 @@ class StepMetrics(L.Callback):
         self.tokens += self.tokens_per_micro_batch * trainer.world_size
         if len(self._micro) < trainer.accumulate_grad_batches:
             return  # optimizer step not taken yet
+        wait_for_device(pl_module.device)  # the step's kernels, not only their launches
         step_ms = 1000.0 * (time.perf_counter() - self._step_start)
         self.train_time_s += step_ms / 1000.0
         self.step_times_ms.append(step_ms)
@@ -360,6 +362,13 @@ class RunDiverged(RunStopped):
     status = "diverged"
 
 
+def wait_for_device(device: torch.device) -> None:
+    """On CUDA, wait for the queued kernels before reading the clock: without it a step's wall time is how fast the
+    host launched its kernels, and tokens/s compares launch rates, not arms. A no-op on CPU (eager is synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class OptimizerStepTimer(L.Callback):
     """Wall time of each optimizer update: from the end of backward (after the grad-norm read, incl. clipping)
     to the end of ``optimizer.step`` (a step post-hook). Lightning runs forward/backward inside step's closure,
@@ -369,15 +378,19 @@ class OptimizerStepTimer(L.Callback):
         self.times_ms: list[float] = []
         self._start: float | None = None
         self._hooked: set[int] = set()
+        self._device = torch.device("cpu")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if id(optimizer) not in self._hooked:
             optimizer.register_step_post_hook(self._stop)
             self._hooked.add(id(optimizer))
+        self._device = pl_module.device
+        wait_for_device(self._device)  # backward's kernels are not the optimizer's
         self._start = time.perf_counter()
 
     def _stop(self, optimizer, args, kwargs) -> None:
         if self._start is not None:
+            wait_for_device(self._device)
             self.times_ms.append(1000.0 * (time.perf_counter() - self._start))
             self._start = None
 
