@@ -40,6 +40,9 @@ def test_cli_run_writes_the_run_folder(tmp_path):
     assert RESULT_KEYS <= results.keys(), RESULT_KEYS - results.keys()
     assert results["status"] == "completed" and results["seed"] == 0
     assert "attention=standard" in results["overrides"]
+    assert results["choices"] == {"model": "tiny", "attention": "standard", "norm": "layernorm", "moe": "greedy",
+                                  "optimizer": "adamw", "rope": "default", "data": "default", "hardware": "cpu",
+                                  "eval": "none", "moe.topk_method": "greedy"}  # options as selected, not names
     assert results["attention_kernel"] == "math_explicit"
     assert results["tokens_seen"] == 6 * 4 * 32
     assert results["params_active"] < results["params_total"]

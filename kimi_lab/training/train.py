@@ -240,9 +240,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
     finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
     best = min(finite, key=lambda r: r["val_loss"]) if finite else {}  # ties: the earlier step, as BestCheckpoint
     peak_mb, peak_kind = _peak_mem_mb(rss, callbacks.memory.cuda_peak_bytes)
-    groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
-    choices = {g: _choice(cfg, g) for g in groups}
-    choices["moe.topk_method"] = _value(cfg.moe.topk_method)  # moe.name only says moe or dense
+    choices = _choices(cfg)
     return {
         "status": status,
         "seed": int(cfg.seed),
@@ -341,15 +339,24 @@ def _optimizer_summary(cfg, module, callbacks) -> dict:
     """Which parameters each optimizer (part) updates, and the optimizer update's share of training step time."""
     from kimi_lab.optim import describe_assignment
 
-    name = _choice(cfg, "optimizer")
+    name = _value(OmegaConf.select(cfg, "optimizer.name"))
     optimizers = module.trainer.optimizers
     params = describe_assignment(module.model, optimizers[0], default_kind=name) if optimizers else {}
     return {"optimizer_params": params, **callbacks.optimizer_timer.summary(callbacks.metrics.train_time_s)}
 
 
-def _choice(cfg: DictConfig, group: str):
-    name = OmegaConf.select(cfg, f"{group}.name")
-    return _value(name)
+def _choices(cfg: DictConfig) -> dict:
+    """The option each config group ran with (Hydra's choice: ``moe`` is ``greedy``, ``deepseek_v3`` or ``dense``;
+    the group's ``name`` without Hydra), ``eval`` / ``ablation`` / ``experiment`` when selected, and
+    ``moe.topk_method`` (a sweep may change the gate on either MoE option)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    selected = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
+    out = {g: selected.get(g) or _value(OmegaConf.select(cfg, f"{g}.name")) for g in groups}
+    out |= {g: selected[g] for g in ("eval", "ablation", "experiment") if selected.get(g) not in (None, "null")}
+    out["moe.topk_method"] = _value(cfg.moe.topk_method)
+    return out
 
 
 def _overrides() -> list[str]:
