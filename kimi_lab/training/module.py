@@ -72,7 +72,7 @@ class LanguageModelModule(L.LightningModule):
                    f"{prefix}_acc": (sums[1] / sums[2]).item()}
         # validation: callback metrics only; StepMetrics logs them at the optimizer step they belong to (Lightning's
         # logger step for an in-fit validation is one behind, so TensorBoard curves would not match metrics.csv)
-        self.log_dict(metrics, sync_dist=False, logger=prefix != "val")
+        self.log_dict(metrics, sync_dist=False, logger=False if prefix == "val" else None)
         self._eval_sums.zero_()
 
     def on_validation_epoch_start(self) -> None:
