@@ -336,3 +336,17 @@ def test_aux_tc_equals_noaux_tc_with_zero_gamma(alpha):
             losses.append(loss.detach())
         runs.append(torch.stack(losses))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_the_load_monitor_checkpoints_the_final_bias():
+    """A run resumed from a checkpoint already at max_steps takes no step: results.json's expert_bias must still be
+    the bias the checkpoint's last step logged (it was [])."""
+    from kimi_lab.training.callbacks import ExpertLoadMonitor
+
+    monitor = ExpertLoadMonitor()
+    monitor.run_counts, monitor.layer_maxvio_sums = [torch.tensor([3.0, 5.0])], [0.25]
+    monitor.aux_loss_sums, monitor.tokens_dropped, monitor.n_steps = [1e-4], [0.0], 1
+    monitor.last_bias = [[0.001, -0.001]]
+    resumed = ExpertLoadMonitor()
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.summary()["expert_bias"] == [[0.001, -0.001]] == monitor.summary()["expert_bias"]

@@ -141,12 +141,14 @@ class ExpertLoadMonitor(L.Callback):
     def state_dict(self) -> dict:
         self.flush()  # a checkpoint holds every collected step
         return {"run_counts": self.run_counts, "layer_maxvio_sums": self.layer_maxvio_sums,
-                "aux_loss_sums": self.aux_loss_sums, "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps}
+                "aux_loss_sums": self.aux_loss_sums, "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps,
+                "last_bias": self.last_bias}
 
     def load_state_dict(self, state: dict) -> None:
         self.run_counts, self.layer_maxvio_sums = state["run_counts"], state["layer_maxvio_sums"]
         self.aux_loss_sums, self.tokens_dropped, self.n_steps = (state["aux_loss_sums"], state["tokens_dropped"],
                                                                  state["n_steps"])
+        self.last_bias = state.get("last_bias", [])  # a resume with no step left still reports the final bias
 
 
 class StepMetrics(L.Callback):
