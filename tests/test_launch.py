@@ -95,3 +95,61 @@ def test_gpu_pool_config_instantiates_the_plugin():
     launcher = Plugins.instance()._instantiate(_launcher_config("gpu_pool"))
     assert _qualname(launcher) == _qualname(GpuPoolLauncher)
     assert launcher.devices is None and launcher.jobs_per_device == 1
+
+
+def test_pool_fills_every_device_before_doubling_up_and_survives_a_job_it_cannot_start(tmp_path, monkeypatch):
+    """Slots alternate devices (2 jobs on [0,1] x 2 per device land on 0 and 1, not both on 0); a job the slot
+    cannot even start (a missing python, an unreadable results.json) is a FAILED return and the slot goes on."""
+    import queue
+
+    from hydra.core.utils import JobStatus
+
+    from hydra_plugins.kimi_lab_launcher.gpu_pool import PoolJob, pool_slots
+
+    assert pool_slots(["0", "1"], 2)[:2] == ["0", "1"] and sorted(pool_slots(["0", "1"], 2)) == ["0", "0", "1", "1"]
+    launcher = GpuPoolLauncher(devices=[0])
+    ran = []
+
+    def run(job, device):
+        ran.append(job.index)
+        if job.index == 0:
+            raise FileNotFoundError("/nonexistent/python")
+        return "ok"
+
+    monkeypatch.setattr(launcher, "_run", run)
+    pending, returns = queue.Queue(), {}
+    for index in range(3):
+        pending.put(PoolJob(index, [f"seed={index}"], tmp_path / str(index)))
+    launcher._slot("0", pending, returns)
+    assert ran == [0, 1, 2] and returns[1] == returns[2] == "ok"
+    assert returns[0].status == JobStatus.FAILED and isinstance(returns[0]._return_value, FileNotFoundError)
+
+
+def test_run_dir_is_quoted_for_hydra():
+    """A folder named by ${hydra.job.override_dirname} holds '=' and ',': the job's hydra.run.dir must parse back
+    to the same path (unquoted, Hydra rejected it and every job failed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.kimi_lab_launcher.gpu_pool import quoted
+
+    parser = OverridesParser.create()
+    for path in ["/s/lr=0.001,seed=1", "/s/it's", "/s/back\\slash", "/s/end\\", "/s/q\\'x"]:
+        assert parser.parse_override(f"hydra.run.dir={quoted(path)}").value() == path
+
+
+def test_jobs_run_the_sweeps_config_not_the_default(tmp_path):
+    """-cn / --config-path / --config-dir are flags, not overrides: each job's command carries them (without, a job
+    of `train.py -m -cn alt ...` ran the default config)."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.kimi_lab_launcher.gpu_pool import PoolJob
+
+    launcher = GpuPoolLauncher(devices=[0], script="train.py")
+    sources = [{"path": "/repo/conf", "schema": "file", "provider": "main"},
+               {"path": "/mine", "schema": "file", "provider": "command-line"},
+               {"path": "hydra.conf", "schema": "pkg", "provider": "hydra"}]
+    launcher.config = OmegaConf.create({"hydra": {"job": {"config_name": "alt"}, "overrides": {"hydra": []},
+                                                  "runtime": {"config_sources": sources}}})
+    command = launcher._command(PoolJob(3, ["seed=1"], tmp_path / "lr=0.1,seed=1"))
+    assert command[2:6] == ["--config-name=alt", "--config-path=/repo/conf", "--config-dir=/mine", "seed=1"]
+    assert f"hydra.run.dir='{tmp_path / 'lr=0.1,seed=1'}'" in command

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,13 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
+
+
+def quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value: a folder named by ``override_dirname`` holds ``=`` and ``,``,
+    which Hydra's grammar reads as syntax when unquoted."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # backslashes before a quote double
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"  # ... and at the end (Hydra's rule)
 
 
 class JobFailed(RuntimeError):
@@ -56,6 +64,12 @@ def visible_devices(devices: Sequence[int | str] | None) -> list[str]:
     return [str(i) for i in range(count)]
 
 
+def pool_slots(devices: list[str], jobs_per_device: int) -> list[str]:
+    """One slot per (device, job it may run at once), every device once before any twice (0, 1, 0, 1, not
+    0, 0, 1, 1): slots start in this order, so a sweep smaller than the pool still spreads over every GPU."""
+    return [d for _ in range(jobs_per_device) for d in devices]
+
+
 class GpuPoolLauncher(Launcher):
     def __init__(self, devices: Sequence[int | str] | None = None, jobs_per_device: int = 1,
                  python: str | None = None, script: str | None = None) -> None:
@@ -77,7 +91,7 @@ class GpuPoolLauncher(Launcher):
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        slots = [d for d in visible_devices(self.devices) for _ in range(self.jobs_per_device)]
+        slots = pool_slots(visible_devices(self.devices), self.jobs_per_device)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         jobs = [self._job(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         log.info("Launching %d jobs on a pool of %d slot(s): devices %s", len(jobs), len(slots), ",".join(slots))
@@ -91,7 +105,7 @@ class GpuPoolLauncher(Launcher):
             thread.start()
         for thread in threads:
             thread.join()
-        return [returns[job.index] for job in jobs]
+        return [returns.get(job.index) or self._failed(job, RuntimeError("the launcher never ran it")) for job in jobs]
 
     def _job(self, index: int, overrides: list[str]) -> PoolJob:
         """Resolve the job's folder exactly as the basic launcher would (``hydra.sweep.dir/hydra.sweep.subdir``)."""
@@ -113,8 +127,19 @@ class GpuPoolLauncher(Launcher):
         inherited = [o for o in self.config.hydra.overrides.hydra
                      if not o.split("=", 1)[0].lstrip("+~").startswith(("hydra.launcher", "hydra/launcher",
                                                                           "hydra.sweep", "hydra.run", "hydra.mode"))]
-        return [self.python, script, *job.overrides, *inherited, f"hydra.run.dir={job.job_dir}",
-                f"hydra.job.num={job.index}", f"hydra.job.id={job.index}"]
+        return [self.python, script, *self._config_flags(), *job.overrides, *inherited,
+                f"hydra.run.dir={quoted(str(job.job_dir))}", f"hydra.job.num={job.index}", f"hydra.job.id={job.index}"]
+
+    def _config_flags(self) -> list[str]:
+        """--config-name / --config-path / --config-dir of the sweep's command line: flags, not overrides, so they
+        must be passed on explicitly (without them a job would run the default config)."""
+        flags = [f"--config-name={self.config.hydra.job.config_name}"]
+        for source in self.config.hydra.runtime.config_sources:
+            if source.schema == "file" and source.provider == "main":
+                flags.append(f"--config-path={source.path}")
+            elif source.schema == "file" and source.provider == "command-line":
+                flags.append(f"--config-dir={source.path}")
+        return flags
 
     def _slot(self, device: str, pending: queue.Queue[PoolJob], returns: dict[int, JobReturn]) -> None:
         while True:
@@ -122,7 +147,17 @@ class GpuPoolLauncher(Launcher):
                 job = pending.get_nowait()
             except queue.Empty:
                 return
-            returns[job.index] = self._run(job, device)
+            try:
+                returns[job.index] = self._run(job, device)
+            except Exception as error:  # the slot goes on with the next job; this one is recorded as failed
+                log.error("#%d (device %s) could not run: %s: %s", job.index, device, type(error).__name__, error)
+                returns[job.index] = self._failed(job, error)
+
+    @staticmethod
+    def _failed(job: PoolJob, error: BaseException) -> JobReturn:
+        ret = JobReturn(overrides=job.overrides, working_dir=str(job.job_dir), hydra_cfg=None)
+        ret.cfg, ret.status, ret._return_value = OmegaConf.create({}), JobStatus.FAILED, error
+        return ret
 
     def _run(self, job: PoolJob, device: str) -> JobReturn:
         log.info("\t#%d (device %s) : %s", job.index, device, " ".join(filter_overrides(job.overrides)))
