@@ -118,7 +118,8 @@ def _step_fn(module, args, seq_len: int):
 
 
 def _measure(module, args, seq_len: int) -> dict:
-    """Median fwd+bwd time of the core, with its peak memory above the inputs'."""
+    """Median fwd+bwd time of the core (no memory sampler running), and its peak memory above the inputs' in one
+    more step."""
     step = _step_fn(module, args, seq_len)
     step()  # warm-up (and the kernel label)
     if args.device == "cuda":
@@ -126,13 +127,14 @@ def _measure(module, args, seq_len: int) -> dict:
         base = torch.cuda.memory_allocated()
         seconds = statistics.median(step() for _ in range(args.repeats))
         peak, kind = (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda_max_allocated"
-    else:
+    else:  # timed without the heap sampler (its thread takes malloc's locks and a core); memory in one more step
+        seconds = statistics.median(step() for _ in range(args.repeats))
         try:
             heap = HeapPeak()
         except (OSError, AttributeError):
             heap, kind = None, "unmeasured"
         with heap or contextlib.nullcontext():
-            seconds = statistics.median(step() for _ in range(args.repeats))
+            step()
         peak, kind = ((heap.peak - heap.base) / 2**20, "cpu_malloc_sampled") if heap else (float("nan"), kind)
     flops = 3.5 * 2 * args.batch * module.n_heads * seq_len**2 * (module.qk_head_dim + module.v_head_dim) / 2
     return {"fwd_bwd_ms": seconds * 1e3, "tflops": flops / seconds / 1e12, "peak_mem_mb": peak, "peak_mem_kind": kind}
@@ -149,7 +151,7 @@ def paired_mla_check(args, rounds: int) -> list[str]:
         try:
             steps = _step_fn(mha, args, seq_len), _step_fn(mla, args, seq_len)
             steps[0](), steps[1]()  # warm-up
-            ratio = statistics.median(steps[1]() / steps[0]() for _ in range(rounds))
+            ratio = statistics.median(1 / steps[0]() * steps[1]() for _ in range(rounds))  # MHA, then MLA
         except RuntimeError as err:
             lines.append(f"MLA/MHA check, kernel {kernel}: not measured: {str(err).splitlines()[0]}")
             continue
