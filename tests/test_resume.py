@@ -94,3 +94,27 @@ def test_data_position_is_saved_globally_and_refuses_another_device_count():
         position.on_load_checkpoint(SimpleNamespace(world_size=1, datamodule=datamodule), None, checkpoint)
     position.on_load_checkpoint(SimpleNamespace(world_size=2, datamodule=datamodule), None, {"global_step": 5})
     assert starts == [48, 80]
+
+
+def test_a_wrong_resume_command_leaves_the_runs_record_alone(tmp_path):
+    """resume=true on a finished run is refused; a resume with other overrides is refused: neither touches the
+    folder's status.json, results.json or config (they used to mark a finished run failed and delete its results).
+    A run interrupted at its last step resumes with nothing to train: its peak memory is null, not negative."""
+    overrides = [*QUICK, "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    done = tmp_path / "done"
+    train(compose_config(overrides, output_dir=done))
+    files = ("status.json", "results.json", "config_resolved.yaml")
+    before = {name: (done / name).read_bytes() for name in files}
+    with pytest.raises(ConfigError, match=r"resume=true; .* holds a completed run, nothing to resume"):
+        train(compose_config([*overrides, "resume=true"], output_dir=done))
+    assert before == {name: (done / name).read_bytes() for name in files}
+
+    cut = tmp_path / "cut"
+    train(compose_config([*overrides, "trainer.interrupt_at_step=2"], output_dir=cut))
+    before = {name: (cut / name).read_bytes() for name in files}
+    with pytest.raises(ConfigError, match="seed=5"):
+        train(compose_config([*overrides, "resume=true", "seed=5"], output_dir=cut))
+    assert before == {name: (cut / name).read_bytes() for name in files}
+    resumed = train(compose_config([*overrides, "resume=true"], output_dir=cut))
+    assert resumed["status"] == "completed" and resumed["steps"] == 2
+    assert resumed["peak_mem_mb"] is None and resumed["peak_mem_kind"].startswith("unmeasured")

@@ -418,8 +418,10 @@ class MemoryWindow(L.Callback):
     def __init__(self):
         self.rss = None
         self.cuda_peak_bytes = 0
+        self.batches = 0  # training batches this process ran (0: a resume at the last step only evaluates)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches += 1
         if self.rss is not None:
             self.rss.open_window()
         if pl_module.device.type == "cuda":

@@ -36,13 +36,11 @@ def train(cfg: DictConfig) -> dict:
                 f"({_listed(previous.get('overrides', []))}), this job is ({_listed(_overrides())}); allowed: "
                 "relaunch the sweep's own command "
                 "(same grid, same order) or another hydra.sweep.dir (nothing was overwritten)")
+    ckpt_path = _resume_point(cfg, run)  # before anything in the folder is written
     commit = git_commit()  # the code the job starts with, not whatever the tree holds when it ends
     run.write_status("running", pid=os.getpid(), git_commit=commit)
     try:
         validate_config(cfg)
-        ckpt_path = resume_checkpoint(cfg, run.path)
-        if ckpt_path is not None:
-            check_resume_config(cfg, ckpt_path)  # before config_resolved.yaml is rewritten with other values
         run.write_config(cfg)
         results = {**_fit_and_evaluate(cfg, run, ckpt_path), "git_commit": commit}
         run.write_results(results)
@@ -54,6 +52,26 @@ def train(cfg: DictConfig) -> dict:
         raise
     log.info("%s: results in %s", results["status"], run.path)
     return results
+
+
+def _resume_point(cfg: DictConfig, run: RunDir) -> str | None:
+    """The checkpoint a resume continues from, checked before the folder is touched: a wrong resume command (other
+    overrides, a finished run) leaves the run's status, results and config as they were. Only a folder with no run
+    record (no results.json) gets status failed, as any job that fails."""
+    try:
+        previous = _finished_results(run)
+        if cfg.resume and cfg.ckpt_path is None and previous is not None:
+            raise ConfigError(f"Invalid config: resume=true; {run.path} holds a {previous['status']} run, nothing to "
+                              "resume; allowed: resume=true on an interrupted or failed run's folder (the finished "
+                              "run's record is kept)")
+        ckpt_path = resume_checkpoint(cfg, run.path)
+        if ckpt_path is not None:
+            check_resume_config(cfg, ckpt_path)  # before config_resolved.yaml is rewritten with other values
+        return ckpt_path
+    except BaseException as error:
+        if not run.results_json.exists():
+            run.write_failure(error)
+        raise
 
 
 def _release_frames(error: BaseException) -> None:
@@ -175,8 +193,9 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
         try:
             _fit(trainer, module, datamodule, ckpt_path, callbacks)
         except RunStopped as stop:  # interrupted (continue with resume=true) or diverged
-            hint = "; continue with resume=true hydra.run.dir=" if stop.status == "interrupted" else ": run folder "
-            log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
+            hint = (f"; continue with: python train.py {_listed(_overrides()).replace('no overrides', '')} "
+                    f"resume=true hydra.run.dir=" if stop.status == "interrupted" else ": run folder ")
+            log.warning("%s: %s%s%s", stop.status, stop, hint.replace("  ", " "), run.path)
             return {**_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status),
                     **stop.extra}
         trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
@@ -240,6 +259,9 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
     finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
     best = min(finite, key=lambda r: r["val_loss"]) if finite else {}  # ties: the earlier step, as BestCheckpoint
     peak_mb, peak_kind = _peak_mem_mb(rss, callbacks.memory.cuda_peak_bytes)
+    peak_rss_mb = rss.peak_bytes / 2**20
+    if not callbacks.memory.batches:  # resumed at its last step: no training batch was measured in this process
+        peak_mb, peak_kind, peak_rss_mb = None, "unmeasured: no training step in this process", None
     choices = _choices(cfg)
     return {
         "status": status,
@@ -255,7 +277,7 @@ def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile,
         **callbacks.metrics.summary(),
         "steps": int(module.trainer.global_step),
         "max_steps": int(module.max_steps),
-        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind, "peak_rss_mb": rss.peak_bytes / 2**20,
+        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind, "peak_rss_mb": peak_rss_mb,
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
         "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
