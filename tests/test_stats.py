@@ -234,21 +234,35 @@ def test_the_baseline_rule_says_when_no_arm_has_every_first_value(tmp_path):
     for seed in (1, 2):
         job = tmp_path / "theta" / str(seed)
         write_run(job, "0.001", seed, "completed", 3.2, extra=("rope.theta=1e4",))
-        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model=tiny", "rope.theta=1e4", f"seed={seed}"]))
+        overrides = ["model=tiny", "rope.theta=1e4", f"seed={seed}"]  # no lr: the default
+        (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        results = json.loads((job / "results.json").read_text())
+        (job / "results.json").write_text(json.dumps({**results, "overrides": overrides}))
     comp = compare_sweep(collect_sweep(tmp_path))
     assert comp.baseline_rule.startswith("the first arm: no arm has the first value of every swept factor")
+
+
+def test_a_finished_job_is_identified_by_its_results_not_a_rewritten_hydra_folder(sweep_dir):
+    """A refused relaunch with another grid still has Hydra rewrite the folder's .hydra/overrides.yaml: the job's
+    identity is the one its results.json records (it used to land in the wrong arm and push out a real run)."""
+    rewritten = sweep_dir / "0" / ".hydra" / "overrides.yaml"
+    rewritten.write_text(yaml.safe_dump(["model=tiny", "optimizer.lr=0.002", "seed=1"]))
+    sweep = collect_sweep(sweep_dir)
+    assert next(j for j in sweep.jobs if j.name == "0").overrides["optimizer.lr"] == "0.001"
+    assert [len(a.completed) for a in sweep.arms] == [3, 3, 2, 1]
+    assert not [j for j in sweep.jobs if j.status == "duplicate" and j.name != "rerun/0"]
 
 
 def test_unreadable_job_files_are_listed_not_fatal(sweep_dir, tmp_path):
     """A half-written overrides.yaml, a results.json or status.json that is JSON but not an object, results without
     status.json: each job is listed as unreadable (with the reason) and the report is still written."""
-    for name, (file, text) in {"0": (".hydra/overrides.yaml", "- model=tiny\n- 'optimizer.lr=0.0"),
+    for name, (file, text) in {"7": (".hydra/overrides.yaml", "- model=tiny\n- 'optimizer.lr=0.0"),
                                "1": ("results.json", "[1, 2]"), "2": ("status.json", "[]")}.items():
-        (sweep_dir / name / file).write_text(text)
+        (sweep_dir / name / file).write_text(text)  # 7 failed (no results.json): its overrides.yaml names it
     (sweep_dir / "3" / "status.json").unlink()
-    jobs = {j.name: j for j in collect_sweep(sweep_dir).jobs}
-    assert {n: jobs[n].status for n in "0123"} == dict.fromkeys("0123", "unreadable")
-    assert "overrides.yaml" in jobs["0"].error and "results.json without status.json" in jobs["3"].error
+    jobs = {j.name: j for j in collect_sweep(sweep_dir).jobs if j.status == "unreadable"}  # (and the grid's 7th
+    assert sorted(jobs) == ["1", "2", "3", "7"]  # job, which no readable folder holds, is listed as missing)
+    assert "overrides.yaml" in jobs["7"].error and "results.json without status.json" in jobs["3"].error
     write_report(sweep_dir, tmp_path / "report", plots=False)
     assert "unreadable" in (tmp_path / "report" / "report.md").read_text()
 

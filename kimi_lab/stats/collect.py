@@ -257,8 +257,10 @@ def read_job(path: Path, name: str) -> Job:
         items = "unreadable"
     results = _read_json(path / "results.json") if (path / "results.json").exists() else {}
     results = results if isinstance(results, dict) or results is None else None  # valid JSON, but not an object
-    if items is None and results:
-        items = results.get("overrides")
+    if isinstance(results, dict) and isinstance(results.get("overrides"), list):
+        # the overrides of the run that wrote these results: Hydra rewrites .hydra/ whenever a job starts in the
+        # folder, also one that is then refused (a relaunch with another grid), so that file can name another job
+        items = results["overrides"]
     readable_items = isinstance(items, list) or items is None
     overrides = parse_overrides(items if isinstance(items, list) else [])
     status_file = path / "status.json"

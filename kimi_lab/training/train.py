@@ -34,8 +34,8 @@ def train(cfg: DictConfig) -> dict:
             raise ConfigError(
                 f"Invalid config: sweep.skip_completed=true; {run.path} holds a finished run of other overrides "
                 f"({_listed(previous.get('overrides', []))}), this job is ({_listed(_overrides())}); allowed: "
-                "relaunch the sweep's own command "
-                "(same grid, same order) or another hydra.sweep.dir (nothing was overwritten)")
+                "relaunch the sweep's own command (same grid, same order) or another hydra.sweep.dir (its results "
+                "are untouched; Hydra rewrote its .hydra/ files, the report identifies it by results.json)")
     ckpt_path = _resume_point(cfg, run)  # before anything in the folder is written
     commit = git_commit()  # the code the job starts with, not whatever the tree holds when it ends
     run.write_status("running", pid=os.getpid(), git_commit=commit)
