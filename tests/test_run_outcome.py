@@ -177,3 +177,12 @@ def test_step_timings_wait_for_the_device_at_their_edges(tmp_path, monkeypatch):
     assert len(waits) == 2 * 2 + 2 * 2  # per step: its start and end, the optimizer update's start and end
     # the end-of-step wait and both optimizer waits fall inside the step's window, the start wait before it
     assert results["step_time_ms"] >= 3 * 40 and results["optimizer_step_ms"] >= 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_hardware_gpu_without_cuda_is_a_one_line_config_error(tmp_path):
+    from kimi_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"hardware\.accelerator=gpu .*allowed: cpu on this machine"):
+        train(compose_config([*QUICK, "hardware=gpu"], output_dir=tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"

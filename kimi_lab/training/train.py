@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict:
     run.write_status("running", pid=os.getpid(), git_commit=commit)
     try:
         validate_config(cfg)
+        _check_device(cfg)
         run.write_config(cfg)
         results = {**_fit_and_evaluate(cfg, run, ckpt_path), "git_commit": commit}
         run.write_results(results)
@@ -52,6 +53,15 @@ def train(cfg: DictConfig) -> dict:
         raise
     log.info("%s: results in %s", results["status"], run.path)
     return results
+
+
+def _check_device(cfg: DictConfig) -> None:
+    """hardware=gpu/ddp on a machine without CUDA: one line naming the key (Lightning's own error is a traceback)."""
+    import torch
+
+    if _value(cfg.hardware.accelerator) == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(f"Invalid config: hardware.accelerator=gpu (hardware={cfg.hardware.name}); allowed: cpu on "
+                          "this machine, torch sees no CUDA device (hardware=cpu)")
 
 
 def _resume_point(cfg: DictConfig, run: RunDir) -> str | None:
