@@ -253,6 +253,18 @@ def test_a_finished_job_is_identified_by_its_results_not_a_rewritten_hydra_folde
     assert not [j for j in sweep.jobs if j.status == "duplicate" and j.name != "rerun/0"]
 
 
+def test_a_metric_an_arm_does_not_have_is_not_an_exclusion_warning(tmp_path):
+    """A dense arm records no expert load: its expert_load_cv row has n = 0 ('nothing to compare'), and no
+    'completed run(s) excluded' warning, which is for runs of an arm that has the metric elsewhere."""
+    for seed in (1, 2):
+        write_run(tmp_path / f"moe{seed}", "0.001", seed, "completed", 3.0, extra=("moe=greedy",))
+        write_run(tmp_path / f"dense{seed}", "0.001", seed, "completed", 3.1, extra=("moe=dense",))
+        results = json.loads((tmp_path / f"moe{seed}" / "results.json").read_text())
+        (tmp_path / f"moe{seed}" / "results.json").write_text(json.dumps({**results, "expert_load_cv": [0.1 * seed]}))
+    row = next(r for r in compare_sweep(collect_sweep(tmp_path)).rows if r["metric"] == "expert_load_cv")
+    assert 0 in (row["n_a"], row["n_b"]) and "excluded" not in row["warning"]
+
+
 def test_unreadable_job_files_are_listed_not_fatal(sweep_dir, tmp_path):
     """A half-written overrides.yaml, a results.json or status.json that is JSON but not an object, results without
     status.json: each job is listed as unreadable (with the reason) and the report is still written."""

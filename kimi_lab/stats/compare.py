@@ -277,7 +277,8 @@ def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float 
                 for arm in sweep.arms if arm.label != label]
         for row in rows:  # dropping diverged (or failed) seeds can flatter an arm: say so on every row it touches
             lost = [f"arm {arm}: {k} completed run(s) excluded ({reason})" for arm in (row["arm"], label)
-                    for reason, k in excluded.get(arm, {}).items()]  # e.g. never reached the target: conditional
+                    for reason, k in excluded.get(arm, {}).items()  # e.g. never reached the target: conditional
+                    if per_arm[arm]]  # an arm with no value at all (a dense arm's expert load) has n = 0, no test
             row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label], *lost) if w)
         add_corrected_p(rows)
         result.rows += [{c: row[c] for c in COLUMNS} for row in rows]

@@ -92,6 +92,7 @@ def _verdict(row: dict, alpha: float) -> str:
     stats_part += f"{p_is('p_holm', row['p_holm'])} ({row['test']} t-test)"
     mde = (f"MDE d_z >= {row['mde_d']:.2f} with {row['n_a']} pairs" if paired
            else f"MDE d >= {row['mde_d']:.2f} with n = {row['n_a']} vs {row['n_b']}")
+    mde += f" at unadjusted alpha = {alpha}"  # power analysis per comparison: Holm's family would ask for more
     if row["p_holm"] < alpha:
         return f"{head}, {stats_part}: significant after Holm at alpha = {alpha}. {mde}."
     main = "factor" in row
