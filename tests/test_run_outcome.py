@@ -186,3 +186,18 @@ def test_hardware_gpu_without_cuda_is_a_one_line_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"hardware\.accelerator=gpu .*allowed: cpu on this machine"):
         train(compose_config([*QUICK, "hardware=gpu"], output_dir=tmp_path / "run"))
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+
+
+def test_lightning_banners_are_dropped_from_job_logs_but_warnings_pass():
+    import logging
+
+    from kimi_lab.training.trainer import _NoBanner
+
+    def record(level, message):
+        return logging.LogRecord("lightning.pytorch.utilities.rank_zero", level, __file__, 1, message, None, None)
+
+    banner = _NoBanner()
+    assert not banner.filter(record(logging.INFO, "💡 Tip: For seamless cloud logging and experiment tracking"))
+    assert not banner.filter(record(logging.INFO, "GPU available: False, used: False"))
+    assert banner.filter(record(logging.INFO, "Restoring states from the checkpoint path at last.ckpt"))
+    assert banner.filter(record(logging.WARNING, "GPU available but not used."))

@@ -34,8 +34,30 @@ def _single_lightning_log() -> None:
         logging.getLogger("lightning").handlers.clear()
 
 
+class _NoBanner(logging.Filter):
+    """Drops Lightning's per-job banner lines (an ad for its cloud logger, which accelerators exist): in a sweep they
+    were most of every job's log. Warnings and errors pass."""
+
+    BANNERS = ("💡 Tip", "GPU available", "TPU available", "HPU available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not str(record.getMessage()).lstrip().startswith(self.BANNERS)
+
+
+def _quiet_lightning() -> None:
+    """No per-job banners; no warning that a short run has fewer batches than Lightning's logging interval (our
+    metrics rows follow trainer.log_every_n_steps) or about Lightning's deprecated pytree use."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoBanner) for f in target.filters):
+            target.addFilter(_NoBanner())
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     _single_lightning_log()
+    _quiet_lightning()
     # Lightning cannot see that DataPosition restores the sampler position on resume; its warning is wrong here
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     accumulate = int(cfg.trainer.accumulate_grad_batches)
