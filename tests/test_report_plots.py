@@ -120,3 +120,23 @@ def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, mo
     assert len(images) == 4  # curves, effects, leave-one-out, expert load
     assert "baseline ablation=full" in text and "ablation=baseline raises val loss by 0.3" in text
     assert "one swept key: no main effects" in text
+
+
+def test_inspect_run_notebook_runs_on_the_run_kimi_lab_run_names(tmp_path, monkeypatch):
+    """notebooks/inspect_run.ipynb on KIMI_LAB_RUN (it used to read outputs/ only and crash without a run there)."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    from kimi_lab.training import train
+    from tests.helpers import compose_config
+
+    run = tmp_path / "run"
+    train(compose_config(["trainer.max_steps=2", "trainer.val_check_interval=2", "logger.tensorboard=false"],
+                         output_dir=run))
+    monkeypatch.setenv("KIMI_LAB_RUN", str(run))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert str(run) in "".join(o.get("text", "") for o in outputs)
