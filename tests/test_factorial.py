@@ -115,6 +115,15 @@ def test_a_missing_cell_skips_the_anova_and_narrows_the_matched_contexts(tmp_pat
     assert np.isnan(rms["interaction_p_holm"]) and "depends" not in verdict(rms, comp.alpha)
 
 
+def test_a_partial_baseline_takes_the_other_keys_first_values(tmp_path):
+    """`make report BASELINE=norm=rmsnorm` on a norm x lr grid (the README's example) names one arm: the other keys at
+    their first value (it failed: 'matches 3 arms')."""
+    comp = compare_sweep(collect_sweep(write_factorial_sweep(tmp_path, factorial_values(UNIFORM))),
+                         baseline="norm=rmsnorm")
+    assert comp.baseline == "norm=rmsnorm, optimizer.lr=0.001"
+    assert comp.baseline_rule == "--baseline norm=rmsnorm, the other swept keys at their first value"
+
+
 def test_the_baseline_arm_sets_each_keys_reference_level(tmp_path):
     _, effects, _ = _analyse(write_factorial_sweep(tmp_path, factorial_values(UNIFORM)),
                              baseline="norm=rmsnorm,optimizer.lr=0.002")

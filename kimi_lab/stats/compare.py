@@ -221,6 +221,10 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
         same = [level for level in sweep.factors[key] if _same_number(level, value)]
         wanted[key] = same[0] if value not in sweep.factors[key] and same else value
     matches = [a for a in sweep.arms if all(a.factors[k] == v for k, v in wanted.items())]
+    if len(matches) > 1:  # a partial spec (norm=layernorm on a norm x lr grid): the other keys at their first value
+        firsts = [a for a in matches if all(a.factors[k] == sweep.factors[k][0] for k in a.factors if k not in wanted)]
+        if len(firsts) == 1:
+            return firsts[0].label, f"--baseline {spec}, the other swept keys at their first value"
     if len(matches) != 1:
         raise ValueError(f"--baseline {spec} matches {len(matches)} arms; allowed: one of "
                          f"{[a.label for a in sweep.arms]}")
