@@ -95,21 +95,26 @@ def test_no_expert_load_heat_map_without_moe_arms(ablation_sweep, tmp_path):
     assert not (out / "expert_load.png").exists() and (out / "leave_one_out.png").exists()
 
 
+def _run_notebook(name: str, env: dict[str, str], tmp_path, monkeypatch) -> list:
+    """Execute notebooks/<name> top to bottom with ``env`` set; the outputs of its code cells."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in {**env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
 @pytest.mark.parametrize("kind", ["leave_one_out", "factorial"])
 def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, monkeypatch):
     """notebooks/analysis.ipynb runs top to bottom on a report and shows every plot and the verdicts: the combined
     study's (leave-one-out, expert load) or a norm x lr grid's (main effects)."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     sweep = ablation_sweep if kind == "leave_one_out" else write_factorial_sweep(
         tmp_path / "grid", factorial_values({"0.001": -0.05, "0.002": -0.05, "0.004": -0.05}))
     out, _, _ = write_report(sweep, tmp_path / "rep", plots=False)
-    monkeypatch.setenv("KIMI_LAB_REPORT", str(out))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    notebook = nbformat.read(REPO_ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = _run_notebook("analysis.ipynb", {"KIMI_LAB_REPORT": str(out)}, tmp_path, monkeypatch)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
     if kind == "factorial":
@@ -124,19 +129,12 @@ def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, mo
 
 def test_inspect_run_notebook_runs_on_the_run_kimi_lab_run_names(tmp_path, monkeypatch):
     """notebooks/inspect_run.ipynb on KIMI_LAB_RUN (it used to read outputs/ only and crash without a run there)."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     from kimi_lab.training import train
     from tests.helpers import compose_config
 
     run = tmp_path / "run"
     train(compose_config(["trainer.max_steps=2", "trainer.val_check_interval=2", "logger.tensorboard=false"],
                          output_dir=run))
-    monkeypatch.setenv("KIMI_LAB_RUN", str(run))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    notebook = nbformat.read(REPO_ROOT / "notebooks" / "inspect_run.ipynb", as_version=4)
-    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    outputs = _run_notebook("inspect_run.ipynb", {"KIMI_LAB_RUN": str(run)}, tmp_path, monkeypatch)
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert str(run) in "".join(o.get("text", "") for o in outputs)
