@@ -203,9 +203,9 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
         try:
             _fit(trainer, module, datamodule, ckpt_path, callbacks)
         except RunStopped as stop:  # interrupted (continue with resume=true) or diverged
-            hint = (f"; continue with: python train.py {_listed(_overrides()).replace('no overrides', '')} "
-                    f"resume=true hydra.run.dir=" if stop.status == "interrupted" else ": run folder ")
-            log.warning("%s: %s%s%s", stop.status, stop, hint.replace("  ", " "), run.path)
+            command = " ".join([*_without_run_control(_overrides()), "resume=true", "hydra.run.dir="])
+            hint = f"; continue with: python train.py {command}" if stop.status == "interrupted" else ": run folder "
+            log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
             return {**_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status),
                     **stop.extra}
         trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
