@@ -139,8 +139,9 @@ def source_fingerprint(data_cfg: Any) -> dict:
         kwargs = _hf_kwargs(data_cfg.hf)
         fingerprint = {"load_dataset": kwargs, "text_field": data_cfg.hf.text_field, "dedupe": DEDUPE,
                        "local_files": _local_stats(kwargs["data_files"])}
-        if _local_files(kwargs["path"]):  # a local dataset folder (or loading script) instead of a hub id
-            fingerprint["local_path"] = _local_stats(kwargs["path"])
+        local_path = _local_stats(kwargs["path"])  # a local dataset folder (or loading script), not a hub id
+        if local_path:
+            fingerprint["local_path"] = local_path
         return fingerprint
     raise ValueError(f"Unknown data.name {name!r}; expected one of default, text, hf")
 

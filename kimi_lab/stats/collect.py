@@ -160,7 +160,8 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _number(value: str) -> float | None:
+def as_number(value: str) -> float | None:
+    """``value`` as a float when it spells one (``1e4``, ``10000``), else None."""
     try:
         return float(value)
     except ValueError:
@@ -177,7 +178,7 @@ def unify_number_spellings(jobs: list[Job], grids: dict[Path, dict[str, list[str
     for grid in grids.values():
         for key, listed in grid.items():
             values.setdefault(key, set()).update(listed)
-    floats = {k for k, vs in values.items() if k != SEED_KEY and all(_number(v) is not None for v in vs)
+    floats = {k for k, vs in values.items() if k != SEED_KEY and all(as_number(v) is not None for v in vs)
               and any(not re.fullmatch(r"[+-]?\d+", v) for v in vs)}
     for job in jobs:
         for key in floats & job.overrides.keys():

@@ -19,7 +19,7 @@ from scipy import special, stats
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from kimi_lab.stats.collect import Sweep, parse_overrides
+from kimi_lab.stats.collect import Sweep, as_number, parse_overrides
 from kimi_lab.stats.metrics import METRICS, default_target_loss, job_metrics, missing_reason
 
 ALPHA = 0.05
@@ -218,7 +218,8 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
     if unknown:
         raise ValueError(f"--baseline {spec}: {unknown[0]!r} is not a swept key; allowed: {sorted(sweep.factors)}")
     for key, value in wanted.items():  # `--baseline theta=10000` names the arm the sweep writes 10000.0
-        same = [level for level in sweep.factors[key] if _same_number(level, value)]
+        same = [level for level in sweep.factors[key] if as_number(level) is not None
+                and as_number(level) == as_number(value)]
         wanted[key] = same[0] if value not in sweep.factors[key] and same else value
     matches = [a for a in sweep.arms if all(a.factors[k] == v for k, v in wanted.items())]
     if len(matches) > 1:  # a partial spec (norm=layernorm on a norm x lr grid): the other keys at their first value
@@ -229,13 +230,6 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
         raise ValueError(f"--baseline {spec} matches {len(matches)} arms; allowed: one of "
                          f"{[a.label for a in sweep.arms]}")
     return matches[0].label, f"--baseline {spec}"
-
-
-def _same_number(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return False
 
 
 def arm_values(sweep: Sweep, target_loss: float) -> dict[str, dict[str, dict[int, float]]]:
