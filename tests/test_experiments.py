@@ -1,115 +1,181 @@
-"""Study configs: every grid point of every experiment (and its _cpu twin) composes and validates."""
+"""Study configs: every grid point of every experiment composes and validates, and each study holds what its header
+states: GPU studies on the GPU at ~20 tokens per active parameter, CPU twins on the CPU design, tune grids of >= 5
+learning rates 2x apart, confirm sweeps on fresh seeds without an LR axis, a declared primary metric."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from kimi_lab.config import validate_config
-from tests.helpers import CONF_DIR, DATA_DIR, compose_config
+from kimi_lab.stats.metrics import LENGTH_PREFIX, METRICS_BY_NAME
+from kimi_lab.training.length_eval import eval_lengths
+from tests.helpers import CONF_DIR, DATA_DIR, compose_config, group_options
 
-STUDIES = ["norm", "optimizer", "optimizer_momentum", "rope"]
+STUDIES = [e for e in group_options("experiment") if e != "demo"]
+TUNES = [e for e in STUDIES if e.endswith("_tune")]
+ALIASES = [e.removesuffix("_tune") for e in TUNES]  # experiment=<study> names its tune stage
+CONFIRMS = [e for e in STUDIES if e.endswith("_confirm")]
+LR_KEY = "optimizer.lr"
+DEFAULT_LR = 3e-3  # conf/optimizer/*.yaml
+CPU_SECONDS_PER_JOB = 25  # a 300-step tiny job takes ~50 s on one thread; two run side by side on 2 cores
 
 
-def _sweep_params(experiment: str) -> dict[str, list[str]]:
+def sweep_params(experiment: str, overrides: tuple[str, ...] = ()) -> dict[str, list[str]]:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=[f"experiment={experiment}", *overrides],
+                      return_hydra_config=True)
     GlobalHydra.instance().clear()
-    return {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+    return {key: str(values).split(",") for key, values in (cfg.hydra.sweeper.params or {}).items()}
 
 
-@pytest.mark.parametrize("experiment", [s + suffix for s in STUDIES for suffix in ("", "_cpu")])
-def test_every_grid_point_composes_and_validates(experiment):
-    params = _sweep_params(experiment)
-    assert params.pop("seed") == ["1", "2", "3"]
+def study_cfg(experiment: str, *overrides: str):
+    return compose_config([f"experiment={experiment}", *overrides, f"paths.data_dir={DATA_DIR}"],
+                          output_dir=Path("/out"), model=None)
+
+
+def is_cpu(experiment: str) -> bool:
+    return "_cpu" in experiment
+
+
+def n_jobs(params: dict[str, list[str]]) -> int:
+    return math.prod(len(values) for values in params.values())
+
+
+def paired(experiment: str, suffix: str) -> str:
+    """optimizer_cpu_confirm -> optimizer_cpu_tune (suffix '_tune')."""
+    return experiment.rsplit("_", 1)[0] + suffix
+
+
+@pytest.mark.parametrize("experiment", [e for e in STUDIES if e not in ALIASES])
+def test_every_grid_point_composes_validates_and_differs(experiment):
+    """Every point of the grid (seed aside; the LR axis is checked by the tune tests) composes and validates, with a
+    config of its own (no axis is inert), on the study's preset; a val_loss@<L> primary metric is a length every
+    point scores."""
+    params = sweep_params(experiment)
+    params.pop("seed")
+    params.pop(LR_KEY, None)
     seen = set()
     for values in itertools.product(*params.values()):
-        overrides = [f"{k}={v}" for k, v in zip(params, values)]
-        cfg = compose_config([f"experiment={experiment}", *overrides, f"paths.data_dir={DATA_DIR}"], model=None)
+        cfg = study_cfg(experiment, *(f"{k}={v}" for k, v in zip(params, values)))
         validate_config(cfg)
-        seen.add(tuple(str(_select(cfg, k)) for k in params))
-        assert cfg.model.name == ("small" if experiment.endswith("_cpu") else "base")
-    assert len(seen) == len(list(itertools.product(*params.values())))  # every axis really changes the config
+        seen.add(json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), sort_keys=True))
+        assert cfg.model.name == ("tiny" if is_cpu(experiment) else "base")
+        primary = cfg.report.primary_metric
+        if primary.startswith(LENGTH_PREFIX):
+            assert int(primary.removeprefix(LENGTH_PREFIX)) in eval_lengths(cfg.data), (experiment, values)
+    assert len(seen) == n_jobs(params)
 
 
-@pytest.mark.parametrize("study", [*STUDIES, "attention", "moe_routing", "combined"])
-def test_reference_size_studies_run_on_a_gpu_and_their_twins_on_cpu(study):
-    """`python train.py -m hydra/launcher=gpu_pool experiment=norm` (the README's) needs no hardware=gpu: every
-    reference-size study selects it (four of them used to train base models in fp32 on the CPU)."""
-    for name, accelerator, precision in ((study, "gpu", "bf16-mixed"), (f"{study}_cpu", "cpu", "32-true")):
-        hardware = compose_config([f"experiment={name}"], model=None).hardware
-        assert (getattr(hardware.accelerator, "value", hardware.accelerator), str(hardware.precision)) == (
-            accelerator, precision), name
+@pytest.mark.parametrize("experiment", STUDIES)
+def test_gpu_studies_run_on_a_gpu_and_their_twins_on_the_cpu(experiment):
+    """`python train.py -m hydra/launcher=gpu_pool experiment=<study>` needs no hardware=gpu; every GPU study has
+    a CPU twin (``_cpu`` before a ``_tune`` / ``_confirm`` suffix, so `make tune` maps the twin's stages too)."""
+    hardware = study_cfg(experiment).hardware
+    want = ("cpu", "32-true") if is_cpu(experiment) else ("gpu", "bf16-mixed")
+    assert (getattr(hardware.accelerator, "value", hardware.accelerator), str(hardware.precision)) == want
+    if not is_cpu(experiment):
+        stem, _, stage = experiment.rpartition("_")
+        twin = f"{stem}_cpu_{stage}" if stage in ("tune", "confirm") else f"{experiment}_cpu"
+        assert twin in STUDIES
 
 
-def _select(cfg, key: str):
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.select(cfg, key)
-    if key in ("norm", "optimizer", "rope"):
-        value = OmegaConf.select(cfg, f"{key}.name")
-    return getattr(value, "value", value)
-
-
-def test_study_axes():
-    assert _sweep_params("norm_cpu") == {"norm": ["layernorm", "rmsnorm"], "norm.eps": ["1e-6", "1e-8"],
-                                         "optimizer.lr": ["1e-4", "3e-4", "1e-3", "2e-3"], "seed": ["1", "2", "3"]}
-    assert _sweep_params("optimizer_momentum_cpu")["optimizer.momentum"] == ["0.9", "0.95", "0.99"]
-    rope = _sweep_params("rope")
-    assert rope["rope"] == ["default", "linear", "dynamic", "yarn"]
-    assert rope["rope.theta"] == ["10000", "50000", "100000", "200000"]
-    cfg = compose_config(["experiment=rope"], model=None)
-    assert cfg.data.seq_len * max(cfg.data.eval_lengths) == 4096
+@pytest.mark.parametrize("experiment", STUDIES)
+def test_every_study_declares_a_known_primary_metric(experiment):
+    """report.primary_metric is written in the study's file (or the stage it names) and is a report metric."""
+    path = CONF_DIR / "experiment" / f"{experiment}.yaml"
+    text = path.read_text()
+    if "primary_metric:" not in text:  # experiment=<study> naming its tune stage
+        (included,) = [d for d in yaml.safe_load(text)["defaults"] if isinstance(d, str) and not d.startswith("/")]
+        text = (CONF_DIR / "experiment" / f"{included}.yaml").read_text()
+    assert "primary_metric:" in text and "Primary metric:" in text  # set, and stated in the header
+    report = study_cfg(experiment).report
+    primary = report.primary_metric
+    assert primary in METRICS_BY_NAME or primary.startswith(LENGTH_PREFIX), primary
+    assert report.sesoi[primary] == 0.02  # the SESOI is declared for the primary metric itself
 
 
-COMPONENTS = {"attention": ["attention"], "norm": ["norm"], "moe": ["moe"], "optimizer": ["optimizer"],
-              "rope": ["rope"]}  # leave-one-out arm minus_<component> -> the config subtrees it may change
+@pytest.mark.parametrize("experiment", TUNES)
+def test_tune_grids_span_five_or_more_learning_rates_2x_apart(experiment):
+    """Each arm gets an LR grid of >= 5 values, about 2x apart, bracketing the options' default lr; the plain
+    study name (experiment=<study>) runs the same sweep."""
+    params = sweep_params(experiment)
+    lrs = sorted(float(v) for v in params[LR_KEY])
+    assert len(lrs) >= 5 and lrs[0] < DEFAULT_LR < lrs[-1]
+    assert all(1.8 <= b / a <= 2.2 for a, b in zip(lrs, lrs[1:])), lrs
+    assert params["seed"] == ["1", "2"]
+    assert sweep_params(experiment.removesuffix("_tune")) == params
 
 
-@pytest.mark.parametrize("experiment", ["combined", "combined_cpu"])
-def test_combined_study_arms_differ_from_full_by_exactly_their_component(experiment):
-    """full vs minus_<c>: only component c's subtree differs; baseline differs in every component; the rest of the
-    config (model, data, trainer budget) is the same for all 7 arms."""
-    from omegaconf import OmegaConf
+@pytest.mark.parametrize("experiment", CONFIRMS)
+def test_confirm_sweeps_rerun_the_tuned_arms_on_fresh_seeds(experiment):
+    """X_confirm: no LR axis (the confirm command supplies each arm's), seeds disjoint from X_tune's (recorded in
+    report.tuning_seeds), the tune stage's arms, and the tune stage's size, data and budget; `make tune` names it."""
+    from kimi_lab.stats.tune_command import _confirm_experiment
 
-    params = _sweep_params(experiment)
-    assert params.pop("seed") == ["1", "2", "3"]
-    arms = params.pop("ablation")
-    assert not params and arms[0] == "full"  # the report's default baseline arm is the full combination
-    assert sorted(arms) == sorted(["full", "baseline", *(f"minus_{c}" for c in COMPONENTS)])
-    configs = {}
-    for arm in arms:
-        cfg = compose_config([f"experiment={experiment}", f"ablation={arm}"], output_dir=Path("/out"), model=None)
-        validate_config(cfg)
-        configs[arm] = OmegaConf.to_container(cfg, resolve=True)
-    full = configs["full"]
-    assert (full["attention"]["name"], full["norm"]["name"], full["moe"]["topk_method"], full["optimizer"]["name"],
-            full["rope"]["theta"]) == ("mla", "rmsnorm", "noaux_tc", "muon", 50000.0)
-    for arm, cfg in configs.items():
-        changed = {key for key in cfg if cfg[key] != full[key]}
-        expected = set(COMPONENTS) if arm == "baseline" else set(COMPONENTS.get(arm.removeprefix("minus_"), []))
-        assert changed == expected, (arm, changed)
-    assert configs["full"]["model"]["name"] == ("small" if experiment.endswith("_cpu") else "base")
-    # MLA at the MHA arms' head dim (nope = v = d_model / n_heads, rope half of it), not mla.yaml's small sizes
-    head_dim = full["model"]["d_model"] // full["attention"]["n_heads"]
-    mla = full["attention"]
-    assert (mla["qk_nope_head_dim"], mla["v_head_dim"], mla["qk_rope_head_dim"]) == (head_dim, head_dim, head_dim // 2)
-    # minus_moe swaps the gate only: same shared expert, experts and widths as full
-    assert configs["minus_moe"]["moe"]["n_shared_experts"] == full["moe"]["n_shared_experts"] == 1
-    assert configs["baseline"]["moe"]["n_shared_experts"] == 0  # the pre-study default
+    tune = paired(experiment, "_tune")
+    confirm_params, tune_params = sweep_params(experiment), sweep_params(tune)
+    assert LR_KEY not in confirm_params
+    tuning_seeds = [int(s) for s in tune_params.pop("seed")]
+    seeds = [int(s) for s in confirm_params.pop("seed")]
+    assert not set(seeds) & set(tuning_seeds) and len(seeds) >= 6
+    tune_params.pop(LR_KEY)
+    assert {k: v for k, v in confirm_params.items() if k in tune_params} == tune_params  # the same arms
+    arm = [f"{k}={v[0]}" for k, v in tune_params.items()]
+    confirm_cfg, tune_cfg = study_cfg(experiment, *arm), study_cfg(tune, *arm)
+    assert list(confirm_cfg.report.tuning_seeds) == tuning_seeds
+    for key in ("model", "data", "trainer", "hardware", "moe", "attention"):
+        assert confirm_cfg[key] == tune_cfg[key], key
+    assert _confirm_experiment(f"experiment={tune}") == f"experiment={experiment}"
 
 
-def test_minus_moe_arm_has_the_active_parameters_of_full():
-    """Leave-one-out of the gate at equal compute: minus_moe and full build models of equal total and active size."""
+@pytest.mark.parametrize("experiment", [e for e in STUDIES if not is_cpu(e)])
+def test_gpu_studies_train_about_20_tokens_per_active_parameter_on_a_large_corpus(experiment):
+    """2^29-ish tokens per job on data=hf (FineWeb-Edu), 18-22 tokens per active parameter of the study's first arm;
+    the rope extension stages train 0 or a few % of the pretraining tokens instead."""
     from kimi_lab.model import build_model, parameter_counts
 
-    counts = {}
-    for arm in ("full", "minus_moe"):
-        cfg = compose_config(["experiment=combined_cpu", f"ablation={arm}"], output_dir=Path("/out"), model=None)
-        counts[arm] = parameter_counts(build_model(cfg))
-    assert counts["minus_moe"] == counts["full"]
+    params = sweep_params(experiment)
+    cfg = study_cfg(experiment, *(f"{k}={v[0]}" for k, v in params.items() if k != "seed"))
+    assert getattr(cfg.data.name, "value", cfg.data.name) == "hf" and cfg.data.hf.path == "HuggingFaceFW/fineweb-edu"
+    if cfg.init_from is not None:  # rope stages 2 and 3: evaluate, or fine-tune briefly, a pretrained checkpoint
+        pretrain = study_cfg("rope_pretrain")
+        fraction = cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len / pretrain.trainer.max_tokens
+        assert cfg.trainer.max_steps == 0 or 0.01 <= fraction <= 0.06
+        return
+    active = parameter_counts(build_model(cfg))["params_active"]
+    assert 18 <= cfg.trainer.max_tokens / active <= 22, cfg.trainer.max_tokens / active
+
+
+@pytest.mark.parametrize("experiment", [e for e in STUDIES if is_cpu(e)])
+def test_cpu_studies_use_the_measured_cpu_design_and_fit_90_minutes(experiment):
+    """The CPU optimizer study's size (tiny, 300 steps of 16 x 64 tokens) for every CPU study that trains from
+    scratch; a tune + confirm pair (or a single study) runs within 90 minutes on 2 cores."""
+    design = study_cfg("optimizer_cpu_tune")
+    cfg = study_cfg(experiment)
+    if cfg.init_from is None:
+        assert cfg.trainer.max_steps == design.trainer.max_steps
+        assert cfg.data.batch_size * cfg.data.seq_len == design.data.batch_size * design.data.seq_len
+    stage = experiment.rpartition("_")[2]
+    pair = [paired(experiment, "_tune"), paired(experiment, "_confirm")] if stage in ("tune", "confirm") else [
+        experiment]
+    assert sum(n_jobs(sweep_params(e)) for e in pair) * CPU_SECONDS_PER_JOB <= 90 * 60
+
+
+def test_aa_calibration_runs_one_configuration_on_twelve_or_more_seeds():
+    params = sweep_params("aa_cpu")
+    assert list(params) == ["seed"] and len(params["seed"]) >= 12
+    cfg, design = study_cfg("aa_cpu"), study_cfg("optimizer_cpu_tune", "optimizer=adamw")
+    assert getattr(cfg.optimizer.name, "value", None) == "adamw"
+    for key in ("model", "data", "trainer", "optimizer"):
+        assert cfg[key] == design[key], key
+    assert len(params["seed"]) * CPU_SECONDS_PER_JOB <= 20 * 60

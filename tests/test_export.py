@@ -221,7 +221,7 @@ def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
                           "trainer.checkpoint_every_n_steps=2", "data.eval_lengths=[]", "logger.tensorboard=false"],
                          output_dir=run))
     out = tmp_path / "hf"
-    assert export_cli([str(run), str(out)]) == 0
+    assert export_cli([str(run), str(out), "--ckpt", "best"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     ids = torch.tensor([tokenizer.encode("The State of the Union is strong.", add_special_tokens=False)])

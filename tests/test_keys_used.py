@@ -2,7 +2,8 @@
 
 The classic ablation bug is a key that nothing reads, so two "different" arms are the same run. Keys are
 discovered from the composed config, so keys added later are covered automatically; a key of a type without a
-generic perturbation (str, list, dict) fails until it gets an entry in PERTURBATIONS or SKIP.
+generic perturbation (str, list, dict) fails until it gets an entry in PERTURBATIONS or SKIP. report.* keys, which
+change no run, are covered in tests/test_report_keys.py.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ SKIP = {
 
 # rope.scaling.type=default (plain RoPE) reads no scaling key (default -> linear at factor 1 is the identity too)
 ROPE_DEFAULT_INERT = {f"rope.scaling.{k}": "plain RoPE; covered by the rope_* bases" for k in (
-    "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")}
+    "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+    "dynamic_factor")}
 # null for adam/adamw (validate_config rejects them there); covered by the muon base
 MUON_ONLY = {f"optimizer.{k}": "muon only" for k in ("momentum", "adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")}
 ROPE_NO_RAMP = {f"rope.scaling.{k}": "read by yarn only; covered by the rope_yarn base"
@@ -104,7 +106,8 @@ INERT = {
     # muon -> adam would need momentum null too; optimizer.name is covered in the moe base
     "muon": {"optimizer.name": "muon -> adam is not a valid single-key change (momentum must become null)"},
     "rope_linear": {**ROPE_NO_RAMP, "rope.scaling.original_max_position_embeddings": "linear reads only factor"},
-    "rope_dynamic": ROPE_NO_RAMP,
+    "rope_dynamic": {**ROPE_NO_RAMP, "rope.scaling.dynamic_factor": "dynamic NTK follows the length anyway "
+                                                                    "(dynamic_factor applies to linear and yarn)"},
     "rope_yarn": {},
     "mla": {"attention.name": "mla -> an MHA option is not a single-key change (attention.kernel must become "
                               "null); covered by the moe base",
@@ -257,9 +260,10 @@ def test_cases_cover_the_known_keys():
     for key in ["moe.topk_method", "moe.scoring_func", "moe.n_group", "moe.topk_group", "moe.bias_update_speed",
                 "moe.aux_loss_alpha", "moe.routed_scaling_factor", "moe.n_shared_experts", "moe.norm_topk_prob"]:
         assert f"deepseek_v3:{key}" in ids, key
-    for base, keys in (("rope_linear", ["type", "factor"]), ("rope_dynamic", ["type", "factor",
+    for base, keys in (("rope_linear", ["type", "factor", "dynamic_factor"]), ("rope_dynamic", ["type", "factor",
                        "original_max_position_embeddings"]), ("rope_yarn", ["type", "factor", "beta_fast",
-                       "beta_slow", "original_max_position_embeddings", "mscale", "mscale_all_dim"])):
+                       "beta_slow", "original_max_position_embeddings", "mscale", "mscale_all_dim",
+                       "dynamic_factor"])):
         assert all(f"{base}:rope.scaling.{k}" in ids for k in keys), base
     # label strings are never perturbed
     never = ("model.name", "rope.name")
@@ -362,3 +366,4 @@ def _close(a: dict, b: dict) -> bool:
         return False
     return all(math.isclose(a[t][k], b[t][k], rel_tol=1e-6) if isinstance(a[t][k], float) else a[t][k] == b[t][k]
                for t in a for k in a[t])
+

@@ -36,6 +36,10 @@ def test_results_hold_val_loss_at_each_length(tmp_path):
         assert len(set(losses.values())) == 4  # context length changes the loss
         by_rope[rope] = losses
         assert results["rope_scaling"] == rope and results["rope_attention_scaling"] == 1.0
+        # the factor each length ran at: plain within the training length; dynamic NTK's (HF factor 2) past it
+        past = 1.0 if rope == "default" else 2.0
+        assert results["rope_factor_at_len"] == {"16": 1.0, "32": 1.0, "64": past, "128": past}
+        assert set(results["rope_attention_scaling_at_len"].values()) == {1.0}
     # dynamic NTK is plain RoPE up to the training length (same training run), and differs beyond it
     plain, dynamic = by_rope["default"], by_rope["dynamic"]
     assert plain["16"] == dynamic["16"] and plain["32"] == dynamic["32"]

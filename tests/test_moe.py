@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.model import build_model
@@ -211,46 +210,6 @@ def test_bench_moe_mask_loop_reference_matches_the_layer_forward_and_grads():
     assert got_aux > 0
     for (name, _), g, w in zip([("x", None), *moe.named_parameters()], grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
-
-
-ROUTING_GRIDS = [  # (experiment, axes added on the command line as its comments document, jobs)
-    ("moe_routing", {}, 324),
-    ("moe_routing_cpu", {}, 9),
-    ("moe_routing_cpu", {"moe.n_routed_experts": ["4", "8", "16", "32"]}, 36),
-    ("moe_routing_cpu", {"moe.num_experts_per_tok": ["1", "2", "4"]}, 27),
-    ("moe_routing_cpu", {"moe.routed_scaling_factor": ["0.1", "0.5", "1.0"]}, 27),
-]
-
-
-@pytest.mark.parametrize(("experiment", "cli_axes", "n_jobs"), ROUTING_GRIDS)
-def test_routing_study_grid_is_valid(experiment, cli_axes, n_jobs):
-    """Every job of the study's sweep (hydra.sweeper.params, plus the documented command-line axes) composes and
-    validates."""
-    import itertools
-
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tests.helpers import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        params = compose(config_name="config", overrides=[f"experiment={experiment}"],
-                         return_hydra_config=True).hydra.sweeper.params
-    axes = {key: str(values).split(",") for key, values in params.items()} | cli_axes
-    assert set(axes["moe.topk_method"]) == {"noaux_tc", "aux_tc", "greedy"} and axes["seed"] == ["1", "2", "3"]
-    if experiment == "moe_routing":
-        assert axes["moe.n_routed_experts"] == ["4", "8", "16", "32"]
-        assert axes["moe.num_experts_per_tok"] == ["1", "2", "4"]
-    jobs = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-    assert len(jobs) == n_jobs
-    base = compose_config([f"experiment={experiment}"], model=None)
-    for job in jobs:
-        cfg = base.copy()
-        for key, value in job.items():
-            OmegaConf.update(cfg, key, value if key == "moe.topk_method" else float(value) if "." in value
-                             else int(value))
-        validate_config(cfg)
 
 
 def test_resume_restores_the_bias_and_its_curve(tmp_path):

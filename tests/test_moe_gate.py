@@ -275,7 +275,7 @@ def test_bias_updates_once_per_optimizer_step_end_to_end(tmp_path, monkeypatch):
         assert all(0 < s <= 2e-3 + 1e-9 for s in steps)  # each step moved the bias by at most 2 gamma
     assert results["moe_tokens_dropped"] == [0.0, 0.0]
     assert results["expert_bias"] == [json.loads(rows[-1]["moe0_bias"]), json.loads(rows[-1]["moe1_bias"])]
-    assert len(results["moe_aux_loss"]) == 2 and len(results["moe_maxvio_batch_mean_per_layer"]) == 2
+    assert len(results["moe_aux_loss"]) == 2 and len(results["moe_maxvio_batch_late_per_layer"]) == 2
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     torch.testing.assert_close(ckpt["state_dict"]["model.layers.0.mlp.gate.e_score_correction_bias"],
                                torch.tensor(results["expert_bias"][0]), rtol=0, atol=1e-8)
@@ -344,7 +344,7 @@ def test_the_load_monitor_checkpoints_the_final_bias():
     from kimi_lab.training.callbacks import ExpertLoadMonitor
 
     monitor = ExpertLoadMonitor()
-    monitor.run_counts, monitor.layer_maxvio_sums = [torch.tensor([3.0, 5.0])], [0.25]
+    monitor.run_counts, monitor.late_maxvio_sums = [torch.tensor([3.0, 5.0])], [0.25]
     monitor.aux_loss_sums, monitor.tokens_dropped, monitor.n_steps = [1e-4], [0.0], 1
     monitor.last_bias = [[0.001, -0.001]]
     resumed = ExpertLoadMonitor()

@@ -49,7 +49,8 @@ def test_norm_timing_and_bench_main(capsys):
     assert all(n.weight.grad is None for n in norms)  # timing leaves no gradients behind
     assert bench_norm.main(["model=tiny", "norm=layernorm", "data.batch_size=2", "model.vocab_size=1024"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 1
+    # a ratio of two separately timed quantities: positive, but above 1 is possible on a loaded machine
+    assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 10
 
 
 @pytest.mark.parametrize("overrides", [

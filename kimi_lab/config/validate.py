@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 from omegaconf import DictConfig, ListConfig
 
 from kimi_lab.config.schema import PRECISIONS, EvalTask
+from kimi_lab.config.unknown_keys import check_unknown_keys
 
 MOMENTUM_OPTIMIZERS: tuple[str, ...] = ("muon",)  # optimizers that read optimizer.momentum
 MUON_KEYS = ("adamw_lr", "nesterov", "ns_steps", "adjust_lr_fn")  # read by muon only: null for the others
@@ -25,6 +29,7 @@ def _in_unit_interval(value, closed_right: bool = False) -> bool:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError on the first impossible setting."""
+    check_unknown_keys(cfg)  # first: a typo'd +key would otherwise pass with the defaults
     _check_model(cfg)
     _check_attention(cfg)
     _check_moe(cfg)
@@ -35,6 +40,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check_rope_scaling(cfg.rope.scaling)
     _check(cfg.hardware.precision in PRECISIONS, "hardware.precision", cfg.hardware.precision, ", ".join(PRECISIONS))
     _check_eval(cfg.eval)
+    _check_report(cfg.report)
     chunk = cfg.hardware.loss_chunk_tokens
     _check(chunk is None or chunk > 0, "hardware.loss_chunk_tokens", chunk, "> 0 or null (full logits)")
     threads = cfg.hardware.num_threads
@@ -191,13 +197,15 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
     for key in ("val_tokens", "test_tokens"):
         _check(data[key] >= data.seq_len, f"data.{key}", data[key], f">= data.seq_len={data.seq_len}")
     _check(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
+    _check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", data.num_proc, ">= 1 or null (all cores)")
     lengths = [float(m) * data.seq_len for m in data.eval_lengths]
     _check(all(n >= 2 and n.is_integer() for n in lengths), "data.eval_lengths", list(data.eval_lengths),
            f"multiples of data.seq_len={data.seq_len} giving whole lengths >= 2")
     if lengths:
         _check(data.val_tokens >= max(lengths), "data.val_tokens", data.val_tokens,
                f">= the longest eval length {int(max(lengths))} (data.eval_lengths x data.seq_len)")
-    _check(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, ">= 1")
+    _check(trainer.max_steps >= 1 or (trainer.max_steps == 0 and cfg.init_from is not None), "trainer.max_steps",
+           trainer.max_steps, ">= 1, or 0 with init_from set (evaluate those weights without training)")
     if trainer.max_tokens is not None:
         _check(trainer.max_tokens > 0, "trainer.max_tokens", trainer.max_tokens, "> 0 or null")
     _check(trainer.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches",
@@ -218,3 +226,41 @@ def _check_eval(ev: DictConfig) -> None:
     _check(len(set(tasks)) == len(tasks), "eval.tasks", tasks, "each task at most once")
     _check(ev.limit is None or ev.limit >= 1, "eval.limit", ev.limit, "null (every item) or >= 1")
     _check(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")
+
+
+LENGTH_METRIC = re.compile(r"val_loss@[1-9][0-9]*")  # results.json val_loss_at_len[L], one report metric per length
+
+
+def report_metric_names() -> tuple[list[str], list[str]]:
+    """(the metrics the report tests, the metrics a declared target may name), looked up when called, so metrics
+    added to the report are known here (kimi_lab.stats.metrics imports no torch)."""
+    from kimi_lab.stats.metrics import CURVE_TARGETS, METRICS_BY_NAME
+
+    return list(METRICS_BY_NAME), list(CURVE_TARGETS)
+
+
+def _is_report_metric(name, known: list[str]) -> bool:
+    return isinstance(name, str) and (name in known or LENGTH_METRIC.fullmatch(name) is not None)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_report(report: DictConfig) -> None:
+    """report.*: what the study declares to the report, checked before training (a sweep never ends unreportable)."""
+    tested, targets = report_metric_names()
+    allowed = f"one of {', '.join(tested)}, or val_loss@<length> (results.json val_loss_at_len)"
+    _check(_is_report_metric(report.primary_metric, tested), "report.primary_metric", report.primary_metric, allowed)
+    for metric, value in report.sesoi.items():
+        _check(_is_report_metric(metric, tested), f"report.sesoi.{metric}", value, f"a key that is {allowed}")
+        _check(_finite(value) and value > 0, f"report.sesoi.{metric}", value, "a finite value > 0 (metric units)")
+    for metric, value in report.target.items():
+        _check(metric in targets, f"report.target.{metric}", value,
+               f"a key that is one of {', '.join(targets)} (a metric with a validation curve in metrics.csv)")
+        _check(_finite(value), f"report.target.{metric}", value, "a finite value (metric units)")
+    _check(_finite(report.mde_goal) and report.mde_goal > 0, "report.mde_goal", report.mde_goal,
+           "a finite value > 0 (primary-metric units)")
+    seeds = list(report.tuning_seeds)
+    _check(all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds), "report.tuning_seeds",
+           seeds, "a list of seeds (integers >= 0)")

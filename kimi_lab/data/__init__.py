@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["LMDataModule", "get_tokenizer", "build_or_load_cache", "unigram_baseline_loss"]
+__all__ = ["LMDataModule", "get_tokenizer", "tokenizer_for", "build_or_load_cache", "open_cache",
+           "unigram_baseline_loss"]
 
 _LOCATIONS = {  # imported lazily so `python -m kimi_lab.data.prepare` does not load lightning
     "LMDataModule": "kimi_lab.data.datamodule",
     "get_tokenizer": "kimi_lab.data.tokenizer",
+    "tokenizer_for": "kimi_lab.data.tokenizer",
     "build_or_load_cache": "kimi_lab.data.cache",
+    "open_cache": "kimi_lab.data.cache",
     "unigram_baseline_loss": "kimi_lab.data.baseline",
 }
 

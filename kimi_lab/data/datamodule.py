@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import baseline
-from kimi_lab.data.cache import TokenCache, build_or_load_cache
-from kimi_lab.data.tokenizer import Tokenizer, get_tokenizer
+from kimi_lab.data.cache import TokenCache, open_cache
+from kimi_lab.data.tokenizer import Tokenizer, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,9 @@ class EvalWindows(Dataset):
         return _window(self.tokens, int(self.starts[i]), self.seq_len)
 
     def targets(self) -> np.ndarray:
-        """All scored targets, window by window in order: (n_windows * seq_len,) uint16."""
+        """All scored targets, window by window in order: (n_windows * seq_len,) in the cache's dtype."""
         positions = self.starts[:, None] + np.arange(1, self.seq_len + 1)  # (n_windows, seq_len)
-        return np.asarray(self.tokens)[positions.ravel()]
+        return self.tokens[positions.ravel()]  # gathers only these positions (memmap / ShardedTokens)
 
 
 class ResumableShardSampler(Sampler[int]):
@@ -163,7 +163,7 @@ class LMDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return get_tokenizer(self.cfg.tokenizer)
+        return tokenizer_for(self.cfg)
 
     @property
     def vocab_size(self) -> int:
@@ -185,11 +185,11 @@ class LMDataModule(L.LightningDataModule):
     # ------------------------------------------------------------ lifecycle
 
     def prepare_data(self) -> None:
-        build_or_load_cache(self.cfg, self.cache_dir)
+        open_cache(self.cfg, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self._cache is None:
-            cache = build_or_load_cache(self.cfg, self.cache_dir)
+            cache = open_cache(self.cfg, self.cache_dir)
             self.train_set = TrainWindows(cache.train, self.seq_len, self.seed, self.num_train_samples)
             if len(cache.val):
                 self.val_set = EvalWindows(cache.val, self.seq_len, int(self.cfg.val_tokens), "val")
@@ -252,8 +252,9 @@ class LMDataModule(L.LightningDataModule):
         return self._eval_set("test").targets()
 
     def unigram_baseline_loss(self) -> float:
-        """Add-one unigram loss (nats) of the val targets: the floor a model must beat."""
-        return baseline.unigram_baseline_loss(self._require_setup().train, self.val_targets(), self.vocab_size)
+        """Add-one unigram loss (nats) of the val targets under the train split's counts (stored by the build: no
+        pass over the train tokens): the floor a model must beat."""
+        return baseline.unigram_loss_from_counts(self._require_setup().unigram_counts("train"), self.val_targets())
 
     # ------------------------------------------------------------ checkpointing
 

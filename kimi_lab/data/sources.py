@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kimi_lab.config.validate import ConfigError
-from kimi_lab.data import corpus
+from kimi_lab.data import corpus, splits
 from kimi_lab.data.documents import Document
 
-__all__ = ["Document", "enum_value", "source_fingerprint", "load_documents", "text_files"]
+__all__ = ["Document", "enum_value", "source_fingerprint", "stream_documents", "text_files", "local_source_bytes"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 DEDUPE = "whitespace-normalised text"  # how build_cache drops repeated documents (part of the cache key)
+DEFAULT_CORPUS_BYTES = 21_800_000  # SOTU + Brown + Shakespeare cleaned text (docs/data.md)
 
 
 def enum_value(x: Any) -> Any:
@@ -54,18 +56,38 @@ def text_files(paths: list[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def text_documents(paths: list[str], doc_separator: str | None) -> list[Document]:
-    """One document per file, or per `doc_separator`-delimited piece; empty pieces are dropped."""
-    docs = []
+BLOCK_CHARS = 1 << 22  # characters read at a time when a file is split on data.doc_separator
+
+
+def _pieces(path: Path, separator: str):
+    """The `separator`-delimited pieces of a file (CRLF read as LF), read a block at a time."""
+    carry = ""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        while block := f.read(BLOCK_CHARS):
+            while block.endswith("\r") and (more := f.read(1)):  # keep a CRLF pair within one block
+                block += more
+            parts = (carry + block.replace("\r\n", "\n")).split(separator)
+            carry = parts.pop()
+            yield from parts
+    yield carry
+
+
+def iter_text_documents(paths: list[str], doc_separator: str | None) -> Iterator[Document]:
+    """One document per file, or per `doc_separator`-delimited piece (streamed: memory is one block, not the
+    file); piece k of a file is document ``<file>#<k>``; empty pieces are skipped."""
+    n_docs = 0
     for doc_id, path in text_files(paths):
-        text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
-        pieces = text.split(doc_separator) if doc_separator else [text]
-        for k, piece in enumerate(pieces):
+        if not doc_separator:
+            text = path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+            pieces = enumerate([text])
+        else:
+            pieces = enumerate(_pieces(path, doc_separator))
+        for k, piece in pieces:
             if piece.strip():
-                docs.append(Document("text", f"{doc_id}#{k}" if doc_separator else doc_id, piece))
-    if not docs:
+                n_docs += 1
+                yield Document("text", f"{doc_id}#{k}" if doc_separator else doc_id, piece)
+    if not n_docs:
         raise ConfigError(f"data.paths {list(paths)}: all files are empty")
-    return docs
 
 
 # ---------------------------------------------------------------- hf
@@ -79,19 +101,23 @@ def _hf_kwargs(hf: Any) -> dict:
     return kwargs
 
 
-def hf_documents(hf: Any) -> list[Document]:
-    """One document per row of `datasets.load_dataset(...)`, text from `data.hf.text_field`."""
+def iter_hf_documents(hf: Any) -> Iterator[Document]:
+    """One document per row of ``datasets.load_dataset(..., streaming=True)`` (rows are read as they are
+    tokenized: no Arrow copy of the corpus), text from `data.hf.text_field`; empty rows are skipped."""
     import datasets
 
     kwargs = _hf_kwargs(hf)
-    dataset = datasets.load_dataset(**kwargs)
-    if hf.text_field not in dataset.column_names:
-        raise KeyError(f"data.hf.text_field={hf.text_field!r} is not a column of {kwargs['path']!r}; "
-                       f"available columns: {dataset.column_names}")
-    docs = [Document("hf", str(i), t) for i, t in enumerate(dataset[hf.text_field]) if t and t.strip()]
-    if not docs:
+    n_docs = 0
+    for i, row in enumerate(datasets.load_dataset(**kwargs, streaming=True)):
+        if i == 0 and hf.text_field not in row:
+            raise KeyError(f"data.hf.text_field={hf.text_field!r} is not a column of {kwargs['path']!r}; "
+                           f"available columns: {list(row)}")
+        text = row[hf.text_field]
+        if text and text.strip():
+            n_docs += 1
+            yield Document("hf", str(i), text)
+    if not n_docs:
         raise ValueError(f"data.hf: dataset {kwargs['path']!r} has no non-empty {hf.text_field!r} rows")
-    return docs
 
 
 def _local_files(item: Any) -> list[str]:
@@ -146,16 +172,51 @@ def source_fingerprint(data_cfg: Any) -> dict:
     raise ValueError(f"Unknown data.name {name!r}; expected one of default, text, hf")
 
 
-def load_documents(data_cfg: Any, cache_dir: Path) -> tuple[list[Document], dict]:
-    """(documents, per-source provenance) for the configured source."""
+def stream_documents(data_cfg: Any, cache_dir: Path) -> tuple[Iterator[tuple[Document, int]], dict]:
+    """((document, preset split code) stream, per-source provenance) for the configured source. The code is
+    splits.HASH_RULE for streamed sources; the default corpus (all of it known up front) carries its stratified
+    split (splits.preset_stream)."""
     name = enum_value(data_cfg.name)
     if name == "default":
-        return corpus.default_documents(Path(cache_dir))
+        docs, info = corpus.default_documents(Path(cache_dir))
+        stream = splits.preset_stream(docs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
+                                      float(data_cfg.test_fraction))
+        return iter(stream), info
     if name == "text":
-        docs = text_documents(list(data_cfg.paths), data_cfg.doc_separator)
-        return docs, {"text": {"paths": list(data_cfg.paths), "n_docs": len(docs)}}
+        docs = iter_text_documents(list(data_cfg.paths), data_cfg.doc_separator)
+        info = {"text": {"paths": list(data_cfg.paths)}}
+        if data_cfg.doc_separator:
+            return ((d, splits.HASH_RULE) for d in docs), info
+        codes = _file_split_codes(data_cfg)
+        return ((d, codes[(d.source, d.doc_id)]) for d in docs), info
     if name == "hf":
-        docs = hf_documents(data_cfg.hf)
-        return docs, {"hf": {**_hf_kwargs(data_cfg.hf), "text_field": data_cfg.hf.text_field,
-                             "n_docs": len(docs)}}
+        docs = iter_hf_documents(data_cfg.hf)
+        info = {"hf": {**_hf_kwargs(data_cfg.hf), "text_field": data_cfg.hf.text_field, "streaming": True}}
+        return ((d, splits.HASH_RULE) for d in docs), info
     raise ValueError(f"Unknown data.name {name!r}; expected one of default, text, hf")
+
+
+def _file_split_codes(data_cfg: Any) -> dict[tuple[str, str], int]:
+    """One document per file: the ids are the file names, known before any text is read, so the split is the exact
+    stratified one (`splits.split_documents`); empty (0-byte) files hold no document."""
+    stubs = [Document("text", doc_id, "") for doc_id, path in text_files(list(data_cfg.paths)) if path.stat().st_size]
+    return splits.preset_codes(stubs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
+                               float(data_cfg.test_fraction))
+
+
+def local_source_bytes(data_cfg: Any) -> int | None:
+    """Bytes of the local files the source reads (the default corpus: its archives' text, about 22 MB); None for a
+    hub dataset (size unknown until streamed)."""
+    name = enum_value(data_cfg.name)
+    if name == "default":
+        return DEFAULT_CORPUS_BYTES
+    if name == "text":
+        return sum(p.stat().st_size for _, p in text_files(list(data_cfg.paths)))
+    kwargs = _hf_kwargs(data_cfg.hf)
+    stats = _local_stats(kwargs["data_files"]) or _local_stats(kwargs["path"])
+    return _total_size(stats) if stats else None
+
+
+def _total_size(stats: list) -> int:
+    """Sum of the sizes in `_local_stats` output (nested per data_files key)."""
+    return sum(_total_size(s) if s and isinstance(s[0], list) else s[1] for s in stats)

@@ -1,11 +1,12 @@
 """Score an existing run folder's checkpoint on the downstream tasks.
 
-    python -m kimi_lab.evaluation RUN_DIR [--tasks piqa lambada] [--limit N] [--checkpoint last|best|FILE]
+    python -m kimi_lab.evaluation RUN_DIR [--tasks piqa lambada] [--limit N] [--ckpt last|best|PATH]
                                           [--batch-size 32] [--device cpu] [--data-dir DIR] [--write]
 
 The model is rebuilt from ``RUN_DIR/config_resolved.yaml`` (same tokenizer, same ``data.seq_len`` context) and the
-checkpoint's weights (``last``: the final weights, as ``eval=downstream`` scores them; ``best``: the lowest-val-loss
-checkpoint). Prints ``{"checkpoint": ..., "downstream": {task: metrics}}`` as JSON; ``--write`` also stores it in
+checkpoint's weights (``last``, the default: the final weights, as ``eval=downstream`` scores them; ``best``: the
+lowest-val-loss checkpoint). ``--ckpt`` is named and defaulted as in ``python -m kimi_lab.export``; ``--checkpoint``
+is the same flag. Prints ``{"checkpoint": ..., "downstream": {task: metrics}}`` as JSON; ``--write`` also stores it in
 ``RUN_DIR/results.json`` under ``downstream`` (so ``make report`` compares it).
 """
 
@@ -18,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from kimi_lab.cli import add_ckpt_argument, run_folder_error
 from kimi_lab.config.schema import EvalTask
 
 
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=tasks, choices=tasks, metavar="TASK",
                         help=f"tasks to score (default: all of {', '.join(tasks)})")
     parser.add_argument("--limit", type=int, default=None, help="score N items per task, spread over it")
-    parser.add_argument("--checkpoint", default="last", help="last (default), best, or a .ckpt file")
+    add_ckpt_argument(parser, "--checkpoint")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--data-dir", default=None,
@@ -60,16 +62,33 @@ def load_run(run_dir: Path, checkpoint: Path):
     return cfg, model
 
 
+def _checkpoint(run_dir: Path, which: str) -> Path:
+    """``which`` of the run folder; ``best`` is ``last`` in a run that never validated (as the export reads it)."""
+    from kimi_lab.training.init_weights import NoBestCheckpoint, find_checkpoint
+
+    try:
+        return find_checkpoint(run_dir, which)
+    except NoBestCheckpoint:
+        return find_checkpoint(run_dir, "last")
+
+
 def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
     from kimi_lab.evaluation.runner import evaluate_model
-    from kimi_lab.training.init_weights import find_checkpoint
+    from kimi_lab.evaluation.tasks import source_root
     from kimi_lab.training.rundir import atomic_write_json
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    checkpoint = find_checkpoint(args.run_dir, args.checkpoint)
+    try:  # what is missing, in one line, before the model is built
+        problem = run_folder_error(args.run_dir)
+        if problem:
+            raise FileNotFoundError(problem)
+        source_root()  # the benchmark files' package
+        checkpoint = _checkpoint(args.run_dir, args.ckpt)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f"error: {error}") from None
     cfg, model = load_run(args.run_dir, checkpoint)
     model.to(args.device)
     data_dir = args.data_dir or os.environ.get("KIMI_LAB_DATA_DIR") or str(cfg.paths.data_dir)

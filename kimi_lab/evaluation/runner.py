@@ -72,13 +72,13 @@ def evaluate_model(model: torch.nn.Module, eval_cfg, data_cfg, data_dir: str | P
     context limit); ``forward_context`` is e.g. Lightning's precision context (autocast)."""
     from contextlib import nullcontext
 
-    from kimi_lab.data.tokenizer import get_tokenizer
+    from kimi_lab.data.tokenizer import tokenizer_for
 
     was_training = model.training
     model.eval()
     scorer = transformer_scorer(model, forward_context or nullcontext)
     try:
-        return evaluate(scorer, get_tokenizer(data_cfg.tokenizer), list(eval_cfg.tasks), data_dir=data_dir,
+        return evaluate(scorer, tokenizer_for(data_cfg), list(eval_cfg.tasks), data_dir=data_dir,
                         limit=eval_cfg.limit, max_len=int(data_cfg.seq_len), batch_size=int(eval_cfg.batch_size),
                         device=device)
     finally:

@@ -37,9 +37,9 @@ def require_transformers():
 
 def eos_id(cfg: DictConfig) -> int | None:
     """The tokenizer's <|endoftext|> id (the document separator), if the vocabulary holds it."""
-    from kimi_lab.data.tokenizer import get_tokenizer
+    from kimi_lab.data.tokenizer import tokenizer_for
 
-    eot = get_tokenizer(name_of(cfg.data.tokenizer)).eot_id
+    eot = tokenizer_for(cfg.data).eot_id
     return eot if eot < int(cfg.model.vocab_size) else None
 
 

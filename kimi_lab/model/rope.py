@@ -3,12 +3,16 @@
 Scaling types follow ``transformers.modeling_rope_utils`` (tested against it, never imported here):
 ``linear`` position interpolation (Chen et al. 2023), ``dynamic`` NTK-aware scaling (bloc97/emozilla, as in HF),
 ``yarn`` (Peng et al. 2023, arXiv:2309.00071, eq. 19-20 ramp + sec. 3.4 attention factor).
+``rope.scaling.dynamic_factor``: linear and yarn take factor s = max(1, T / original length) at each forward
+length T (YaRN sec. 3.3 "Dynamic Scaling"; Dynamic-PI / Dynamic-YaRN, their training-free use on a model
+pretrained with plain RoPE); dynamic NTK adapts its base to T by construction.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -79,9 +83,15 @@ def mla_scales_rope_tables(scaling_cfg) -> bool:
 
 def mla_softmax_mscale(scaling_cfg) -> float:
     """DeepSeek-V3 MLA under YaRN (inference/model.py; HF DeepseekV3Attention): softmax scale x mscale^2 with
-    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin: mla_scales_rope_tables."""
+    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin: mla_scales_rope_tables.
+    Set once at build time, so a per-length YaRN factor (``dynamic_factor``) is refused for MLA."""
     if scaling_cfg is None or _type(scaling_cfg) != "yarn":
         return 1.0
+    if dynamic_factor(scaling_cfg):
+        from kimi_lab.config.validate import ConfigError
+
+        raise ConfigError("Invalid config: rope.scaling.dynamic_factor=True; allowed: false with attention=mla and "
+                          "rope.scaling.type=yarn (MLA's softmax mscale is fixed at build time), or an MHA attention")
     return _yarn_mscale(float(scaling_cfg.factor), float(scaling_cfg.mscale_all_dim or 1.0))
 
 
@@ -98,6 +108,24 @@ def _type(scaling_cfg) -> str:
     return "default" if scaling_cfg is None else getattr(scaling_cfg.type, "value", scaling_cfg.type)
 
 
+DYNAMIC_FACTOR_TYPES = ("linear", "yarn")  # the scalings ``dynamic_factor`` applies to
+
+
+def dynamic_factor(scaling_cfg) -> bool:
+    """Whether the scaling's factor follows the forward length (``rope.scaling.dynamic_factor``, linear/yarn)."""
+    return _type(scaling_cfg) in DYNAMIC_FACTOR_TYPES and bool(getattr(scaling_cfg, "dynamic_factor", False))
+
+
+def scaling_at_length(scaling_cfg, seq_len: int, original_len: int):
+    """The scaling applied to a ``seq_len``-token forward: with ``dynamic_factor``, a copy whose factor is
+    max(1, seq_len / original_len) (YaRN sec. 3.3); otherwise ``scaling_cfg`` itself."""
+    if not dynamic_factor(scaling_cfg):
+        return scaling_cfg
+    keys = ("type", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+    return SimpleNamespace(**{k: getattr(scaling_cfg, k, None) for k in keys}, dynamic_factor=False,
+                           factor=max(1.0, seq_len / original_len), original_max_position_embeddings=original_len)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables, built for 0..max_seq_len-1 and extended on demand (then cached) for longer sequences.
 
@@ -105,7 +133,8 @@ class RotaryEmbedding(nn.Module):
     (the YaRN mscale; 1 otherwise), which is right for MHA where all of q and k are rotated. A caller that
     rotates only part of q/k (MLA) passes ``apply_attention_scaling=False`` and multiplies its softmax scale by
     ``attention_scaling ** 2`` instead. ``max_seq_len`` is the training length: the default
-    ``original_max_position_embeddings`` of dynamic NTK and YaRN.
+    ``original_max_position_embeddings`` of dynamic NTK and YaRN. Dynamic NTK and ``dynamic_factor`` scalings build
+    one table per forward length past the original length (``applied_factor`` / ``attention_scaling`` follow it).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, rope_cfg):
@@ -117,15 +146,26 @@ class RotaryEmbedding(nn.Module):
         self.scaling_type = _type(self.scaling)
         original = getattr(self.scaling, "original_max_position_embeddings", None) if self.scaling else None
         self.original_max_seq_len = int(original or max_seq_len)
-        self.attention_scaling = attention_factor(self.scaling)
-        self._table_key = -1  # seq_len the dynamic-NTK table was built for (-1: the static table)
+        self.attention_scaling = attention_factor(scaling_at_length(self.scaling, 0, self.original_max_seq_len))
+        self.per_length = self.scaling_type == "dynamic" or dynamic_factor(self.scaling)
+        self._table_key = -1  # seq_len the per-length table was built for (-1: the static table)
         cos, sin = self._tables(max_seq_len, self._inv_freq(0), torch.device("cpu"))  # dynamic: plain within L_orig
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def _inv_freq(self, seq_len: int) -> torch.Tensor:
-        return ROPE_INV_FREQ[self.scaling_type](self.head_dim, self.theta, self.scaling, seq_len=seq_len,
+        scaling = scaling_at_length(self.scaling, seq_len, self.original_max_seq_len)
+        return ROPE_INV_FREQ[self.scaling_type](self.head_dim, self.theta, scaling, seq_len=seq_len,
                                                 original_len=self.original_max_seq_len)
+
+    @property
+    def applied_factor(self) -> float:
+        """The scaling factor of the table in use: 1 for plain RoPE and for dynamic NTK within the original length,
+        max(1, T / original) with ``dynamic_factor``, else ``rope.scaling.factor``."""
+        if self.scaling_type == "default" or (self.scaling_type == "dynamic" and self._table_key < 0):
+            return 1.0
+        scaling = scaling_at_length(self.scaling, max(self._table_key, 0), self.original_max_seq_len)
+        return float(scaling.factor)
 
     @staticmethod
     def _tables(length: int, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,14 +174,16 @@ class RotaryEmbedding(nn.Module):
         return angles.cos().float().to(device), angles.sin().float().to(device)
 
     def forward(self, seq_len: int, apply_attention_scaling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scaling_type == "dynamic" and seq_len > self.original_max_seq_len:
-            key = seq_len  # NTK base depends on the current length: one table per length
+        if self.per_length and seq_len > self.original_max_seq_len:
+            key = seq_len  # NTK base / dynamic factor depend on the current length: one table per length
         else:
             key = -1
         if key != self._table_key or seq_len > self.cos.shape[0]:
             length = seq_len if key > 0 else max(seq_len, self.cos.shape[0])
             self.cos, self.sin = self._tables(length, self._inv_freq(max(key, 0)), self.cos.device)
             self._table_key = key
+            self.attention_scaling = attention_factor(scaling_at_length(self.scaling, max(key, 0),
+                                                                        self.original_max_seq_len))
         cos, sin = self.cos[:seq_len], self.sin[:seq_len]
         if apply_attention_scaling and self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling

@@ -1,9 +1,12 @@
-"""Each arm vs the baseline arm, for every metric: t-test, 95 % CI, effect sizes, corrected p, power, MDE.
+"""Each arm vs the baseline arm, for every tested metric: t-test, CI, effect sizes, family-corrected p, TOST,
+power and MDE (in d and in the metric's units), a verdict; then the families (``kimi_lab.stats.families``).
 
 Statistics come from scipy.stats (Welch 1947 / paired t-test and their confidence intervals) and statsmodels
-(``multipletests``; ``TTestPower`` for paired rows, ``TTestIndPower`` for Welch rows). Written here only what they
-lack: Cohen's d_s with the pooled SD, Hedges' exact small-sample correction J = Γ(ν/2) / (√(ν/2) Γ((ν-1)/2))
-(Hedges 1981, eq. 6e), and d_z = mean(a - b) / SD(a - b) of the paired differences (Cohen 1988, §2.3.5).
+(``multipletests``; ``TTestPower`` for paired rows, ``TTestIndPower`` for Welch rows; ``ttost_paired`` /
+``ttost_ind(usevar="unequal")`` for equivalence). Written here only what they lack: Cohen's d_s with the pooled SD,
+Hedges' exact small-sample correction J = Γ(ν/2) / (√(ν/2) Γ((ν-1)/2)) (Hedges 1981, eq. 6e), d_z = mean(a - b) /
+SD(a - b) of the paired differences (Cohen 1988, §2.3.5), and the standard error of the difference (scipy's test
+result does not expose it): SD(a - b) / √n paired, √(s_a²/n_a + s_b²/n_b) Welch.
 """
 
 from __future__ import annotations
@@ -12,25 +15,29 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 from scipy import special, stats
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.power import TTestIndPower, TTestPower
+from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
 from kimi_lab.stats.collect import Sweep, as_number, parse_overrides
-from kimi_lab.stats.metrics import METRICS, default_target_loss, job_metrics, missing_reason
+from kimi_lab.stats.descriptive import (COMPUTE_COLUMNS, compute_by_arm, compute_warnings, epoch_warning,
+                                        timing_rows)
+from kimi_lab.stats.families import (CORRECTIONS, FAMILY_DEFAULTS, add_corrected_p, adjust_pvalues,  # noqa: F401
+                                     apply_families)
+from kimi_lab.stats.metrics import (DESCRIPTIVE_METRICS, TIMING, Metric, job_metrics, missing_reason,
+                                    sweep_metrics)
+from kimi_lab.stats.power import ALPHA, TARGET_POWER, mde_d, n_for_power, power_at  # noqa: F401
+from kimi_lab.stats.settings import Settings, resolve_settings
 
-ALPHA = 0.05
-TARGET_POWER = 0.8
 FLAT_RTOL = 1e-9  # "no variance": spread <= FLAT_RTOL x max(|value|, 1), i.e. floating-point noise only
-CORRECTIONS = {"p_bonferroni": "bonferroni", "p_holm": "holm", "p_fdr_bh": "fdr_bh"}  # column -> method
 COLUMNS = [
-    "metric", "arm", "baseline", "test", "n_a", "n_b", "mean_a", "mean_b", "sd_a", "sd_b", "diff", "ci_low",
-    "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "d_z", *CORRECTIONS, "power", "mde_d", "n_for_80pct_power",
-    "seeds_a", "seeds_b", "note", "warning",
+    "metric", "arm", "baseline", "family", "verdict", "test", "n_a", "n_b", "mean_a", "mean_b", "sd_a", "sd_b",
+    "sd_diff", "sd_pooled", "diff", "se", "ci_low", "ci_high", "ci_low_simultaneous", "ci_high_simultaneous", "t",
+    "df", "p", *CORRECTIONS, "p_family", "sesoi", "p_tost", "p_tost_family", "cohens_d", "hedges_g", "d_z", "power",
+    "mde_d", "mde", "mde_alpha", "n_for_80pct_power", "seeds_a", "seeds_b", "note", "warning",
 ]
+ARM_COLUMNS = [*COLUMNS, *COMPUTE_COLUMNS]  # comparisons.csv: every arm row also carries its arm's compute
 
 
 def ci_label(alpha: float = ALPHA) -> str:
@@ -70,92 +77,30 @@ def hedges_correction(dof):
     return np.exp(special.gammaln(dof / 2) - special.gammaln((dof - 1) / 2)) / np.sqrt(dof / 2)
 
 
-def adjust_pvalues(p, method: str) -> np.ndarray:
-    """multipletests over the finite p-values of one family (method always explicit: the default is Holm-Šidák)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    finite = np.isfinite(p)
-    if finite.any():
-        out[finite] = multipletests(p[finite], alpha=ALPHA, method=method)[1]
-    return out
-
-
-def add_corrected_p(family: list[dict]) -> None:
-    """Set every CORRECTIONS column of the rows of one family from their ``p``."""
-    for column, method in CORRECTIONS.items():
-        for row, p_adj in zip(family, adjust_pvalues([r["p"] for r in family], method)):
-            row[column] = float(p_adj)
-
-
-def _power_setup(n_a: int, n_b: int, paired: bool) -> tuple:
-    """(statsmodels power analysis, its size arguments): one-sample TTestPower on n pairs for a paired test (effect
-    size d_z), two-sample TTestIndPower on n_a vs n_b for Welch (effect size d_s)."""
-    return (TTestPower(), {"nobs": n_a}) if paired else (TTestIndPower(), {"nobs1": n_a, "ratio": n_b / n_a})
-
-
-@cache
-def mde_d(n_a: int, n_b: int, alpha: float = ALPHA, power: float = TARGET_POWER, paired: bool = False) -> float:
-    """Smallest |d| the two-sided test detects with ``power`` at these sizes: d_s for Welch (3 vs 3: 3.07), d_z for
-    a paired test (3 pairs: 3.26)."""
-    if min(n_a, n_b) < 2:
-        return math.nan
-    analysis, sizes = _power_setup(n_a, n_b, paired)
-    return float(analysis.solve_power(effect_size=None, alpha=alpha, power=power, alternative="two-sided", **sizes))
-
-
-def power_at(d: float, n_a: int, n_b: int, alpha: float = ALPHA, paired: bool = False) -> float:
-    """Power of the two-sided test at effect |d| (d_z when paired, d_s otherwise)."""
-    if min(n_a, n_b) < 2 or not math.isfinite(d):
-        return math.nan
-    analysis, sizes = _power_setup(n_a, n_b, paired)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        power = float(analysis.power(effect_size=abs(d), alpha=alpha, alternative="two-sided", **sizes))
-        if math.isnan(power):  # scipy's nct.cdf of the far lower tail is NaN at huge d: that tail is ~0
-            power = float(analysis.power(effect_size=abs(d), alpha=alpha / 2, alternative="larger", **sizes))
-    return power
-
-
-def n_for_power(d: float, alpha: float = ALPHA, power: float = TARGET_POWER, paired: bool = False,
-                n_max: int = 10**7) -> float:
-    """Smallest n >= 2 (runs per arm, equal arms; pairs when paired) with power_at(d, n, n) >= ``power``; NaN when d
-    is 0 or undefined, or n > n_max. Doubling then bisection over integers on statsmodels' power (monotone in n):
-    its solve_power fails or returns a wrong n where scipy's nct.cdf gives NaN at large effects."""
-    if not math.isfinite(d) or d == 0:
-        return math.nan
-    enough = lambda n: power_at(d, n, n, alpha, paired) >= power  # noqa: E731
-    low, high = 1, 2  # not enough at ``low`` (or low = 1, below the minimum), enough at ``high``
-    while not enough(high):
-        low, high = high, 2 * high
-        if high > n_max:
-            return math.nan
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if enough(mid) else (mid, high)
-    return float(high)
-
-
 def is_flat(x: np.ndarray, scale: float) -> bool:
     """No variance: spread <= FLAT_RTOL x max(scale, 1), so a constant shift plus rounding noise is not a signal."""
     return bool(np.ptp(x) <= FLAT_RTOL * max(scale, 1.0))
 
 
-def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA, pairing: bool = True) -> dict:
-    """Arm a vs baseline b from {seed: value}: every column of COLUMNS but names and corrected p-values.
+def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALPHA, pairing: bool = True,
+                    sesoi: float = math.nan) -> dict:
+    """Arm a vs baseline b from {seed: value}: every column of COLUMNS but names and corrected p-values; the family
+    columns (FAMILY_DEFAULTS) are left for ``apply_families``.
 
     Paired t-test when both arms have the same seeds (data order is seed-determined, so seed noise cancels),
     else Welch. Fewer than 2 runs in an arm, or no variance (``is_flat``): estimates only, no test. cohens_d and
     hedges_g are always the between-arm d_s / g (ν = n_a + n_b - 2); power, MDE and n for 80 % use d_z on paired
-    rows (``TTestPower``, n pairs), d_s on Welch rows (``TTestIndPower``)."""
+    rows (``TTestPower``, n pairs), d_s on Welch rows (``TTestIndPower``), at ``alpha``; ``mde`` = ``mde_d`` x
+    ``sd_diff`` (paired) or x ``sd_pooled`` (Welch). A finite ``sesoi`` adds the TOST p of |difference| < sesoi."""
     seeds_a, seeds_b = sorted(a), sorted(b)
     x, y = np.array([a[s] for s in seeds_a]), np.array([b[s] for s in seeds_b])
     n_a, n_b = len(x), len(y)
     row = {"n_a": n_a, "n_b": n_b, "seeds_a": " ".join(map(str, seeds_a)), "seeds_b": " ".join(map(str, seeds_b))}
     row |= {"mean_a": _mean(x), "mean_b": _mean(y), "sd_a": _sd(x), "sd_b": _sd(y)}
     row["diff"] = row["mean_a"] - row["mean_b"]
-    nan_fields = ("ci_low", "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "d_z", "power", "mde_d",
-                  "n_for_80pct_power")
-    row |= dict.fromkeys(nan_fields, math.nan) | {"warning": ""}
+    nan_fields = ("ci_low", "ci_high", "t", "df", "p", "cohens_d", "hedges_g", "d_z", "power", "mde_d", "mde",
+                  "n_for_80pct_power", "sd_diff", "sd_pooled", "se", "p_tost")
+    row |= dict.fromkeys(nan_fields, math.nan) | FAMILY_DEFAULTS | {"warning": "", "sesoi": sesoi, "mde_alpha": alpha}
     if min(n_a, n_b) < 2:
         note = f"n = {n_a} vs {n_b}: estimate only, no test (needs >= 2 runs per arm)"
         if min(n_a, n_b) == 0:
@@ -165,18 +110,26 @@ def compare_samples(a: dict[int, float], b: dict[int, float], alpha: float = ALP
     row["test"] = "paired" if paired else "welch"
     row["note"] = f"paired on seeds {row['seeds_a']}" if paired else ("Welch: seeds differ" if pairing else "Welch")
     row["mde_d"] = mde_d(n_a, n_b, alpha, paired=paired)
+    row["sd_pooled"] = math.sqrt(((n_a - 1) * x.var(ddof=1) + (n_b - 1) * y.var(ddof=1)) / (n_a + n_b - 2))
+    if paired:
+        row["sd_diff"] = float((x - y).std(ddof=1))
     scale = float(max(np.abs(x).max(), np.abs(y).max()))
     if is_flat(x - y, scale) if paired else (is_flat(x, scale) and is_flat(y, scale)):
         what = "the paired differences are constant" if paired else "both arms are constant"
         return row | {"note": f"no variance across seeds ({what}): no test"}
     row |= {k: float(v) for k, v in t_test(x, y, paired, alpha).items()}
+    row["se"] = row["sd_diff"] / math.sqrt(n_a) if paired else math.sqrt(x.var(ddof=1) / n_a + y.var(ddof=1) / n_b)
     d = float(cohens_d(x, y))
     row |= {"cohens_d": d, "hedges_g": d * float(hedges_correction(n_a + n_b - 2))}
     if paired:
         row["d_z"] = d_z(x, y)
     effect = row["d_z"] if paired else d
     row |= {"power": power_at(effect, n_a, n_b, alpha, paired),
-            "n_for_80pct_power": n_for_power(effect, alpha, paired=paired)}
+            "n_for_80pct_power": n_for_power(effect, alpha, paired=paired),
+            "mde": row["mde_d"] * (row["sd_diff"] if paired else row["sd_pooled"])}
+    if math.isfinite(sesoi):
+        tost = ttost_paired(x, y, -sesoi, sesoi) if paired else ttost_ind(x, y, -sesoi, sesoi, usevar="unequal")
+        row["p_tost"] = float(tost[0])
     return row
 
 
@@ -192,16 +145,24 @@ def _sd(x: np.ndarray) -> float:
 class Comparison:
     baseline: str
     baseline_rule: str
-    target_loss: float
+    target_loss: float  # the declared val-loss target of tokens_to_target; NaN when none is declared
     alpha: float
-    rows: list[dict] = field(default_factory=list)  # one per (metric, arm != baseline), COLUMNS
-    summaries: list[dict] = field(default_factory=list)  # one per (metric, arm): n, mean, sd, min, max, seeds
+    rows: list[dict] = field(default_factory=list)  # one per (tested metric, arm != baseline), ARM_COLUMNS
+    summaries: list[dict] = field(default_factory=list)  # one per (metric, arm): n, mean, sd, median, min, max, seeds
     censored: dict[str, list[str]] = field(default_factory=dict)  # metric -> completed jobs without a value
     censored_reasons: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # metric -> reason -> jobs
     # factorial sweeps (kimi_lab.stats.factorial.add_factorial): main effects and Type II ANOVA terms per metric
     main_effects: list[dict] = field(default_factory=list)  # factorial.EFFECT_COLUMNS
     anova: list[dict] = field(default_factory=list)  # factorial.ANOVA_COLUMNS
     anova_notes: dict[str, str] = field(default_factory=dict)  # metric -> why its ANOVA was skipped
+    settings: Settings = field(default_factory=Settings)  # primary metric, SESOI, target, MDE goal
+    metrics: list[Metric] = field(default_factory=list)  # the tested metrics with a value in some run, in order
+    families: dict[str, dict] = field(default_factory=dict)  # apply_families' summary of the arm rows' families
+    compute: dict[str, dict[str, float]] = field(default_factory=dict)  # arm -> COMPUTE_COLUMNS
+    timing: list[dict] = field(default_factory=list)  # descriptive.TIMING_COLUMNS
+    warnings: list[str] = field(default_factory=list)  # settings, compute and epoch warnings
+    calibration: dict | None = None  # one-arm sweeps: kimi_lab.stats.calibration.aa_calibration's result
+    tuned_lrs: list[str] = field(default_factory=list)  # confirm sweeps: kimi_lab.stats.tune.confirm_notes' lines
 
 
 def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
@@ -232,52 +193,83 @@ def choose_baseline(sweep: Sweep, spec: str | None) -> tuple[str, str]:
     return matches[0].label, f"--baseline {spec}"
 
 
-def arm_values(sweep: Sweep, target_loss: float) -> dict[str, dict[str, dict[int, float]]]:
-    """metric -> arm label -> {seed: value} over completed jobs with a finite value."""
-    out = {m.name: {a.label: {} for a in sweep.arms} for m in METRICS}
+def arm_values(sweep: Sweep, target_loss: float,
+               metrics: list[Metric] | None = None) -> dict[str, dict[str, dict[int, float]]]:
+    """metric -> arm label -> {seed: value} over completed jobs with a finite value (default metrics: the sweep's
+    tested ones and DESCRIPTIVE_METRICS)."""
+    metrics = sweep_metrics(sweep.jobs) + DESCRIPTIVE_METRICS if metrics is None else metrics
+    out = {m.name: {a.label: {} for a in sweep.arms} for m in metrics}
     for arm in sweep.arms:
         for job in arm.completed:
-            for name, value in job_metrics(job, target_loss).items():
-                if math.isfinite(value):
+            for name, value in job_metrics(job, target_loss, metrics).items():
+                if math.isfinite(value) and name in out:
                     out[name][arm.label][job.seed] = value
     return out
 
 
 def compare_sweep(sweep: Sweep, baseline: str | None = None, target_loss: float | None = None,
-                  alpha: float = ALPHA, pairing: bool = True) -> Comparison:
-    """All arms vs the baseline arm for every metric; the correction family is one metric's comparisons."""
+                  alpha: float = ALPHA, pairing: bool = True, primary: str | None = None,
+                  sesoi: dict[str, float] | None = None, target: dict[str, float] | None = None) -> Comparison:
+    """All arms vs the baseline arm for every tested metric, in two families: the primary metric's rows
+    (confirmatory) and every other metric's rows (exploratory). ``primary`` / ``sesoi`` / ``target`` override the
+    study's declarations (``settings.resolve_settings``); ``target_loss`` is ``target={"val_loss": target_loss}``."""
     label, rule = choose_baseline(sweep, baseline)
-    target = default_target_loss(sweep.jobs) if target_loss is None else float(target_loss)
-    result = Comparison(baseline=label, baseline_rule=rule, target_loss=target, alpha=alpha)
-    values = arm_values(sweep, target)
-    warnings_ = {arm.label: arm.row_warning() for arm in sweep.arms}
-    for metric in METRICS:
+    if target_loss is not None:
+        target = {**(target or {}), "val_loss": float(target_loss)}
+    settings = resolve_settings(sweep, primary, sesoi, target)
+    result = Comparison(baseline=label, baseline_rule=rule, target_loss=settings.target_loss, alpha=alpha,
+                        settings=settings)
+    tested = sweep_metrics(sweep.jobs)
+    values = arm_values(sweep, settings.target_loss, tested + DESCRIPTIVE_METRICS)
+    result.compute = compute_by_arm(sweep, label)
+    off = compute_warnings(result.compute, label)
+    result.warnings = [*settings.warnings, *off.values(), *filter(None, [epoch_warning(result.compute)])]
+    arm_warnings = {a.label: "; ".join(filter(None, (a.row_warning(), off.get(a.label)))) for a in sweep.arms}
+    for metric in tested + DESCRIPTIVE_METRICS:
         per_arm = values[metric.name]
         if metric.optional and not any(per_arm.values()):
             continue  # e.g. downstream scores in a sweep run without eval=downstream
-        missing = [j for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
-        excluded: dict[str, dict[str, int]] = {}  # arm -> reason -> completed runs without a value
-        if missing:
-            result.censored[metric.name] = [j.name for j in missing]
-            for job in missing:
-                reason = missing_reason(job, metric, target)
-                result.censored_reasons.setdefault(metric.name, {}).setdefault(reason, []).append(job.name)
-                excluded.setdefault(job.arm, {}).setdefault(reason, 0)
-                excluded[job.arm][reason] += 1
-        for arm in sweep.arms:
-            v = np.array(list(per_arm[arm.label].values()))
-            result.summaries.append({"metric": metric.name, "arm": arm.label, "n": len(v), "mean": _mean(v),
-                                     "sd": _sd(v), "min": float(v.min()) if len(v) else math.nan,
-                                     "max": float(v.max()) if len(v) else math.nan,
-                                     "seeds": " ".join(map(str, sorted(per_arm[arm.label])))})
-        rows = [{"metric": metric.name, "arm": arm.label, "baseline": label,
-                 **compare_samples(per_arm[arm.label], per_arm[label], alpha, pairing)}
-                for arm in sweep.arms if arm.label != label]
-        for row in rows:  # dropping diverged (or failed) seeds can flatter an arm: say so on every row it touches
-            lost = [f"arm {arm}: {k} completed run(s) excluded ({reason})" for arm in (row["arm"], label)
-                    for reason, k in excluded.get(arm, {}).items()  # e.g. never reached the target: conditional
-                    if per_arm[arm]]  # an arm with no value at all (a dense arm's expert load) has n = 0, no test
-            row["warning"] = "; ".join(w for w in (warnings_[row["arm"]], warnings_[label], *lost) if w)
-        add_corrected_p(rows)
-        result.rows += [{c: row[c] for c in COLUMNS} for row in rows]
+        result.summaries += [_summary(metric.name, a.label, per_arm[a.label]) for a in sweep.arms]
+        if metric.kind == TIMING or metric not in tested:  # val_ppl and timings: summaries only
+            continue
+        result.metrics.append(metric)
+        result.rows += _metric_rows(sweep, metric, per_arm, label, result, arm_warnings, pairing)
+    result.families = apply_families(result.rows, settings.primary_metric, alpha, settings.sesoi)
+    if len(sweep.arms) > 1 and settings.primary_metric not in {m.name for m in result.metrics}:
+        result.warnings.append(f"no completed run records the primary metric {settings.primary_metric}: the "
+                               f"confirmatory family is empty, every comparison is exploratory")
+    result.rows = [{**{c: row[c] for c in COLUMNS}, **result.compute[row["arm"]]} for row in result.rows]
+    timing = [m.name for m in DESCRIPTIVE_METRICS if m.kind == TIMING]
+    result.timing = timing_rows(values, timing, [a.label for a in sweep.arms], label)
     return result
+
+
+def _summary(metric: str, arm: str, values: dict[int, float]) -> dict:
+    v = np.array(list(values.values()), dtype=float)
+    return {"metric": metric, "arm": arm, "n": len(v), "mean": _mean(v), "sd": _sd(v),
+            "median": float(np.median(v)) if len(v) else math.nan, "min": float(v.min()) if len(v) else math.nan,
+            "max": float(v.max()) if len(v) else math.nan, "seeds": " ".join(map(str, sorted(values)))}
+
+
+def _metric_rows(sweep: Sweep, metric: Metric, per_arm: dict[str, dict[int, float]], label: str,
+                 result: Comparison, arm_warnings: dict[str, str], pairing: bool) -> list[dict]:
+    """The rows of one tested metric (every arm vs ``label``), with the censoring of ``result`` filled in."""
+    missing = [j for a in sweep.arms for j in a.completed if j.seed not in per_arm[a.label]]
+    excluded: dict[str, dict[str, int]] = {}  # arm -> reason -> completed runs without a value
+    if missing:
+        result.censored[metric.name] = [j.name for j in missing]
+        for job in missing:
+            reason = missing_reason(job, metric, result.target_loss)
+            result.censored_reasons.setdefault(metric.name, {}).setdefault(reason, []).append(job.name)
+            excluded.setdefault(job.arm, {}).setdefault(reason, 0)
+            excluded[job.arm][reason] += 1
+    sesoi = result.settings.sesoi.get(metric.name, math.nan)
+    rows = [{"metric": metric.name, "arm": arm.label, "baseline": label,
+             **compare_samples(per_arm[arm.label], per_arm[label], result.alpha, pairing, sesoi)}
+            for arm in sweep.arms if arm.label != label]
+    for row in rows:  # dropping diverged (or failed) seeds can flatter an arm: say so on every row it touches
+        lost = [f"arm {arm}: {k} completed run(s) excluded ({reason})" for arm in (row["arm"], label)
+                for reason, k in excluded.get(arm, {}).items()  # e.g. never reached the target: conditional
+                if per_arm[arm]]  # an arm with no value at all (a dense arm's expert load) has n = 0, no test
+        row["warning"] = "; ".join(w for w in (arm_warnings[row["arm"]], arm_warnings[label], *lost) if w)
+    return rows

@@ -15,9 +15,9 @@ from kimi_lab.stats.collect import Arm, Sweep
 from kimi_lab.stats.compare import Comparison, ci_label
 from kimi_lab.stats.metrics import _finite
 
-EFFECT_METRICS = ("val_loss", "test_loss", "val_acc", "tokens_per_s")
+EFFECT_METRICS = ("val_loss", "test_loss", "val_acc")  # after the primary metric; timings are never tested
 ABLATION_KEY = "ablation"  # the combined study's factor: full, baseline, minus_<component>
-LEAVE_ONE_OUT_METRICS = ("val_loss", "tokens_per_s", "peak_mem_mb")
+LEAVE_ONE_OUT_METRICS = ("val_loss", "test_loss", "peak_mem_mb")
 
 
 def pyplot():
@@ -68,6 +68,18 @@ def figure_curves(sweep: Sweep):
     return fig
 
 
+def effect_metrics(rows: list[dict], primary: str = "val_loss", metrics=EFFECT_METRICS) -> tuple[str, ...]:
+    """The primary metric, then ``metrics``, each only when some row has it."""
+    present = {r["metric"] for r in rows}
+    return tuple(m for m in dict.fromkeys((primary, *metrics)) if m in present)
+
+
+def _panel_title(metric: str, rows: list[dict]) -> str:
+    """'val_loss (confirmatory)' / 'test_loss (exploratory)' from the rows' family."""
+    family = next((r.get("family") for r in rows if r.get("family")), "")
+    return f"{metric} ({family})" if family else metric
+
+
 def _error_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     diff = np.array([r["diff"] for r in rows], dtype=float)
     err = np.array([[r["diff"] - r["ci_low"], r["ci_high"] - r["diff"]] for r in rows], dtype=float).reshape(-1, 2)
@@ -77,7 +89,11 @@ def _error_bars(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, title: str | None = None,
                    alpha: float = 0.05):
     """Each arm minus the baseline with its (1 - alpha) CI, one panel per metric (``rows``: the report's
-    comparisons)."""
+    comparisons), titled with the metric's family (confirmatory / exploratory); metrics without rows are left out,
+    and None when no metric has one."""
+    metrics = [m for m in metrics if any(r["metric"] == m for r in rows)]
+    if not metrics:
+        return None
     plt = pyplot()
     n_arms = max(len({r["arm"] for r in rows}), 1)
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, (0.35 * n_arms + 1.0) * len(metrics)),
@@ -89,7 +105,7 @@ def figure_effects(rows: list[dict], baseline: str, metrics=EFFECT_METRICS, titl
         ax.errorbar(diff, y, xerr=err, fmt="o", capsize=3)
         ax.axvline(0, color="grey", linewidth=1)
         ax.set_yticks(y, [r["arm"] for r in metric_rows], fontsize=8)
-        ax.set_title(metric, fontsize=10, loc="left")
+        ax.set_title(_panel_title(metric, metric_rows), fontsize=10, loc="left")
     fig.suptitle(title or f"arm - baseline ({baseline}), {ci_label(alpha)}", fontsize=10)
     return fig
 
@@ -118,6 +134,9 @@ def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_
     relative to the full combination, with (1 - alpha) CIs. None unless the baseline arm is an ``ablation`` arm."""
     if ablation_name(baseline) is None:
         return None
+    metrics = [m for m in metrics if any(r["metric"] == m for r in rows)]
+    if not metrics:
+        return None
     plt = pyplot()
     n_arms = len({r["arm"] for r in rows})
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * n_arms + 1.8),
@@ -132,7 +151,8 @@ def figure_leave_one_out(rows: list[dict], baseline: str, metrics=LEAVE_ONE_OUT_
         ax.axvline(0, color="grey", linewidth=1)
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(f"{metric}: arm - {ablation_name(baseline)}", fontsize=10, loc="left")
+        ax.set_title(f"{_panel_title(metric, metric_rows)}: arm - {ablation_name(baseline)}", fontsize=10,
+                     loc="left")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"leave-one-out ablation ({ci_label(alpha)})", fontsize=10)
     return fig
@@ -200,10 +220,14 @@ def write_plots(sweep: Sweep, comp: Comparison, out: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
         return []
+    primary = comp.settings.primary_metric
     figures = {"val_loss_curves": figure_curves(sweep),
-               "effects": figure_effects(comp.rows, comp.baseline, alpha=comp.alpha),
-               "main_effects": figure_main_effects(comp.main_effects, alpha=comp.alpha),
-               "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline, alpha=comp.alpha),
+               "effects": figure_effects(comp.rows, comp.baseline, effect_metrics(comp.rows, primary),
+                                         alpha=comp.alpha),
+               "main_effects": figure_main_effects(comp.main_effects, effect_metrics(comp.main_effects, primary),
+                                                   alpha=comp.alpha),
+               "leave_one_out": figure_leave_one_out(comp.rows, comp.baseline, effect_metrics(
+                   comp.rows, primary, LEAVE_ONE_OUT_METRICS[1:]), alpha=comp.alpha),
                "expert_load": figure_expert_load(sweep)}
     written = []
     for name, fig in figures.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import time
@@ -12,143 +11,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from kimi_lab.training.moe_balance import ExpertLoadMonitor
+
 METRIC_FIELDS = [
     "step", "tokens", "wall_time_s", "train_time_s", "lr", "train_loss", "aux_loss", "grad_norm",
     "step_time_ms", "moe_cv", "moe_maxvio", "val_loss", "val_ppl", "val_acc",
 ]
-
-
-def load_stats(counts: torch.Tensor) -> tuple[float, float]:
-    """(coefficient of variation, MaxVio = (max - mean) / mean) of per-expert token counts."""
-    counts = counts.double()
-    mean = counts.mean()
-    if mean <= 0:
-        return 0.0, 0.0
-    return (counts.std(unbiased=False) / mean).item(), ((counts.max() - mean) / mean).item()
-
-
-class ExpertLoadMonitor(L.Callback):
-    """Reads each MoE layer's token counts once per optimizer step, keeps run totals (summed over ranks).
-
-    Per MoE layer j (the j-th MoE layer of the model) it also records, per step, the load fractions, CV, MaxVio,
-    mean aux loss over the micro-batches, tokens dropped and the noaux_tc selection bias (after this step's update):
-    columns ``moe{j}_*`` of metrics.csv, scalars ``moe/layer{j}/*`` in TensorBoard, run summaries in results.json.
-    ``collect`` keeps each step's counts on the device; ``flush`` (every ``trainer.log_every_n_steps`` steps, driven
-    by StepMetrics) copies the pending steps to the host in one transfer, so no step waits on the GPU for logging.
-    """
-
-    def __init__(self):
-        self.run_counts: list[torch.Tensor] = []  # per layer (E,)
-        self.layer_maxvio_sums: list[float] = []  # per layer, sum over steps of the per-step MaxVio
-        self.aux_loss_sums: list[float] = []  # per layer, sum over steps of the per-step mean aux loss
-        self.tokens_dropped: list[float] = []  # per layer, run total
-        self.n_steps = 0
-        self.last_step: dict[str, float] = {}
-        self.last_bias: list[list[float] | None] = []
-        # per collected, not yet flushed step: (logger step, (L_moe, E + 2) counts | aux | dropped, biases)
-        self._pending: list[tuple[int, torch.Tensor, list[torch.Tensor | None]]] = []
-        self._rows: list[dict] = []  # flushed steps' metrics.csv fragments, until StepMetrics takes them
-        self._trainer: L.Trainer | None = None
-
-    @staticmethod
-    def csv_fields(model) -> list[str]:
-        """Per-layer metrics.csv columns (load and bias are JSON lists)."""
-        keys = ("load", "cv", "maxvio", "aux_loss", "tokens_dropped", "bias")
-        return [f"moe{j}_{key}" for j in range(len(model.moe_layers())) for key in keys]
-
-    def collect(self, trainer: L.Trainer, model) -> None:
-        """Snapshot and zero the step's counters (device tensors only: no host sync)."""
-        layers = model.moe_layers()
-        self._trainer = trainer
-        if not layers:
-            return
-        per_layer = torch.stack([torch.cat([layer.tokens_per_expert, layer.aux_loss_sum.view(1),
-                                            layer.tokens_dropped.view(1)]).detach().float() for layer in layers])
-        per_layer[:, -2] /= layers[0].n_forwards.clamp_min(1.0) * trainer.world_size  # mean aux loss per forward
-        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum")  # (L_moe, E + 2), one all-reduce
-        for layer in layers:
-            for buffer in (layer.tokens_per_expert, layer.aux_loss_sum, layer.tokens_dropped, layer.n_forwards):
-                buffer.zero_()
-        biases = [layer.gate.e_score_correction_bias.detach().clone() if getattr(layer.gate, "updates_bias", False)
-                  else None for layer in layers]
-        self._pending.append((trainer.global_step + 1, per_layer, biases))  # the step this optimizer step completes
-
-    def flush(self) -> None:
-        """Host-side statistics of every pending step, in order; their metrics.csv fragments wait in ``take_rows``."""
-        if not self._pending:
-            return
-        host = torch.stack([p[1] for p in self._pending]).cpu()  # (S, L_moe, E + 2): one device-to-host copy
-        biases = [[None if b is None else b.cpu() for b in p[2]] for p in self._pending]
-        steps = [p[0] for p in self._pending]
-        self._pending = []
-        self._rows += [self._record(step, per_layer, bias) for step, per_layer, bias in zip(steps, host, biases)]
-
-    def take_rows(self) -> list[dict]:
-        """The flushed steps' metrics.csv fragments not yet taken (StepMetrics writes them into its rows)."""
-        rows, self._rows = self._rows, []
-        return rows
-
-    def _record(self, step: int, per_layer: torch.Tensor, biases: list[torch.Tensor | None]) -> dict:
-        counts, aux, dropped = per_layer[:, :-2], per_layer[:, -2], per_layer[:, -1]
-        if not self.run_counts:
-            self.run_counts = [torch.zeros_like(c, dtype=torch.float64) for c in counts]
-            self.layer_maxvio_sums = [0.0] * len(counts)
-            self.aux_loss_sums, self.tokens_dropped = [0.0] * len(counts), [0.0] * len(counts)
-        stats = [load_stats(c) for c in counts]
-        for total, c in zip(self.run_counts, counts):
-            total += c.double()
-        self.n_steps += 1
-        self.last_step = {"moe_cv": sum(s[0] for s in stats) / len(stats),
-                          "moe_maxvio": sum(s[1] for s in stats) / len(stats)}
-        self.last_bias = [None if b is None else [round(v, 8) for v in b.tolist()] for b in biases]
-        scalars = {}  # TensorBoard: the same per-layer values as the metrics.csv columns
-        for j, c in enumerate(counts):
-            load = [round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]
-            values = {"cv": stats[j][0], "maxvio": stats[j][1], "aux_loss": aux[j].item(),
-                      "tokens_dropped": dropped[j].item()}
-            self.layer_maxvio_sums[j] += values["maxvio"]
-            self.aux_loss_sums[j] += values["aux_loss"]
-            self.tokens_dropped[j] += values["tokens_dropped"]
-            self.last_step.update({f"moe{j}_{k}": v for k, v in values.items()})
-            self.last_step[f"moe{j}_load"] = json.dumps(load)
-            self.last_step[f"moe{j}_bias"] = json.dumps(self.last_bias[j]) if self.last_bias[j] is not None else ""
-            scalars.update({f"moe/layer{j}/{k}": v for k, v in values.items()})
-            for name, vector in (("load", load), ("bias", self.last_bias[j] or [])):
-                scalars.update({f"moe/layer{j}/{name}/expert{e}": v for e, v in enumerate(vector)})
-        for logger in (self._trainer.loggers if self._trainer is not None else []):
-            logger.log_metrics(scalars, step=step)
-        return dict(self.last_step)
-
-    def summary(self) -> dict:
-        self.flush()
-        if not self.run_counts:
-            return {}
-        fractions = [(c / c.sum().clamp_min(1)).tolist() for c in self.run_counts]
-        run_stats = [load_stats(c) for c in self.run_counts]
-        steps = max(self.n_steps, 1)
-        return {
-            "expert_load": fractions,  # per MoE layer, share of routed tokens per expert over the run
-            "expert_load_cv": [s[0] for s in run_stats],
-            "moe_maxvio_run": [s[1] for s in run_stats],
-            # mean over steps of the per-step MaxVio averaged over layers
-            "moe_maxvio_batch_mean": statistics.fmean(self.layer_maxvio_sums) / steps,
-            "moe_maxvio_batch_mean_per_layer": [v / steps for v in self.layer_maxvio_sums],
-            "moe_aux_loss": [v / steps for v in self.aux_loss_sums],  # per layer, mean over steps
-            "moe_tokens_dropped": self.tokens_dropped,  # per layer, run total (dropless: 0)
-            "expert_bias": self.last_bias,  # per layer final noaux_tc bias, null for layers without one
-        }
-
-    def state_dict(self) -> dict:
-        self.flush()  # a checkpoint holds every collected step
-        return {"run_counts": self.run_counts, "layer_maxvio_sums": self.layer_maxvio_sums,
-                "aux_loss_sums": self.aux_loss_sums, "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps,
-                "last_bias": self.last_bias}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_counts, self.layer_maxvio_sums = state["run_counts"], state["layer_maxvio_sums"]
-        self.aux_loss_sums, self.tokens_dropped, self.n_steps = (state["aux_loss_sums"], state["tokens_dropped"],
-                                                                 state["n_steps"])
-        self.last_bias = state.get("last_bias", [])  # a resume with no step left still reports the final bias
 
 
 class StepMetrics(L.Callback):

@@ -6,6 +6,9 @@ kimi_lab.data.datamodule.eval_window_starts, at that length), each tiled by non-
 A length that divides the longest therefore scores exactly the same targets, so the numbers differ only by context
 length (and by RoPE's behaviour past the training length: the RoPE study's extrapolation curve). The 1x windows are
 validation's own only when the longest length is seq_len: validation spreads single seq_len windows.
+Each length runs the model's RoPE as configured; with ``rope.scaling.dynamic_factor`` linear and YaRN take factor
+length / original length there (the RoPE study's training-free extension of a checkpoint: ``trainer.max_steps=0``
+with ``init_from``), recorded per length in ``rope_factor_at_len``.
 """
 
 from __future__ import annotations
@@ -42,13 +45,15 @@ def length_windows(datamodule, data_cfg) -> dict:
 
 @torch.no_grad()
 def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
-    """{"val_loss_at_len": {str(L): mean NLL}, "val_tokens_at_len": {str(L): tokens scored}} on the val split."""
+    """{"val_loss_at_len": {str(L): mean NLL}, "val_tokens_at_len": {str(L): tokens scored}} on the val split, and
+    the RoPE scaling each length ran with: "rope_factor_at_len" (1 for plain RoPE; L / original length under
+    ``rope.scaling.dynamic_factor``) and "rope_attention_scaling_at_len" (the YaRN mscale on cos/sin)."""
     windows_at = length_windows(datamodule, data_cfg)  # fails before moving the model when the split is short
     model = module.model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     was_training = model.training
     model.eval()
     tokens_per_batch = int(data_cfg.batch_size) * int(data_cfg.seq_len)  # as in training
-    losses, counts = {}, {}
+    losses, counts, factors, mscales = {}, {}, {}, {}
     for length, windows in windows_at.items():
         batch_size = max(1, tokens_per_batch // length)
         nll, n = 0.0, 0
@@ -60,5 +65,9 @@ def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
             nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             n += y.numel()
         losses[str(length)], counts[str(length)] = nll / n, n
+        factors[str(length)] = model.rotary.applied_factor
+        mscales[str(length)] = model.rotary.attention_scaling
+    model.rotary(int(data_cfg.seq_len))  # back to the training length's table (results.json's rope_* read it)
     model.train(was_training)
-    return {"val_loss_at_len": losses, "val_tokens_at_len": counts}
+    return {"val_loss_at_len": losses, "val_tokens_at_len": counts, "rope_factor_at_len": factors,
+            "rope_attention_scaling_at_len": mscales}

@@ -24,6 +24,7 @@ RESUME_MAY_CHANGE = (
     "eval",  # benchmarks scored after training
     "logger",  # TensorBoard on or off
     "tags",  # labels
+    "report",  # what the study declares to the report (kimi_lab/stats); training reads none of it
     "hardware.num_threads",  # CPU threads of this machine
 )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.training.resume import check_resume_config, resume_checkpoint
-from kimi_lab.training.rundir import RunDir, git_commit, host, now_iso, versions
+from kimi_lab.training.rundir import RunDir, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,8 @@ def train(cfg: DictConfig) -> dict:
         run.write_status(results["status"], **{k: results[k] for k in ("diverged_at_step",) if k in results})
     except BaseException as error:  # KeyboardInterrupt too: the folder must say it did not complete
         run.write_failure(error)
-        log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
+        if not isinstance(error, ConfigError):  # a refused config is reported in one line by the caller
+            log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
         _release_frames(error)
         raise
     log.info("%s: results in %s", results["status"], run.path)
@@ -163,16 +163,17 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     import lightning as L
 
     from kimi_lab.data import LMDataModule
+    from kimi_lab.data.tokenizer import check_model_vocab
     from kimi_lab.training.trainer import build_trainer
 
     trainer, callbacks = build_trainer(cfg, run)
     max_steps, tokens_per_step = steps_and_tokens(cfg, trainer.world_size)
     samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
     datamodule = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
-                              num_train_samples=max_steps * samples_per_step)
+                              num_train_samples=max(max_steps, 1) * samples_per_step)  # 0 steps: evaluation only
+    check_model_vocab(int(cfg.model.vocab_size), datamodule.tokenizer)  # before the cache is opened or built
     datamodule.prepare_data()
     datamodule.setup("fit")
-    _check_vocab(cfg, datamodule.vocab_size)
     if cfg.data.eval_lengths:  # fail before training, not after it, when the val split is too short
         from kimi_lab.training.length_eval import token_budget
 
@@ -197,6 +198,7 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
 
     from kimi_lab.training.callbacks import RunStopped
+    from kimi_lab.training.results import run_results
 
     with rss:
         callbacks.memory.rss = rss  # samples during training batches only
@@ -206,12 +208,13 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
             command = " ".join([*_without_run_control(_overrides()), "resume=true", "hydra.run.dir="])
             hint = f"; continue with: python train.py {command}" if stop.status == "interrupted" else ": run folder "
             log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
-            return {**_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status),
+            return {**run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status,
+                                  _overrides()),
                     **stop.extra}
         trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
-    results = _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status="completed")
+    results = run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, "completed", _overrides())
     results.update({k: float(v) for k, v in test_metrics.items()})
     results.update(length_metrics)
     results.update(_downstream(cfg, module, trainer))  # after PeakRSS: peak_mem_mb stays the training peak
@@ -227,7 +230,7 @@ def _fit(trainer, module, datamodule, ckpt_path: str | None, callbacks) -> None:
 
 
 HPARAM_METRICS = ("val_loss", "val_ppl", "val_acc", "test_loss", "best_val_loss", "tokens_per_s", "peak_mem_mb",
-                  "train_time_s", "moe_maxvio_batch_mean")
+                  "train_time_s", "moe_maxvio_val")
 
 
 def _log_hparams(trainer, cfg: DictConfig, results: dict) -> None:
@@ -243,74 +246,6 @@ def _log_hparams(trainer, cfg: DictConfig, results: dict) -> None:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(params, metrics)
             logger.finalize("success")
-
-
-def _check_vocab(cfg: DictConfig, tokenizer_vocab: int) -> None:
-    if cfg.model.vocab_size < tokenizer_vocab:
-        raise ConfigError(f"Invalid config: model.vocab_size={cfg.model.vocab_size}; allowed: a multiple of 64 "
-                          f">= the tokenizer's {tokenizer_vocab} ids")
-
-
-def _peak_mem_mb(rss, cuda_peak_bytes: int) -> tuple[float, str]:
-    """Training batches' peak: CUDA max allocated within them (``MemoryWindow``), else the CPU sampler's."""
-    if cuda_peak_bytes > 0:
-        return cuda_peak_bytes / 2**20, "cuda_max_allocated"
-    if rss.peak_in_use_bytes is not None:
-        return (rss.peak_in_use_bytes - rss.base_in_use_bytes) / 2**20, "cpu_peak_malloc_in_use"
-    return rss.peak_bytes / 2**20, "cpu_peak_rss"
-
-
-def _results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status: str) -> dict:
-    from kimi_lab.model import flops_per_token, parameter_counts
-    from kimi_lab.training.malloc import current as malloc_current
-
-    vals = callbacks.metrics.val_history
-    final = vals[-1] if vals else {}
-    finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
-    best = min(finite, key=lambda r: r["val_loss"]) if finite else {}  # ties: the earlier step, as BestCheckpoint
-    peak_mb, peak_kind = _peak_mem_mb(rss, callbacks.memory.cuda_peak_bytes)
-    peak_rss_mb = rss.peak_bytes / 2**20
-    if not callbacks.memory.batches:  # resumed at its last step: no training batch was measured in this process
-        peak_mb, peak_kind, peak_rss_mb = None, "unmeasured: no training step in this process", None
-    choices = _choices(cfg)
-    return {
-        "status": status,
-        "seed": int(cfg.seed),
-        "overrides": _overrides(),
-        "choices": choices,
-        "tags": list(cfg.tags),
-        "output_dir": str(run.path),
-        "val_loss": final.get("val_loss"), "val_ppl": final.get("val_ppl"), "val_acc": final.get("val_acc"),
-        "best_val_loss": best.get("val_loss"), "best_val_ppl": best.get("val_ppl"),
-        "best_val_acc": best.get("val_acc"), "best_val_step": best.get("step"),
-        "baseline_unigram_loss": datamodule.unigram_baseline_loss(),
-        **callbacks.metrics.summary(),
-        "steps": int(module.trainer.global_step),
-        "max_steps": int(module.max_steps),
-        "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind, "peak_rss_mb": peak_rss_mb,
-        **parameter_counts(module.model),
-        "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
-        "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
-        **_rope_summary(module.model),
-        **_norm_summary(cfg, norm_profile, callbacks),
-        **_optimizer_summary(cfg, module, callbacks),
-        **callbacks.experts.summary(),
-        "data_manifest_key": datamodule.manifest.get("key"),
-        "versions": versions(),
-        "host": host(),
-        "malloc": malloc_current(),
-        "finished": now_iso(),
-    }
-
-
-def _rope_summary(model) -> dict:
-    """The RoPE scaling that ran (rope.name is only the option's label) and the factor its cos/sin carried (YaRN
-    mscale; 1 where MLA keeps them plain and scales its softmax instead)."""
-    rotary = getattr(model, "rotary", None)
-    if rotary is None:
-        return {}
-    factor = rotary.attention_scaling if model.scale_rotary_tables else 1.0
-    return {"rope_scaling": rotary.scaling_type, "rope_attention_scaling": factor}
 
 
 def _length_generalisation(cfg: DictConfig, module, trainer, datamodule) -> dict:
@@ -357,38 +292,8 @@ def _profile_norms(cfg: DictConfig, model) -> dict:
     return {"norm_kernel": norm_kernel(norms[0], device), "norm_fwd_bwd_ms": norm_fwd_bwd_ms(norms, shapes)}
 
 
-def _norm_summary(cfg: DictConfig, profile: dict, callbacks) -> dict:
-    step_ms = callbacks.metrics.summary()["step_time_ms"]
-    per_step_ms = profile["norm_fwd_bwd_ms"] * int(cfg.trainer.accumulate_grad_batches)
-    return {**profile, "norm_time_share": per_step_ms / step_ms if step_ms > 0 else float("nan")}
-
-
 def _value(option):
     return getattr(option, "value", option)
-
-
-def _optimizer_summary(cfg, module, callbacks) -> dict:
-    """Which parameters each optimizer (part) updates, and the optimizer update's share of training step time."""
-    from kimi_lab.optim import describe_assignment
-
-    name = _value(OmegaConf.select(cfg, "optimizer.name"))
-    optimizers = module.trainer.optimizers
-    params = describe_assignment(module.model, optimizers[0], default_kind=name) if optimizers else {}
-    return {"optimizer_params": params, **callbacks.optimizer_timer.summary(callbacks.metrics.train_time_s)}
-
-
-def _choices(cfg: DictConfig) -> dict:
-    """The option each config group ran with (Hydra's choice: ``moe`` is ``greedy``, ``deepseek_v3`` or ``dense``;
-    the group's ``name`` without Hydra), ``eval`` / ``ablation`` / ``experiment`` when selected, and
-    ``moe.topk_method`` (a sweep may change the gate on either MoE option)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    selected = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
-    out = {g: selected.get(g) or _value(OmegaConf.select(cfg, f"{g}.name")) for g in groups}
-    out |= {g: selected[g] for g in ("eval", "ablation", "experiment") if selected.get(g) not in (None, "null")}
-    out["moe.topk_method"] = _value(cfg.moe.topk_method)
-    return out
 
 
 def _overrides() -> list[str]:

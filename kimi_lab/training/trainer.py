@@ -1,4 +1,5 @@
-"""Builds the Lightning Trainer (loggers, checkpoints, our step-level callbacks) from ``hardware`` and ``trainer``."""
+"""Builds the Lightning Trainer (loggers, checkpoints, our step-level callbacks) from ``hardware``, ``trainer`` and
+``logger``."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import warnings
 from dataclasses import dataclass
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, MemoryWindow, OptimizerStepTimer, StepMetrics
 from kimi_lab.training.checkpoints import BestCheckpoint, InterruptAt, LastCheckpoint, RngState
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
+from kimi_lab.training.loggers import LearningRateAtStep, build_loggers
+from kimi_lab.training.preflight import check_job_environment
 from kimi_lab.training.rundir import RunDir
 
 
@@ -56,6 +57,7 @@ def _quiet_lightning() -> None:
 
 
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
+    check_job_environment(cfg)  # first: a missing package fails in one line, before any data is built
     _single_lightning_log()
     _quiet_lightning()
     # Lightning cannot see that DataPosition restores the sampler position on resume; its warning is wrong here
@@ -87,11 +89,9 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         # last.ckpt for resume, every checkpoint_every_n_steps optimizer steps (after the step's validation, if any)
         LastCheckpoint(run.checkpoints / "last.ckpt", int(cfg.trainer.checkpoint_every_n_steps), val_every),
     ]
-    loggers = []
-    if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run.path), name="tensorboard", version="",
-                                         default_hp_metric=False))
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    loggers = build_loggers(cfg, run.path)
+    if loggers:
+        callbacks.append(LearningRateAtStep())
     if ours.interrupt is not None:
         callbacks.append(ours.interrupt)  # last: the step's rows, validation and best checkpoint are written
     trainer = L.Trainer(

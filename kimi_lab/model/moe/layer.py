@@ -43,12 +43,14 @@ class MoE(nn.Module):
         self.register_buffer("tokens_dropped", torch.zeros(()), persistent=False)  # assignments no expert ran
         self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)  # sum of aux losses (detached)
         self.register_buffer("n_forwards", torch.zeros(()), persistent=False)  # micro-batches since last read
+        # eval forwards' tokens per expert: zeroed and read around each validation pass (MaxVio on held-out data)
+        self.register_buffer("eval_tokens_per_expert", torch.zeros(self.n_experts), persistent=False)  # (E,)
         self.aux_loss = torch.zeros(())
 
     def _apply(self, fn, recurse=True):
         """``.to(bf16)`` keeps the load statistics fp32 (bf16 counts round at 256: 8,229 tokens would read 8,256)."""
         super()._apply(fn, recurse)
-        for name in ("tokens_per_expert", "tokens_dropped", "aux_loss_sum", "n_forwards"):
+        for name in ("tokens_per_expert", "tokens_dropped", "aux_loss_sum", "n_forwards", "eval_tokens_per_expert"):
             self._buffers[name] = self._buffers[name].float()
         return self
 
@@ -65,6 +67,8 @@ class MoE(nn.Module):
             self.tokens_dropped += routing.expert_idx.numel() - processed
             self.aux_loss_sum += routing.aux_loss.detach().to(self.aux_loss_sum.dtype)
             self.n_forwards += 1
+        else:
+            self.eval_tokens_per_expert += routing.counts.to(self.eval_tokens_per_expert.dtype)
         return self._add_shared(out, x_flat).view(batch, seq_len, d_model)
 
     def _add_shared(self, out: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor:
