@@ -16,7 +16,7 @@ from kimi_lab.config import ConfigError
 from kimi_lab.config.schema import RUN_CONTROL_KEYS
 
 # keys (and whole groups) that control the job, not the experiment: they may differ between the interrupted run and
-# its resume (README: "Resume")
+# its resume (docs/run-folder.md: "Resume, relaunch, fine-tune")
 RESUME_MAY_CHANGE = (
     *sorted(RUN_CONTROL_KEYS),  # how this job continues: resume, ckpt_path, interrupt_at_step, sweep.skip_completed
     "trainer.checkpoint_every_n_steps", "trainer.log_every_n_steps",  # when last.ckpt is written / losses are read
