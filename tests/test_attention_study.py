@@ -67,7 +67,8 @@ def test_attention_study_grid_composes(experiment):
         assert getattr(cfg.attention.name, "value", cfg.attention.name) == attention
         assert cfg.data.seq_len * cfg.data.batch_size == (32768 if experiment == "attention" else 1024)
         module = build_attention(int(cfg.model.d_model), cfg.attention)
-        if attention == "mla":  # equal heads, nope = v = MHA head dim, rope = half of it
+        if attention == "mla":  # equal heads; GPU: nope = v = MHA head dim, rope half of it; CPU: q/k head = MHA's
             head_dim = cfg.model.d_model // cfg.attention.n_heads
-            assert (module.qk_nope_head_dim, module.v_head_dim, module.rope_head_dim) == (head_dim, head_dim,
+            nope = head_dim if experiment == "attention" else head_dim // 2
+            assert (module.qk_nope_head_dim, module.v_head_dim, module.rope_head_dim) == (nope, head_dim,
                                                                                           head_dim // 2)
