@@ -143,7 +143,7 @@ def test_job_start_reads_no_cache_bytes(text_cfg, tmp_path, monkeypatch):
         raise AssertionError("a job hashed a cache file")
 
     monkeypatch.setattr(cache_mod, "sha256_file", no_hashing)
-    monkeypatch.setattr(shards, "_sha256", no_hashing)
+    monkeypatch.setattr(shards, "sha256_file", no_hashing)
 
     def rchar() -> int:
         return int(next(line for line in io.read_text().splitlines() if line.startswith("rchar")).split()[1])

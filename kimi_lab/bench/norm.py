@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lab.model.norm import _median_ms, norm_fwd_bwd_ms, norm_input_shapes, norm_layers
+from kimi_lab.model.norm import median_ms, norm_fwd_bwd_ms, norm_input_shapes, norm_layers
 
 def model_fwd_bwd_ms(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3) -> float:
     """Median ms of forward + cross-entropy backward of the whole model on (B, T) token ids."""
@@ -28,7 +28,7 @@ def model_fwd_bwd_ms(model: nn.Module, batch_size: int, seq_len: int, repeats: i
             logits = model(ids[:, :-1]).logits  # (B, T, V)
             F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
 
-        ms = _median_ms(step, device, repeats)
+        ms = median_ms(step, device, repeats)
     model.zero_grad(set_to_none=True)
     return ms
 

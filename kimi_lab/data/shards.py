@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kimi_lab.data.corpus import sha256_file
+
 SHARD_TOKENS = 1 << 27  # 134,217,728 tokens: 256 MiB of uint16, 512 MiB of uint32
 
 
@@ -63,15 +65,7 @@ class ShardWriter:
         counts_file = f"{self.split}-unigram.npy"
         np.save(self.folder / counts_file, self.counts)
         return {"n_docs": self.n_docs, "n_tokens": int(self.counts.sum()), "shards": self.shards,
-                "unigram": {"file": counts_file, "sha256": _sha256(self.folder / counts_file)}}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+                "unigram": {"file": counts_file, "sha256": sha256_file(self.folder / counts_file)}}
 
 
 class ShardedTokens:

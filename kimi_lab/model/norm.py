@@ -59,7 +59,9 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
 
 
-def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+def median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones; on CUDA each timed call
+    waits for the device at both edges, so kernels are timed, not their launches."""
     times = []
     for i in range(warmup + repeats):
         if device.type == "cuda":
@@ -112,7 +114,7 @@ def norm_fwd_bwd_ms(norms: list[nn.Module], input_shapes: list[tuple[int, ...] |
             for norm, x, grad in pairs:
                 norm(x).backward(grad)
 
-        ms = _median_ms(step, device, repeats)
+        ms = median_ms(step, device, repeats)
     for norm in norms:
         norm.zero_grad(set_to_none=True)
     return ms

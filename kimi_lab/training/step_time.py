@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 from dataclasses import dataclass
 from unittest import mock
 
@@ -151,15 +150,10 @@ def _autocast(precision: str, device):
 
 
 def _timed(fn, device) -> float:
-    import torch
+    """Seconds of one call of ``fn``, waiting for the device at both edges."""
+    from kimi_lab.model.norm import median_ms
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return median_ms(fn, device, repeats=1, warmup=0) / 1000.0
 
 
 def estimated_seconds(cfg: DictConfig, steps: int, timing: StepTime) -> float:
