@@ -117,6 +117,21 @@ def test_duplicate_documents_are_dropped_before_the_split(corpus, tmp_path):
     assert all(sum(t.count(marker(k)) for t in texts.values()) == 1 for k in range(30))
 
 
+def test_exact_split_counts_are_over_distinct_documents(corpus):
+    """One document per file: each held-out split gets ceil(0.1 * 30) = 3 distinct documents for every split seed,
+    however the copies fall in the order (a split made of copies only would be emptied by duplicate removal)."""
+    from kimi_lab.data.sources import _file_split_codes
+
+    for k in range(30):
+        (corpus / f"copy_of_doc{k:03d}.txt").write_text((corpus / f"doc{k:03d}.txt").read_text() + "\n")
+    (corpus / "blank.txt").write_text("  \n")
+    for split_seed in range(40):
+        cfg = data_cfg(name="text", paths=[str(corpus)], val_fraction=0.1, test_fraction=0.1, split_seed=split_seed)
+        codes = _file_split_codes(cfg)
+        assert len(codes) == 30 and all(Path(doc_id).name.startswith("copy_of_") for _, doc_id in codes)
+        assert sorted(codes.values()).count(1) == 3 and sorted(codes.values()).count(2) == 3
+
+
 def test_split_depends_only_on_split_seed(corpus, tmp_path):
     def val_ids(split_seed, train_seed=0):
         cfg = data_cfg(name="text", paths=[str(corpus)], seq_len=16, val_fraction=0.1,

@@ -159,7 +159,7 @@ def source_fingerprint(data_cfg: Any) -> dict:
         return {"archives": corpus.default_fingerprint()}
     if name == "text":
         files = text_files(list(data_cfg.paths))
-        return {"doc_separator": data_cfg.doc_separator, "dedupe": DEDUPE,
+        return {"doc_separator": data_cfg.doc_separator, "dedupe": DEDUPE, "counts_over": "distinct documents",
                 "files": [[doc_id, p.stat().st_size, p.stat().st_mtime_ns] for doc_id, p in files]}
     if name == "hf":
         kwargs = _hf_kwargs(data_cfg.hf)
@@ -188,7 +188,7 @@ def stream_documents(data_cfg: Any, cache_dir: Path) -> tuple[Iterator[tuple[Doc
         if data_cfg.doc_separator:
             return ((d, splits.HASH_RULE) for d in docs), info
         codes = _file_split_codes(data_cfg)
-        return ((d, codes[(d.source, d.doc_id)]) for d in docs), info
+        return ((d, codes.get((d.source, d.doc_id), splits.TRAIN)) for d in docs), info
     if name == "hf":
         docs = iter_hf_documents(data_cfg.hf)
         info = {"hf": {**_hf_kwargs(data_cfg.hf), "text_field": data_cfg.hf.text_field, "streaming": True}}
@@ -197,9 +197,17 @@ def stream_documents(data_cfg: Any, cache_dir: Path) -> tuple[Iterator[tuple[Doc
 
 
 def _file_split_codes(data_cfg: Any) -> dict[tuple[str, str], int]:
-    """One document per file: the ids are the file names, known before any text is read, so the split is the exact
-    stratified one (`splits.split_documents`); empty (0-byte) files hold no document."""
-    stubs = [Document("text", doc_id, "") for doc_id, path in text_files(list(data_cfg.paths)) if path.stat().st_size]
+    """One document per file: the split is the exact stratified one (`splits.split_documents`) over the distinct
+    documents, so dropping a copy can never empty a split. A first pass digests each file (16 bytes per document
+    held; files read twice, which the one-file-per-document layout of small corpora affords); later copies in path
+    order get no code of their own (TRAIN), and the builder drops them as it drops every repeated digest."""
+    seen: set[bytes] = set()
+    stubs = []
+    for doc in iter_text_documents(list(data_cfg.paths), None):
+        digest = splits.text_digest(doc.text)
+        if digest not in seen:
+            seen.add(digest)
+            stubs.append(Document(doc.source, doc.doc_id, ""))
     return splits.preset_codes(stubs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
                                float(data_cfg.test_fraction))
 
