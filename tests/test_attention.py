@@ -1,5 +1,6 @@
 """Attention options and kernels: float64 parity (FlashAttention's 2x rule), MLA vs transformers' DeepseekV3Attention,
-causality, GQA, checkpoint portability, kernel labels and the errors for impossible settings."""
+causality, GQA, checkpoint portability, kernel labels and the kernels' runtime errors (the config's checks:
+tests/test_attention_config.py)."""
 
 from __future__ import annotations
 
@@ -10,36 +11,34 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.config import validate_config
+from kimi_lab.config.schema import RopeConfig
 from kimi_lab.model import build_model
 from kimi_lab.model.attention import MultiHeadAttention, MultiHeadLatentAttention, build_attention
 from kimi_lab.model.attention import kernels
 from kimi_lab.model.attention.kernels import (FlashUnavailable, check_flash, flash_attention,
                                               query_blocked_attention, standard_attention)
 from kimi_lab.model.rope import RotaryEmbedding
-from tests.helpers import compose_config
+from tests.helpers import compose_config, typed_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D_MODEL, SEQ = 64, 24
 # (option, mla kernel): every MHA option and every kernel under MLA
 OPTIONS = [("standard", None), ("sdpa", None), ("flash", None), ("mla", "standard"), ("mla", "sdpa"), ("mla", "flash")]
-MLA_DIMS = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
-            "attention_bias": False, "q_lora_rank": None}
+MLA_DIMS = {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12, "bias": False,
+            "q_lora_rank": None}
 
 
 def _attn_cfg(name: str, kernel: str | None = None, **extra):
     cfg = compose_config([f"attention={name}"] + ([f"attention.kernel={kernel}"] if kernel else []))
-    attn = OmegaConf.to_container(cfg.attention)
-    if name == "mla":
-        attn.update(MLA_DIMS)  # a v head dim (12) != the qk head dim (24): exercises each kernel's handling
-    attn.update(extra)
-    return OmegaConf.create(attn)
+    mla_dims = MLA_DIMS if name == "mla" else {}  # a v head dim (12) != the qk head dim (24): each kernel's handling
+    return OmegaConf.merge(cfg.attention, mla_dims, extra)
 
 
-def _module(name, kernel=None, seed=0, **extra):
+def _module(name, kernel=None, seed=0, rope_cfg=None, **extra):
     torch.manual_seed(seed)
-    module = build_attention(D_MODEL, _attn_cfg(name, kernel, **extra))
+    module = build_attention(D_MODEL, _attn_cfg(name, kernel, **extra), rope_cfg=rope_cfg)
     with torch.no_grad():
         for pname, param in module.named_parameters():
             if "layernorm" in pname:
@@ -69,7 +68,7 @@ def _inputs(module, seq=SEQ, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, seq, D_MODEL, generator=gen)
     grad_out = torch.randn(2, seq, D_MODEL, generator=gen)
-    cos, sin = RotaryEmbedding(module.rope_head_dim, seq, OmegaConf.create({"theta": 10000.0, "scaling": None}))(seq)
+    cos, sin = RotaryEmbedding(module.rope_head_dim, seq, typed_cfg(RopeConfig, theta=10000.0, scaling=None))(seq)
     return x, cos, sin, grad_out
 
 
@@ -203,7 +202,7 @@ def _hf_forward(hf, x, cos, sin):
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
 def test_mla_matches_transformers_deepseek_v3(q_lora_rank, bias, kernel):
     hf = _hf_attention(q_lora_rank, bias)
-    ours = _module("mla", kernel, q_lora_rank=q_lora_rank, attention_bias=bias).eval()
+    ours = _module("mla", kernel, q_lora_rank=q_lora_rank, bias=bias).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)  # same names and shapes, both ways
     hf.load_state_dict(ours.state_dict(), strict=True)
     x, cos, sin, _ = _inputs(ours)
@@ -222,19 +221,21 @@ def test_mla_rope_convention_is_interleaved_as_hf_default():
 
 
 def test_mla_yarn_mscale_scales_softmax_not_cos_sin():
-    """DeepSeek's rule: MLA multiplies its softmax scale by mscale^2 and takes cos/sin unscaled."""
-    module = _module("mla", "standard").eval()
+    """DeepSeek's rule, applied by MLA from the rope group it is built with: softmax scale x mscale^2, cos/sin plain."""
+    mscale = 0.1 * math.log(4) + 1
+    yarn = typed_cfg(RopeConfig, theta=10000.0, scaling={"type": "yarn", "factor": 4.0, "mscale": None,
+                                                           "mscale_all_dim": None, "dynamic_factor": False})
+    module = _module("mla", "standard", rope_cfg=yarn).eval()
+    assert module.softmax_scale == pytest.approx((16 + 8) ** -0.5 * mscale**2) and not module.scales_rope_tables
+    plain = _module("mla", "standard").eval()  # same seed, same weights, no scaling
+    plain.base_scale *= mscale**2
     x, cos, sin, _ = _inputs(module)
-    plain = _reference_of(module)
-    plain.base_scale *= 1.3**2
-    module.set_rope_mscale(1.3)
-    assert module.softmax_scale == pytest.approx((16 + 8) ** -0.5 * 1.3**2)
     with torch.no_grad():
         torch.testing.assert_close(module(x, cos, sin), plain(x, cos, sin), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("mscale_all_dim", "want"), [(None, 0.1 * math.log(4) + 1), (0.707, 0.0707 * math.log(4) + 1)])
-def test_transformer_gives_mla_deepseek_yarn_mscale(mscale_all_dim, want):
+def test_mla_in_the_transformer_applies_deepseek_yarn_mscale(mscale_all_dim, want):
     overrides = ["attention=mla", "rope=yarn", "rope.scaling.factor=4"]
     if mscale_all_dim is not None:
         overrides += ["rope.scaling.mscale=0.707", f"rope.scaling.mscale_all_dim={mscale_all_dim}"]
@@ -277,7 +278,7 @@ def test_one_checkpoint_for_standard_sdpa_flash():
 @pytest.mark.parametrize(("name", "kernel", "label"), [
     ("standard", None, "math_explicit"), ("sdpa", None, "sdpa_auto_flash_cpu"), ("flash", None, "sdpa_flash_cpu"),
     ("mla", "standard", "math_explicit"), ("mla", "sdpa", "sdpa_auto_math_cpu"),  # v dim != qk dim: SDPA math
-    ("mla", "flash", "sdpa_flash_cpu+pad_v"),
+    ("mla", "flash", "sdpa_flash_cpu+pad_v"), ("standard", "flash", "sdpa_flash_cpu"),  # MHA preset, other kernel
 ])
 def test_recorded_kernel_is_what_ran(name, kernel, label):
     overrides = [f"attention={name}"] + ([f"attention.kernel={kernel}"] if kernel else [])
@@ -300,7 +301,7 @@ def test_flash_runtime_errors_say_why_and_what_to_set():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(FlashUnavailable, match="no dropout.*attention.dropout=0"):
         flash_attention(q, q, q, dropout_p=0.1)
-    with pytest.raises(FlashUnavailable, match="equal q/k and v head dims, got 16 and 8.*attention=sdpa"):
+    with pytest.raises(FlashUnavailable, match="equal q/k and v head dims, got 16 and 8.*attention.kernel=sdpa"):
         flash_attention(q, q, q[..., :8])
     with pytest.raises(FlashUnavailable, match="head dims <= 256, got 320"):
         check_flash("cuda", torch.bfloat16, 320, 320, 0.0)
@@ -312,37 +313,10 @@ def test_flash_runtime_errors_say_why_and_what_to_set():
         module(x, cos, sin)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["attention=flash", "attention.dropout=0.1"], "attention.dropout=0.1; allowed: 0 with attention=flash on CPU"),
-    (["attention=mla", "attention.kernel=flash", "attention.dropout=0.1"], "attention.kernel=flash on CPU"),
-    (["attention=flash", "hardware=gpu", "attention.n_heads=1", "model.d_model=512"],
-     "attention.n_heads=1; allowed: a value giving a head dim <= 256"),
-    (["attention=mla", "attention.kernel=null"], "attention.kernel=None; allowed: standard, sdpa or flash"),
-    (["attention=mla", "attention.kv_lora_rank=null"], "attention.kv_lora_rank=None; allowed: > 0"),
-    (["attention=mla", "attention.v_head_dim=0"], "attention.v_head_dim=0; allowed: > 0"),
-    (["attention=mla", "attention.qk_rope_head_dim=7"], "attention.qk_rope_head_dim=7; allowed: an even value"),
-    (["attention=mla", "attention.q_lora_rank=0"], "attention.q_lora_rank=0; allowed: null"),
-    (["attention=mla", "attention.n_kv_heads=2"], "attention.n_kv_heads=2; allowed: null for attention=mla"),
-    (["attention=mla", "attention.bias=true"], "attention.bias=True; allowed: false for attention=mla"),
-    (["attention=mla", "attention.attention_bias=null"], "attention.attention_bias=None; allowed: true or false"),
-])
-def test_impossible_attention_configs_fail_with_one_line(overrides, message):
-    cfg = compose_config(overrides)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as err:
-        validate_config(cfg)
-    assert "\n" not in str(err.value)
-
-
 def test_mla_heads_need_not_divide_d_model():
     cfg = compose_config(["attention=mla", "attention.n_heads=3"])
     validate_config(cfg)  # MLA's head dims are its own keys
     assert build_model(cfg)(torch.randint(0, 100, (1, 8))).logits.shape == (1, 8, cfg.model.vocab_size)
-
-
-def test_unknown_kernel_is_rejected_at_compose():
-    with pytest.raises(Exception, match="attention.kernel=fast") as err:
-        compose_config(["attention=mla", "attention.kernel=fast"])
-    assert "Invalid value 'fast', expected one of [standard, sdpa, flash]" in str(err.value.__cause__)
 
 
 # ------------------------------------------------------------------------------------- GPU

@@ -45,7 +45,7 @@ def test_every_option_builds_a_model(option, tmp_path):
     assert logits.shape == (1, 16, cfg.model.vocab_size)
 
 
-def test_model_presets_match_the_issue():
+def test_model_presets_have_their_documented_sizes():
     small = compose_config(["model=small"])
     assert (small.model.d_model, small.model.n_layers, small.attention.n_heads) == (256, 3, 4)
     assert (small.moe.n_routed_experts, small.moe.num_experts_per_tok, small.data.seq_len) == (8, 2, 256)
@@ -72,7 +72,7 @@ def test_demo_experiment_trains_the_small_model():
 @pytest.mark.parametrize(
     ("override", "key", "allowed"),
     [
-        ("attention.name=flashy", "attention.name", "standard, sdpa"),
+        ("attention.type=gqa", "attention.type", "mha, mla"),
         ("norm.name=batchnorm", "norm.name", "layernorm, rmsnorm"),
         ("moe.topk_method=noaux", "moe.topk_method", "greedy, group_limited_greedy, noaux_tc, aux_tc"),
         ("optimizer.name=lion", "optimizer.name", "adam, adamw"),
@@ -118,8 +118,8 @@ def test_wrong_type_is_rejected():
         (["rope.theta=-1"], "rope.theta"),
         (["seed=-1"], "seed"),
         (["attention=mla", "attention.kernel=flash", "attention.v_head_dim=128"], "attention.v_head_dim"),
-        (["attention=sdpa", "attention.kernel=flash"], "attention.kernel"),  # read only by mla: one run, two arms
-        (["attention=standard", "attention.attention_bias=true"], "attention.attention_bias"),
+        (["attention=sdpa", "attention.name=flash"], "attention.name"),  # a label alone: the kernel stays sdpa
+        (["attention=standard", "attention.type=mla"], "attention.name"),  # MLA is the mla preset (its dims)
         (["hardware.num_threads=0"], "hardware.num_threads"),
         (["hardware.devices=0"], "hardware.devices"),
         (["report.primary_metric=val_los"], "report.primary_metric"),

@@ -396,7 +396,7 @@ def test_concurrent_builds_share_one_cache(text_cfg, tmp_path):
 @pytest.mark.parametrize("name", ["default", "text", "hf"])
 def test_prepare_builds_the_cache_training_reads(name, corpus):
     """`python -m kimi_lab.data.prepare data=<name> ...` composes the option file as train.py does: same cache key
-    (it used to take the schema's split fractions and hf defaults for text and hf)."""
+    (the option file's split fractions and hf settings, not the schema's defaults)."""
     from tests.helpers import compose_config
 
     source = {"default": ["data=default"], "text": ["data=text", f"data.paths=[{corpus}]"],

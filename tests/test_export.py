@@ -29,7 +29,7 @@ CASES = {
                                                  "DeepseekV3ForCausalLM"),
     "v3_aux_tc_q_lora_scaled_no_shared_bias": (MLA + ["moe=deepseek_v3", "moe.topk_method=aux_tc",
                                                       "attention.q_lora_rank=16", "moe.routed_scaling_factor=2.5",
-                                                      "moe.n_shared_experts=0", "attention.attention_bias=true"],
+                                                      "moe.n_shared_experts=0", "attention.bias=true"],
                                                "DeepseekV3ForCausalLM"),
     "v3_group_limited_greedy_all_groups": (MLA + ["moe=deepseek_v3", "moe.topk_method=group_limited_greedy",
                                                   "moe.topk_group=4", "moe.norm_topk_prob=false"],
@@ -218,8 +218,8 @@ def test_cli_exports_a_trained_run_and_imports_it_back(tmp_path):
 
     run = tmp_path / "run"
     train(compose_config(["trainer.max_steps=4", "trainer.val_check_interval=2", "optimizer.warmup_steps=1",
-                          "trainer.checkpoint_every_n_steps=2", "data.eval_lengths=[]", "logger.tensorboard=false"],
-                         output_dir=run))
+                          "trainer.checkpoint_every_n_steps=2", "data.eval_lengths=[]", "logger.tensorboard=false",
+                          "trainer.save_checkpoints=best"], output_dir=run))
     out = tmp_path / "hf"
     assert export_cli([str(run), str(out), "--ckpt", "best"]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()

@@ -24,10 +24,10 @@ def test_tiny_run_on_gpu_in_bf16(tmp_path):
 
 @pytest.mark.gpu
 def test_router_is_fp32_under_cuda_autocast():
-    from kimi_lab.model.moe import GreedyRouter
+    from kimi_lab.model.moe import Router
 
     cfg = compose_config([])
-    router = GreedyRouter(64, cfg.moe).cuda()
+    router = Router(64, cfg.moe).cuda()
     torch.nn.init.normal_(router.weight, std=0.02)
     x = torch.randn(32, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -74,9 +74,12 @@ PERTURBATIONS = {
 SKIP = {
     "model.name": "label string of the size preset",
     "rope.name": "label string of the RoPE option",
+    "attention.name": "label string of the attention preset (validate_config holds it to type and kernel)",
     # a kernel computes the same maths, so a fingerprint differing by fp noise would prove nothing either way:
     # test_kernel_key_changes_the_recorded_kernel checks the kernel that ran changes and the run stays equal
     "attention.kernel": "kernel choice, covered by test_kernel_key_changes_the_recorded_kernel",
+    # mha <-> mla also changes the keys each reads (MLA's dims, n_kv_heads) and the label (attention=mla selects it)
+    "attention.type": "not a single-key change; test_attention.py checks each type's module against its reference",
 }
 
 # rope.scaling.type=default (plain RoPE) reads no scaling key (default -> linear at factor 1 is the identity too)
@@ -109,15 +112,12 @@ INERT = {
     "rope_dynamic": {**ROPE_NO_RAMP, "rope.scaling.dynamic_factor": "dynamic NTK follows the length anyway "
                                                                     "(dynamic_factor applies to linear and yarn)"},
     "rope_yarn": {},
-    "mla": {"attention.name": "mla -> an MHA option is not a single-key change (attention.kernel must become "
-                              "null); covered by the moe base",
-            "attention.bias": "MLA reads attention.attention_bias (validate_config rejects attention.bias)",
-            "attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
+    "mla": {"attention.n_kv_heads": "MLA has no kv heads to group (validate_config requires null)"},
     "deepseek_v3": {},
 }
-# keys read only by attention=mla (the MHA options are named after their kernel); covered by the mla base
+# keys read only by attention.type=mla; covered by the mla base
 for _base in ("moe", "dense", "adam"):
-    INERT[_base]["attention.q_lora_rank"] = "attention=mla only; covered by the mla base"
+    INERT[_base]["attention.q_lora_rank"] = "attention.type=mla only; covered by the mla base"
 
 
 def _is_inert(base: str, key: str) -> bool:
@@ -249,7 +249,7 @@ def test_cases_cover_the_known_keys():
     for key in ["model.d_ff", "moe.name"]:
         assert f"dense:{key}" in ids
     for key in ["model.d_model", "model.n_layers", "model.vocab_size", "model.tie_embeddings", "model.init_std",
-                "model.dropout", "attention.name", "attention.n_heads", "attention.n_kv_heads", "attention.dropout",
+                "model.dropout", "attention.n_heads", "attention.n_kv_heads", "attention.dropout",
                 "attention.bias", "norm.name", "norm.eps", "moe.name", "moe.n_routed_experts",
                 "moe.num_experts_per_tok", "moe.moe_intermediate_size", "moe.n_shared_experts",
                 "moe.norm_topk_prob", "moe.routed_scaling_factor", "moe.aux_loss_alpha", "moe.first_k_dense_replace",
@@ -266,7 +266,7 @@ def test_cases_cover_the_known_keys():
                        "dynamic_factor"])):
         assert all(f"{base}:rope.scaling.{k}" in ids for k in keys), base
     # label strings are never perturbed
-    never = ("model.name", "rope.name")
+    never = ("model.name", "rope.name", "attention.name")
     assert not any(i.split(":")[1] in never for i in ids)
     assert all(f"muon:optimizer.{k}" in ids for k in ("lr", "adamw_lr", "momentum", "nesterov", "ns_steps",
                                                       "adjust_lr_fn", "weight_decay", "betas", "eps"))
@@ -295,11 +295,12 @@ def test_every_key_changes_the_run(base, key, new):
 def test_mla_keys_are_covered():
     ids = {case.id for case in CASES}
     for key in ["n_heads", "dropout", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim", "attention_bias"]:
+                "v_head_dim", "bias"]:
         assert f"mla:attention.{key}" in ids, key
 
 
-@pytest.mark.parametrize(("base", "kernel"), [("mla", "standard"), ("mla", "flash")])
+@pytest.mark.parametrize(("base", "kernel"), [("moe", "standard"), ("moe", "flash"), ("mla", "standard"),
+                                              ("mla", "flash")])
 def test_kernel_key_changes_the_recorded_kernel(base, kernel):
     """attention.kernel is read: the kernel that ran (results.json's attention_kernel) changes, the maths does not."""
     cfg = OmegaConf.merge(_base_cfg(base), _nested("attention.kernel", kernel))

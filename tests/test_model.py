@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from kimi_lab.model import build_model, flops_per_token, parameter_counts
 from kimi_lab.model.attention.kernels import sdpa_attention, standard_attention
-from kimi_lab.model.moe import MoE, SwiGLU
+from kimi_lab.model.mlp import SwiGLU
+from kimi_lab.model.moe import MoE
 from kimi_lab.model.rope import RotaryEmbedding, apply_rotary, default_inv_freq, linear_inv_freq
 from kimi_lab.optim import build_optimizer
 from tests.helpers import compose_config, group_options

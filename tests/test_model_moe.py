@@ -1,4 +1,4 @@
-"""Foundation MoE tests: the top-k softmax router, the Switch balance loss, dropless dispatch against a token loop."""
+"""MoE layer tests: the router's options, the Switch balance loss, dropless dispatch against the reference MoE."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimi_lab.model.moe import MoE
-from kimi_lab.model.moe.router import GreedyRouter, load_balance_loss
+from kimi_lab.bench._reference import MaskLoopMoE
+from kimi_lab.model.moe import MoE, Router, load_balance_loss
 from tests.helpers import compose_config, init_normal_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _router(overrides=(), d_model=8):
     cfg = compose_config(list(overrides))
-    router = GreedyRouter(d_model, cfg.moe)
+    router = Router(d_model, cfg.moe)
     init_normal_(router, std=1.0)
     return router, cfg
 
@@ -77,6 +77,35 @@ def test_router_stays_float32_under_autocast():
     torch.testing.assert_close(got.weights, want.weights)
 
 
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
+def test_router_state_dict_per_topk_method(method):
+    """Checkpoints and transformers' DeepseekV3TopkRouter load 1:1: the DeepSeek gates carry the fp32 selection
+    bias (zeros unless noaux_tc moves it), the greedy router its weight only."""
+    cfg = compose_config(["moe=deepseek_v3", f"moe.topk_method={method}", "moe.n_group=1", "moe.topk_group=1"])
+    router = Router(8, cfg.moe).to(torch.bfloat16)
+    state = router.state_dict()
+    want = ["weight"] if method == "greedy" else ["weight", "e_score_correction_bias"]
+    assert list(state) == want and state["weight"].dtype == torch.bfloat16
+    assert method == "greedy" or state["e_score_correction_bias"].dtype == torch.float32
+    assert router.updates_bias == (method == "noaux_tc")
+
+
+@pytest.mark.parametrize(("method", "want_weight_one"), [("greedy", False), ("aux_tc", True)])
+def test_router_top1_renormalises_only_for_deepseek_gates(method, want_weight_one):
+    """norm_topk_prob at k = 1: the DeepSeek gates give weight 1 (DeepseekV3TopkRouter); greedy keeps the score
+    as its weight, so the router learns through the output (Switch)."""
+    cfg = compose_config(["moe=deepseek_v3", f"moe.topk_method={method}", "moe.n_group=1", "moe.topk_group=1",
+                          "moe.num_experts_per_tok=1", "moe.norm_topk_prob=true", "moe.scoring_func=softmax"])
+    router = Router(8, cfg.moe)
+    init_normal_(router, std=1.0)
+    x = torch.randn(20, 8)
+    routing = router(x)
+    top = _reference_probs(router, x).max(dim=-1)
+    assert torch.equal(routing.expert_idx[:, 0], top.indices)
+    want = torch.ones(20, dtype=torch.float64) if want_weight_one else top.values
+    torch.testing.assert_close(routing.weights[:, 0].double(), want, rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------- balance loss
 
 
@@ -119,37 +148,6 @@ def _moe(overrides=(), d_model=16):
     moe = MoE(d_model, cfg.moe)
     init_normal_(moe, std=0.3)
     return moe
-
-
-def _expert(moe, e: int, x_t: torch.Tensor) -> torch.Tensor:
-    """Expert e of the (E, 2I, H) / (E, H, I) banks on one token x_t (H,): down(silu(gate x) * up x)."""
-    gate, up = (moe.experts.gate_up_proj[e] @ x_t).chunk(2)
-    return moe.experts.down_proj[e] @ (F.silu(gate) * up)
-
-
-def _loop_reference(moe, x):
-    """Naive per-token loop: sum_k w_k * expert_{idx_k}(x_t) (+ shared experts)."""
-    flat = x.reshape(-1, x.shape[-1])
-    routing = moe.gate(flat)
-    out = torch.zeros_like(flat)
-    for t in range(flat.shape[0]):
-        for k in range(moe.top_k):
-            out[t] += routing.weights[t, k].to(flat.dtype) * _expert(moe, int(routing.expert_idx[t, k]), flat[t])
-        if moe.shared_experts is not None:
-            out[t] += moe.shared_experts(flat[t : t + 1])[0]
-    return out.view_as(x), routing
-
-
-@pytest.mark.parametrize("n_shared", [0, 1])
-def test_moe_dispatch_matches_token_loop(n_shared):
-    moe = _moe([f"moe.n_shared_experts={n_shared}"])
-    assert (moe.shared_experts is not None) == (n_shared > 0)
-    x = torch.randn(3, 10, 16)
-    with torch.no_grad():
-        want, routing = _loop_reference(moe, x)
-        got = moe(x)
-    assert (routing.counts > 0).all()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_moe_gradients_reach_experts_and_gate():
@@ -203,8 +201,7 @@ def test_moe_is_dropless_under_collapse():
     with torch.no_grad():
         moe.gate.weight.zero_()
         moe.gate.weight[0, 0], moe.gate.weight[1, 0], moe.gate.weight[2:, 0] = 4.0, 2.0, -4.0
-        want, routing = _loop_reference(moe, x)
-        got = moe(x)
+        routing, want, got = moe.gate(x), MaskLoopMoE(moe)(x), moe(x)
     assert routing.counts.tolist() == [n_tokens, n_tokens, 0, 0]  # every token on experts 0 and 1
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.abs().amax() > 1e-3

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kimi_lab.bench._reference import MaskLoopMoE
 from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.model import build_model
-from kimi_lab.model.moe import GroupLimitedRouter, MoE, SwiGLU, grouped_linear, grouped_mm_runs
+from kimi_lab.model.mlp import SwiGLU
+from kimi_lab.model.moe import ROUTERS, MoE, grouped_linear, grouped_mm_runs
 from kimi_lab.training import train
 from tests.helpers import compose_config, deepseek_v3_cfg, init_normal_
 
@@ -37,36 +39,31 @@ def test_one_expert_top1_unscaled_is_the_dense_swiglu(overrides):
     torch.testing.assert_close(moe(x), dense(x), rtol=1e-6, atol=1e-6)
 
 
-def _token_loop(moe, x):
-    """Naive per-token reference: sum_k w_k expert_{e_k}(x_t) + shared(x_t), experts from the bank slices."""
-    flat = x.reshape(-1, x.shape[-1])
-    routing = moe.gate(x)
-    rows = []
-    for t in range(flat.shape[0]):
-        acc = moe.shared_experts(flat[t]) if moe.shared_experts is not None else torch.zeros_like(flat[t])
-        for k in range(moe.top_k):
-            e = int(routing.expert_idx[t, k])
-            gate, up = (moe.experts.gate_up_proj[e] @ flat[t]).chunk(2)
-            acc = acc + routing.weights[t, k].to(flat.dtype) * (moe.experts.down_proj[e] @ (F.silu(gate) * up))
-        rows.append(acc)
-    return torch.stack(rows).view_as(x)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # segment form; grouped_mm
-def test_dispatch_matches_per_token_reference_forward_and_grads(dtype):
-    cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=3", "moe.n_group=1", "moe.topk_group=1",
-                           "moe.moe_intermediate_size=16", "moe.n_shared_experts=1", "moe.routed_scaling_factor=2.5"])
-    moe = MoE(16, cfg.moe).to(dtype)
+@pytest.mark.parametrize("overrides", [
+    ["moe.topk_method=aux_tc", "moe.n_group=4", "moe.topk_group=2", "moe.n_shared_experts=1"],
+    ["moe=greedy", "moe.n_shared_experts=0", "moe.aux_loss_alpha=0.01"],
+], ids=["aux_tc-groups-shared", "greedy"])
+def test_dispatch_matches_the_reference_moe_forward_grads_and_aux_loss(dtype, overrides):
+    """MoE against kimi_lab.bench._reference (the per-expert loop; the bench's `loop` column): output, gradients of
+    the input and of every parameter through output and balance loss, and the aux loss itself."""
+    cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=3", "moe.moe_intermediate_size=16",
+                           "moe.routed_scaling_factor=2.5", "moe.n_group=1", "moe.topk_group=1", *overrides])
+    validate_config(cfg)
+    moe = MoE(16, cfg.moe).to(dtype).train()
     init_normal_(moe)
+    reference = MaskLoopMoE(moe)
     x = torch.randn(3, 11, 16, dtype=dtype, requires_grad=True)
     assert grouped_mm_runs(x.reshape(-1, 16), moe.experts.down_proj) == (dtype == torch.float32)
-    got = moe(x)
+    got, got_aux = moe(x), moe.aux_loss
     upstream = torch.randn_like(got)
-    grads = torch.autograd.grad(got, [x, *moe.parameters()], upstream)
-    want = _token_loop(moe, x)
-    want_grads = torch.autograd.grad(want, [x, *moe.parameters()], upstream)
+    grads = torch.autograd.grad([got, got_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
+    want, want_aux = reference(x), reference.aux_loss
+    want_grads = torch.autograd.grad([want, want_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
     tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=0)
+    assert got_aux > 0
     for (name, _), g, w in zip([("x", None), *moe.named_parameters()], grads, want_grads):
         torch.testing.assert_close(g, w, **tol, msg=name)
     assert moe.experts.gate_up_proj.grad is None  # autograd.grad leaves .grad alone
@@ -148,8 +145,8 @@ def test_used_by_command_is_valid_on_the_default_moe_group():
     for method in ("noaux_tc", "aux_tc", "group_limited_greedy"):
         cfg = compose_config([f"moe.topk_method={method}"], model=None)
         validate_config(cfg)
-        assert isinstance(build_model(compose_config([f"moe.topk_method={method}"])).moe_layers()[0].gate,
-                          GroupLimitedRouter)
+        gate = build_model(compose_config([f"moe.topk_method={method}"])).moe_layers()[0].gate
+        assert gate.method == method and gate.options is ROUTERS[method]
 
 
 def test_bench_moe_writes_its_table(tmp_path, capsys):
@@ -187,29 +184,6 @@ def test_bench_moe_pass_backpropagates_the_balance_loss_as_a_loss_term(alpha):
     router_grad = moe.gate.weight.grad
     assert router_grad is not None and (router_grad.abs().sum() > 0) == (alpha > 0)
     assert x.grad is not None
-
-
-def test_bench_moe_mask_loop_reference_matches_the_layer_forward_and_grads():
-    """The `loop` column times the same function: forward, input and parameter gradients, aux loss (float64)."""
-    from kimi_lab.bench.moe import MaskLoopMoE
-
-    cfg = deepseek_v3_cfg(["moe.n_routed_experts=8", "moe.num_experts_per_tok=3", "moe.n_group=4", "moe.topk_group=2",
-                           "moe.moe_intermediate_size=16", "moe.n_shared_experts=1", "moe.routed_scaling_factor=2.5",
-                           "moe.topk_method=aux_tc"])
-    moe = MoE(16, cfg.moe).double()
-    init_normal_(moe)
-    loop = MaskLoopMoE(moe)
-    x = torch.randn(3, 11, 16, dtype=torch.float64, requires_grad=True)
-    got, got_aux = moe(x), moe.aux_loss
-    upstream = torch.randn_like(got)
-    grads = torch.autograd.grad([got, got_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
-    want, want_aux = loop(x), loop.aux_loss
-    want_grads = torch.autograd.grad([want, want_aux], [x, *moe.parameters()], [upstream, torch.ones(())])
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(got_aux, want_aux, rtol=0, atol=0)
-    assert got_aux > 0
-    for (name, _), g, w in zip([("x", None), *moe.named_parameters()], grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_resume_restores_the_bias_and_its_curve(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from kimi_lab.config import validate_config
 from kimi_lab.model import build_model
-from kimi_lab.model.moe import GroupLimitedRouter, MoE, sequence_balance_loss, update_expert_biases
+from kimi_lab.model.moe import MoE, Router, sequence_balance_loss, update_expert_biases
 from kimi_lab.training import train
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from tests.helpers import compose_config, deepseek_v3_cfg, init_normal_
@@ -28,6 +28,12 @@ def sorted_routing(idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tens
 # ----------------------------------------------------------------------------------------------- gate vs transformers
 
 
+def _gate_overrides(scoring: str, n_group: int, topk_group: int, norm: bool) -> list[str]:
+    return [f"moe.scoring_func={scoring}", "moe.n_routed_experts=16", "moe.num_experts_per_tok=4",
+            f"moe.n_group={n_group}", f"moe.topk_group={topk_group}", f"moe.norm_topk_prob={norm}",
+            "moe.routed_scaling_factor=2.5"]
+
+
 def _hf_router_pair(scoring: str, n_group: int, topk_group: int, norm: bool, seed: int = 0):
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -41,11 +47,9 @@ def _hf_router_pair(scoring: str, n_group: int, topk_group: int, norm: bool, see
         hf.weight.normal_(0, 0.3)
         hf.e_score_correction_bias.copy_(torch.randn(16) * 0.05)
         hf.e_score_correction_bias[[0, 5, 6]] = -8.0  # strongly negative: these experts can never be chosen
-    cfg = deepseek_v3_cfg([f"moe.scoring_func={scoring}", "moe.n_routed_experts=16", "moe.num_experts_per_tok=4",
-                           f"moe.n_group={n_group}", f"moe.topk_group={topk_group}", f"moe.norm_topk_prob={norm}",
-                           "moe.routed_scaling_factor=2.5"])
+    cfg = deepseek_v3_cfg(_gate_overrides(scoring, n_group, topk_group, norm))
     validate_config(cfg)
-    ours = GroupLimitedRouter(32, cfg.moe)
+    ours = Router(32, cfg.moe)
     ours.load_state_dict(hf.state_dict(), strict=True)  # weight + e_score_correction_bias, 1:1
     return hf, ours
 
@@ -72,9 +76,11 @@ def test_gate_matches_transformers_deepseek_v3_router(scoring, n_group, topk_gro
     torch.testing.assert_close(got_w, want_w, rtol=0, atol=1e-6)
     assert not torch.isin(got_idx, torch.tensor([0, 5, 6])).any()  # the bias did select
     assert routing.weights.dtype == torch.float32
-    # the bias steers selection: without it (aux_tc) some tokens pick other experts
-    ours.method = "aux_tc"
-    assert not torch.equal(sorted_routing(ours(x).expert_idx, ours(x).weights)[0], want_idx)
+    # the bias steers selection: without it (aux_tc, same weights) some tokens pick other experts
+    unbiased = Router(32, deepseek_v3_cfg([*_gate_overrides(scoring, n_group, topk_group, norm),
+                                           "moe.topk_method=aux_tc"]).moe)
+    unbiased.load_state_dict(ours.state_dict())
+    assert not torch.equal(sorted_routing(unbiased(x).expert_idx, unbiased(x).weights)[0], want_idx)
 
 
 def test_group_limited_greedy_matches_transformers_deepseek_v2_router():
@@ -89,7 +95,7 @@ def test_group_limited_greedy_matches_transformers_deepseek_v2_router():
     cfg = deepseek_v3_cfg(["moe.topk_method=group_limited_greedy", "moe.scoring_func=softmax",
                            "moe.n_routed_experts=16", "moe.num_experts_per_tok=4", "moe.norm_topk_prob=false",
                            "moe.routed_scaling_factor=1.5"])
-    ours = GroupLimitedRouter(32, cfg.moe)
+    ours = Router(32, cfg.moe)
     ours.load_state_dict({**hf.state_dict(), "e_score_correction_bias": torch.zeros(16)}, strict=True)
     x = torch.randn(128, 32)
     _, hf_w, hf_idx = hf(x)
@@ -102,7 +108,7 @@ def test_group_limited_greedy_matches_transformers_deepseek_v2_router():
 def test_masked_groups_lose_even_against_negative_scores():
     """With every biased score negative, a 0-fill (instead of -inf) would hand the top-k to masked experts."""
     cfg = deepseek_v3_cfg(["moe.n_routed_experts=16", "moe.num_experts_per_tok=4", "moe.n_group=4", "moe.topk_group=1"])
-    gate = GroupLimitedRouter(32, cfg.moe)
+    gate = Router(32, cfg.moe)
     init_normal_(gate)
     with torch.no_grad():
         gate.e_score_correction_bias.fill_(-5.0)
@@ -227,7 +233,7 @@ def test_bias_balances_a_skewed_router(n_experts):
     """Synthetic router with a strong per-expert preference: MaxVio falls to <= 0.2 within 300 bias updates."""
     cfg = deepseek_v3_cfg([f"moe.n_routed_experts={n_experts}", "moe.num_experts_per_tok=4", "moe.n_group=1",
                            "moe.topk_group=1", "moe.aux_loss_alpha=0"])
-    gate = GroupLimitedRouter(32, cfg.moe).train()
+    gate = Router(32, cfg.moe).train()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         gate.weight.copy_(torch.randn(n_experts, 32, generator=gen) * 0.05)
@@ -248,13 +254,13 @@ def test_bias_balances_a_skewed_router(n_experts):
 def test_bias_updates_once_per_optimizer_step_end_to_end(tmp_path, monkeypatch):
     """accumulate_grad_batches=4: one update per optimizer step, on the counts of all 4 micro-batches."""
     seen = []
-    original = GroupLimitedRouter.update_bias
+    original = Router.update_bias
 
     def counting(self, counts):
         seen.append(counts.sum().item())
         original(self, counts)
 
-    monkeypatch.setattr(GroupLimitedRouter, "update_bias", counting)
+    monkeypatch.setattr(Router, "update_bias", counting)
     overrides = ["moe=deepseek_v3", "trainer.max_steps=3", "trainer.accumulate_grad_batches=4",
                  "trainer.val_check_interval=3", "optimizer.warmup_steps=1"]
     results = train(compose_config(overrides, output_dir=tmp_path))
@@ -304,7 +310,7 @@ def test_sequence_balance_loss_closed_form():
 
 def test_aux_tc_loss_is_alpha_times_sequence_loss_with_gradient():
     cfg = deepseek_v3_cfg(["moe.topk_method=aux_tc", "moe.aux_loss_alpha=0.3"])
-    gate = GroupLimitedRouter(16, cfg.moe)
+    gate = Router(16, cfg.moe)
     init_normal_(gate)
     x = torch.randn(2, 9, 16)
     routing = gate(x)

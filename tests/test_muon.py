@@ -8,17 +8,17 @@ import math
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.optim._muon import _zeropower_via_newtonschulz
 
 from kimi_lab.config import validate_config
+from kimi_lab.config.schema import OptimizerConfig
 from kimi_lab.config.validate import ConfigError
 from kimi_lab.model import build_model
 from kimi_lab.optim import build_optimizer, build_scheduler
 from kimi_lab.optim.muon import NS_COEFFICIENTS, MuonWithAdamW, batched_newton_schulz, build_muon, split_parameters
 from kimi_lab.training import train
-from tests.helpers import compose_config
+from tests.helpers import compose_config, typed_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _opt_cfg(**overrides):
     base = dict(name="muon", lr=0.02, adamw_lr=3e-3, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
                 adjust_lr_fn="original", betas=[0.9, 0.95], eps=1e-8)
-    return OmegaConf.create({**base, **overrides})
+    return typed_cfg(OptimizerConfig, **{**base, **overrides})
 
 
 class BankModel(nn.Module):
@@ -169,7 +169,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     torch.manual_seed(6)
     model = BankModel()
     opt = build_muon(model, _opt_cfg(weight_decay=0.1))
-    sched = build_scheduler(opt, OmegaConf.create({"schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}), 10)
+    sched = build_scheduler(opt, typed_cfg(OptimizerConfig, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 10)
     ids = torch.randint(0, 11, (4, 9))
     for _ in range(3):
         _step(model, opt, ids)
@@ -182,7 +182,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
     clone = BankModel()
     clone.load_state_dict(saved_model)
     opt2 = build_muon(clone, _opt_cfg(weight_decay=0.1))
-    sched2 = build_scheduler(opt2, OmegaConf.create({"schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1}), 10)
+    sched2 = build_scheduler(opt2, typed_cfg(OptimizerConfig, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1), 10)
     opt2.load_state_dict(copy.deepcopy(saved_opt))
     sched2.load_state_dict(saved_sched)
     # the sub-optimizers see the loaded groups and state (not the fresh ones they were built with)
@@ -201,7 +201,7 @@ def test_state_dict_round_trip_continues_bit_for_bit():
 
 def test_load_state_dict_into_a_stepped_optimizer_takes_the_loaded_state():
     """Rolling an optimizer that has already stepped back to a saved state: momentum and moments are the saved
-    ones (the sub-optimizers' own pre-load state used to be copied back over them)."""
+    ones, not the sub-optimizers' own pre-load state copied back over them."""
     torch.manual_seed(7)
     model = BankModel()
     opt = build_muon(model, _opt_cfg())

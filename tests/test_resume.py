@@ -23,7 +23,8 @@ def test_preempted_run_resumes_with_the_same_validations_and_best_checkpoint(tmp
     """Killed during step 3 (no checkpoint of its own): the resume starts from the periodic last.ckpt of step 2, a
     validation step, which must hold step 2's validation and best score."""
     overrides = [*QUICK, "trainer.max_steps=6", "trainer.val_check_interval=2", "trainer.checkpoint_every_n_steps=2",
-                 "optimizer.lr=2.0", "optimizer.schedule=constant", "trainer.gradient_clip_val=null"]
+                 "optimizer.lr=2.0", "optimizer.schedule=constant", "trainer.gradient_clip_val=null",
+                 "trainer.save_checkpoints=best"]
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full = train(compose_config(overrides, output_dir=full_dir))
     assert full["best_val_step"] == 2, "the scenario needs the best validation at the checkpointed step"
@@ -98,7 +99,7 @@ def test_data_position_is_saved_globally_and_refuses_another_device_count():
 
 def test_a_wrong_resume_command_leaves_the_runs_record_alone(tmp_path):
     """resume=true on a finished run is refused; a resume with other overrides is refused: neither touches the
-    folder's status.json, results.json or config (they used to mark a finished run failed and delete its results).
+    folder's status.json, results.json or config (a finished run stays finished, its results kept).
     A run interrupted at its last step resumes with nothing to train: its peak memory is null, not negative."""
     overrides = [*QUICK, "trainer.max_steps=2", "trainer.val_check_interval=2"]
     done = tmp_path / "done"

@@ -12,10 +12,11 @@ import torch
 from omegaconf import OmegaConf
 
 from kimi_lab.config import validate_config
+from kimi_lab.config.schema import RopeConfig
 from kimi_lab.config.validate import ConfigError
 from kimi_lab.model import build_model
 from kimi_lab.model.rope import RotaryEmbedding, apply_rotary
-from tests.helpers import REPO_ROOT, compose_config
+from tests.helpers import REPO_ROOT, compose_config, typed_cfg
 
 rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
 
@@ -25,7 +26,7 @@ SCALINGS = ("default", "linear", "dynamic", "yarn")
 def _rope_cfg(kind: str, theta: float, factor: float, original: int, **extra):
     scaling = {"type": kind, "factor": factor, "original_max_position_embeddings": original, "beta_fast": 32.0,
                "beta_slow": 1.0, "mscale": None, "mscale_all_dim": None, **extra}
-    return OmegaConf.create({"theta": theta, "scaling": scaling})
+    return typed_cfg(RopeConfig, theta=theta, scaling=scaling)
 
 
 def _hf(kind: str, head_dim: int, theta: float, factor: float, original: int, seq_len=None, **extra):

@@ -20,7 +20,8 @@ QUICK = ["data.eval_lengths=[]", "logger.tensorboard=false", "optimizer.warmup_s
 
 def test_final_validation_outside_the_schedule_can_be_the_best_checkpoint(tmp_path):
     run = tmp_path / "run"
-    results = train(compose_config([*QUICK, "trainer.max_steps=5", "trainer.val_check_interval=2"], output_dir=run))
+    results = train(compose_config([*QUICK, "trainer.max_steps=5", "trainer.val_check_interval=2",
+                                    "trainer.save_checkpoints=best"], output_dir=run))
     assert [r["step"] for r in read_metrics(run)[1]] == ["2", "4", "5"]  # 5: train()'s validation after fit
     assert results["best_val_step"] == 5, "the scenario needs the loss still falling at the last step"
     assert {p.name for p in (run / "checkpoints").glob("best-step*.ckpt")} == {"best-step5.ckpt"}

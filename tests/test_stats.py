@@ -244,7 +244,7 @@ def test_the_baseline_rule_says_when_no_arm_has_every_first_value(tmp_path):
 
 def test_a_finished_job_is_identified_by_its_results_not_a_rewritten_hydra_folder(sweep_dir):
     """A refused relaunch with another grid still has Hydra rewrite the folder's .hydra/overrides.yaml: the job's
-    identity is the one its results.json records (it used to land in the wrong arm and push out a real run)."""
+    identity is the one its results.json records, so it neither lands in a wrong arm nor pushes out a real run."""
     rewritten = sweep_dir / "0" / ".hydra" / "overrides.yaml"
     rewritten.write_text(yaml.safe_dump(["model=tiny", "optimizer.lr=0.002", "seed=1"]))
     sweep = collect_sweep(sweep_dir)

@@ -253,10 +253,9 @@ def test_confirm_notes_table_and_warnings(tmp_path):
     assert lines[0] == "## Tuned LRs"
     assert f"| `optimizer=adam` | 0.002 | `optimizer=adam` | `{sweep.resolve()}` | no |" in lines
     assert f"| `optimizer=adamw` | 0.004 | `optimizer=adamw` | `{sweep.resolve()}` | yes: high |" in lines
-    assert len(warnings) == 2
-    assert warnings[0].startswith("confirm seeds 3 are also tuning seeds (report.tuning_seeds 1, 2, 3)")
-    assert "arm optimizer=adamw: its tuned LR is the highest of its tuning grid (0.001, 0.002, 0.004)" in warnings[1]
-    assert "add optimizer.lr=0.008" in warnings[1]
+    assert len(warnings) == 1  # the seed overlap is the report settings' warning (test_verdicts)
+    assert "arm optimizer=adamw: its tuned LR is the highest of its tuning grid (0.001, 0.002, 0.004)" in warnings[0]
+    assert "add optimizer.lr=0.008" in warnings[0]
     assert confirm_notes(collect_sweep(sweep)) == ([], [])  # not a confirm sweep
 
 

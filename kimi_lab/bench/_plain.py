@@ -42,8 +42,8 @@ class PlainGPT(nn.Module):
 
     @classmethod
     def from_config(cls, cfg) -> PlainGPT:
-        return cls(int(cfg.model.vocab_size), int(cfg.model.d_model), int(cfg.model.n_layers),
-                   int(cfg.attention.n_heads), int(cfg.model.d_ff), int(cfg.data.seq_len))
+        return cls(cfg.model.vocab_size, cfg.model.d_model, cfg.model.n_layers,
+                   cfg.attention.n_heads, cfg.model.d_ff, cfg.data.seq_len)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
@@ -59,9 +59,9 @@ class PlainGPT(nn.Module):
 
 def plain_step_fn(model: PlainGPT, cfg, batches: list, device: str):
     """step(i) -> (step seconds, optimizer seconds): full-logits CE, clipping, AdamW (as the framework's default)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optimizer.lr), betas=tuple(cfg.optimizer.betas),
-                            weight_decay=float(cfg.optimizer.weight_decay))
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=str(cfg.hardware.precision) == "bf16-mixed")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                            weight_decay=cfg.optimizer.weight_decay)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.hardware.precision == "bf16-mixed")
 
     def step(i: int) -> tuple[float, float]:
         ids, targets = batches[i % len(batches)]

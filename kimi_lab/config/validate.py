@@ -7,7 +7,7 @@ import re
 
 from omegaconf import DictConfig, ListConfig
 
-from kimi_lab.config.schema import PRECISIONS, EvalTask
+from kimi_lab.config.schema import PRECISIONS, AttentionType, EvalTask
 from kimi_lab.config.unknown_keys import check_unknown_keys
 
 MOMENTUM_OPTIMIZERS: tuple[str, ...] = ("muon",)  # optimizers that read optimizer.momentum
@@ -20,7 +20,18 @@ class ConfigError(ValueError):
 
 def _check(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"Invalid config: {key}={value!r}; allowed: {allowed}")
+        raise ConfigError(f"Invalid config: {key}={shown(value)}; allowed: {allowed}")
+
+
+def shown(value) -> str:
+    """``repr(value)`` for an error message, with StrEnum members (also in lists and tuples) written as the strings
+    a user types (``'none'``, not ``<CheckpointPolicy.none: 'none'>``)."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        items = [shown(v) for v in value]
+        if isinstance(value, tuple):
+            return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+        return "[" + ", ".join(items) + "]"
+    return str.__repr__(value) if isinstance(value, str) else repr(value)
 
 
 def _in_unit_interval(value, closed_right: bool = False) -> bool:
@@ -74,7 +85,7 @@ def _check_model(cfg: DictConfig) -> None:
     _check(model.init_std > 0, "model.init_std", model.init_std, "> 0")
     _check(_in_unit_interval(model.dropout), "model.dropout", model.dropout, "[0, 1)")
     _check(attn.n_heads > 0, "attention.n_heads", attn.n_heads, "> 0")
-    if _name(attn.name) != "mla":  # MLA's head dims are its own keys (checked in _check_attention)
+    if attn.type == AttentionType.mha:  # MLA's head dims are its own keys (checked in _check_mla)
         _check(model.d_model % attn.n_heads == 0, "attention.n_heads", attn.n_heads,
                f"a divisor of model.d_model={model.d_model}")
         head_dim = model.d_model // attn.n_heads
@@ -87,51 +98,61 @@ def _check_model(cfg: DictConfig) -> None:
     _check(cfg.norm.eps > 0, "norm.eps", cfg.norm.eps, "> 0")
 
 
-def _name(value) -> str:
-    return getattr(value, "value", value)
-
-
-FLASH_MAX_HEAD_DIM_CUDA = 256  # FlashAttention-2 on CUDA (flash-attn and SDPA's FLASH backend)
+def attention_label(attn: DictConfig) -> str:
+    """The label ``attention.name`` holds: ``mla`` for type=mla, else the kernel's name (the preset names)."""
+    return "mla" if attn.type == AttentionType.mla else attn.kernel
 
 
 def _check_attention(cfg: DictConfig) -> None:
-    """attention=mla needs its dims; FlashAttention-2 limits (no dropout in PyTorch's CPU kernel, head dim <= 256)."""
-    attn, name = cfg.attention, _name(cfg.attention.name)
-    kernel = name if name != "mla" else _name(attn.kernel)
-    if name == "mla":
-        _check(not cfg.norm.qk_norm, "norm.qk_norm", cfg.norm.qk_norm,
-               "false for attention=mla (it normalises its latents); true only for standard, sdpa or flash")
-        _check(attn.kernel is not None, "attention.kernel", attn.kernel, "standard, sdpa or flash for attention=mla")
-        for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-            _check(attn[key] is not None and attn[key] > 0, f"attention.{key}", attn[key], "> 0 for attention=mla")
-        rope = attn.qk_rope_head_dim
-        _check(rope is not None and rope > 0 and rope % 2 == 0, "attention.qk_rope_head_dim", rope,
-               "an even value > 0 for attention=mla (RoPE rotates pairs)")
-        _check(attn.q_lora_rank is None or attn.q_lora_rank > 0, "attention.q_lora_rank", attn.q_lora_rank,
-               "null (no query compression) or > 0")
-        _check(attn.attention_bias is not None, "attention.attention_bias", attn.attention_bias,
-               "true or false for attention=mla")
-        _check(attn.n_kv_heads is None, "attention.n_kv_heads", attn.n_kv_heads,
-               "null for attention=mla (k/v come from one shared latent)")
-        _check(not attn.bias, "attention.bias", attn.bias, "false for attention=mla (set attention.attention_bias)")
-    else:  # MHA options read neither: accepting them would make two sweep arms one run
-        _check(attn.kernel is None, "attention.kernel", _name(attn.kernel),
-               f"null for attention={name} (the MHA options are their own kernel; attention.kernel picks MLA's)")
-        _check(not attn.attention_bias, "attention.attention_bias", attn.attention_bias,
-               f"null or false for attention={name} (MLA's projection bias; set attention.bias)")
-    if kernel != "flash":
-        return
-    what = "attention=flash" if name == "flash" else "attention.kernel=flash"
-    _check(attn.dropout == 0 or _name(cfg.hardware.accelerator) != "cpu", "attention.dropout", attn.dropout,
-           f"0 with {what} on CPU (PyTorch's CPU flash kernel has no dropout), or attention=sdpa/standard")
-    head_dim = cfg.model.d_model // attn.n_heads if name != "mla" else attn.qk_nope_head_dim + attn.qk_rope_head_dim
-    if name == "mla":  # FlashAttention-2 takes one head dim for q, k and v: MLA's v is zero-padded up to q/k's
-        _check(attn.v_head_dim <= head_dim, "attention.v_head_dim", attn.v_head_dim,
-               f"<= qk_nope_head_dim + qk_rope_head_dim = {head_dim} with attention.kernel=flash (v is padded to "
-               "the q/k head dim), or attention.kernel=sdpa/standard")
-    _check(head_dim <= FLASH_MAX_HEAD_DIM_CUDA or _name(cfg.hardware.accelerator) != "gpu", "attention.n_heads",
-           attn.n_heads, f"a value giving a head dim <= {FLASH_MAX_HEAD_DIM_CUDA} with {what} on GPU (head dim "
-           f"{head_dim}), or attention=sdpa/standard")
+    """The label matches the module; MLA's keys; the kernel's own limits (``kernel_limits``) on this accelerator."""
+    attn = cfg.attention
+    label = attention_label(attn)
+    _check(attn.name == label, "attention.name", attn.name, f"'{label}', the label of attention.type={attn.type} "
+           f"attention.kernel={attn.kernel} (a preset's label: select attention=standard|sdpa|flash|mla, or set "
+           "attention.type / attention.kernel)")
+    if attn.type == AttentionType.mla:
+        _check_mla(cfg)
+    # the kernel states its limits (kimi_lab.model.attention.kernels); imported here, when validating, so that
+    # importing the config package imports no torch
+    from kimi_lab.model.attention import kernel_limits
+
+    limits, device = kernel_limits(attn.kernel), "cuda" if cfg.hardware.accelerator == "gpu" else "cpu"
+    what, fix = f"attention.kernel={attn.kernel}", "or attention.kernel=sdpa/standard"
+    if device in limits.no_dropout_on:
+        _check(attn.dropout == 0, "attention.dropout", attn.dropout,
+               f"0 with {what} on {device.upper()} (the kernel has no dropout there), {fix}")
+    if attn.type == AttentionType.mla:
+        qk_dim = attn.qk_nope_head_dim + attn.qk_rope_head_dim
+        if limits.one_head_dim:  # one head dim for q, k and v: MLA zero-pads its v up to q/k's
+            _check(attn.v_head_dim <= qk_dim, "attention.v_head_dim", attn.v_head_dim,
+                   f"<= qk_nope_head_dim + qk_rope_head_dim = {qk_dim} with {what} (v is padded to the q/k head "
+                   f"dim), {fix}")
+        key, value, giving = "attention.qk_nope_head_dim", attn.qk_nope_head_dim, "qk_nope + qk_rope head dims"
+    else:
+        qk_dim = cfg.model.d_model // attn.n_heads
+        key, value, giving = "attention.n_heads", attn.n_heads, "a value giving a head dim"
+    max_dim = limits.max_head_dim.get(device)
+    _check(max_dim is None or qk_dim <= max_dim, key, value,
+           f"{giving} <= {max_dim} with {what} on {device.upper()} (head dim {qk_dim}), {fix}")
+
+
+def _check_mla(cfg: DictConfig) -> None:
+    """attention.type=mla: its dims set, no kv-head grouping, no QK-norm, a YaRN scaling MLA can apply."""
+    attn = cfg.attention
+    _check(not cfg.norm.qk_norm, "norm.qk_norm", cfg.norm.qk_norm,
+           "false for attention.type=mla (it normalises its latents); true only for attention.type=mha")
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+        _check(attn[key] is not None and attn[key] > 0, f"attention.{key}", attn[key], "> 0 for attention.type=mla")
+    rope = attn.qk_rope_head_dim
+    _check(rope is not None and rope > 0 and rope % 2 == 0, "attention.qk_rope_head_dim", rope,
+           "an even value > 0 for attention.type=mla (RoPE rotates pairs)")
+    _check(attn.q_lora_rank is None or attn.q_lora_rank > 0, "attention.q_lora_rank", attn.q_lora_rank,
+           "null (no query compression) or > 0")
+    _check(attn.n_kv_heads is None, "attention.n_kv_heads", attn.n_kv_heads,
+           "null for attention.type=mla (k/v come from one shared latent)")
+    from kimi_lab.model.attention.mla import softmax_mscale  # MLA states which RoPE scalings it applies
+
+    softmax_mscale(cfg.rope.scaling)
 
 
 def _check_moe(cfg: DictConfig) -> None:
@@ -149,7 +170,7 @@ def _check_moe(cfg: DictConfig) -> None:
 
 
 def _check_moe_groups(moe) -> None:
-    method = getattr(moe.topk_method, "value", moe.topk_method)
+    method = moe.topk_method
     n_exp, n_group, topk_group = moe.n_routed_experts, moe.n_group, moe.topk_group
     _check(moe.bias_update_speed >= 0, "moe.bias_update_speed", moe.bias_update_speed, ">= 0")
     if method == "greedy":
@@ -170,12 +191,12 @@ def _check_optimizer(cfg: DictConfig) -> None:
     _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, ">= 0")
     _check(len(opt.betas) == 2 and all(_in_unit_interval(b) for b in opt.betas), "optimizer.betas",
            list(opt.betas), "two values in [0, 1)")
-    uses_momentum = getattr(opt.name, "value", opt.name) in MOMENTUM_OPTIMIZERS
+    uses_momentum = opt.name in MOMENTUM_OPTIMIZERS
     _check((opt.momentum is not None) == uses_momentum, "optimizer.momentum", opt.momentum,
            "null for adam/adamw (set optimizer.betas instead); a value in [0, 1) for momentum optimizers")
     if uses_momentum:
         _check(_in_unit_interval(opt.momentum), "optimizer.momentum", opt.momentum, "[0, 1)")
-    is_muon = getattr(opt.name, "value", opt.name) == "muon"
+    is_muon = opt.name == "muon"
     for key in MUON_KEYS:
         _check((opt[key] is not None) == is_muon, f"optimizer.{key}", opt[key],
                "set for optimizer=muon (see conf/optimizer/muon.yaml); null for adam/adamw")
@@ -198,7 +219,7 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
         _check(data[key] >= data.seq_len, f"data.{key}", data[key], f">= data.seq_len={data.seq_len}")
     _check(data.num_workers >= 0, "data.num_workers", data.num_workers, ">= 0")
     _check(data.num_proc is None or data.num_proc >= 1, "data.num_proc", data.num_proc, ">= 1 or null (all cores)")
-    lengths = [float(m) * data.seq_len for m in data.eval_lengths]
+    lengths = [m * data.seq_len for m in data.eval_lengths]
     _check(all(n >= 2 and n.is_integer() for n in lengths), "data.eval_lengths", list(data.eval_lengths),
            f"multiples of data.seq_len={data.seq_len} giving whole lengths >= 2")
     if lengths:
@@ -216,13 +237,22 @@ def _check_data_and_trainer(cfg: DictConfig) -> None:
         _check(trainer.gradient_clip_val > 0, "trainer.gradient_clip_val", trainer.gradient_clip_val, "> 0 or null")
     if trainer.interrupt_at_step is not None:
         _check(trainer.interrupt_at_step >= 1, "trainer.interrupt_at_step", trainer.interrupt_at_step, ">= 1 or null")
+    check_resume_policy(cfg)
     _check(cfg.seed is not None and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
 
 
+def check_resume_policy(cfg: DictConfig) -> None:
+    """resume=true continues from the run folder's last.ckpt, which trainer.save_checkpoints=none never writes (train
+    calls this before it looks for the file, so the error names the cause)."""
+    policy = cfg.trainer.save_checkpoints
+    _check(not (cfg.resume and policy == "none"), "trainer.save_checkpoints", policy,
+           "last or best with resume=true (none writes no last.ckpt to resume from)")
+
+
 def _check_eval(ev: DictConfig) -> None:
-    tasks = [_name(t) for t in ev.tasks]
-    if _name(ev.name) == "downstream":
-        _check(len(tasks) > 0, "eval.tasks", tasks, "a non-empty list of " + ", ".join(t.value for t in EvalTask))
+    tasks = list(ev.tasks)
+    if ev.name == "downstream":
+        _check(len(tasks) > 0, "eval.tasks", tasks, "a non-empty list of " + ", ".join(EvalTask))
     _check(len(set(tasks)) == len(tasks), "eval.tasks", tasks, "each task at most once")
     _check(ev.limit is None or ev.limit >= 1, "eval.limit", ev.limit, "null (every item) or >= 1")
     _check(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, ">= 1")

@@ -57,9 +57,9 @@ def resolve_num_proc(num_proc: int | None) -> int:
     """data.num_proc, or the CPU cores this process may run on when null."""
     if num_proc is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if int(num_proc) < 1:
+    if num_proc < 1:
         raise ConfigError(f"Invalid config: data.num_proc={num_proc}; allowed: >= 1 or null (all cores)")
-    return int(num_proc)
+    return num_proc
 
 
 def encode_task(task: Task) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ from kimi_lab.config.validate import ConfigError
 from kimi_lab.data.build import tokenize_into
 from kimi_lab.data.corpus import sha256_file
 from kimi_lab.data.shards import SHARD_TOKENS, ShardedTokens, ShardWriter
-from kimi_lab.data.sources import enum_value, local_source_bytes, source_fingerprint, stream_documents
+from kimi_lab.data.sources import local_source_bytes, source_fingerprint, stream_documents
 from kimi_lab.data.splits import SPLITS, check_fractions
 from kimi_lab.data.tokenizer import tokenizer_for, tokenizer_identity
 
@@ -68,32 +68,32 @@ def cache_key(data_cfg: Any) -> str:
     on it)."""
     spec = {
         "format": CACHE_FORMAT,
-        "data": enum_value(data_cfg.name),
+        "data": data_cfg.name,
         "tokenizer": tokenizer_identity(data_cfg)[1],
-        "split_seed": int(data_cfg.split_seed),
-        "val_fraction": float(data_cfg.val_fraction),
-        "test_fraction": float(data_cfg.test_fraction),
+        "split_seed": data_cfg.split_seed,
+        "val_fraction": data_cfg.val_fraction,
+        "test_fraction": data_cfg.test_fraction,
         "source": source_fingerprint(data_cfg),
     }
-    if spec["tokenizer"] == {"name": enum_value(data_cfg.tokenizer)}:
+    if spec["tokenizer"] == {"name": data_cfg.tokenizer}:
         spec["tokenizer"] = spec["tokenizer"]["name"]
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def cache_path(data_cfg: Any, cache_dir: str | os.PathLike) -> Path:
-    name, tok = enum_value(data_cfg.name), tokenizer_identity(data_cfg)[0]
+    name, tok = data_cfg.name, tokenizer_identity(data_cfg)[0]
     return Path(cache_dir) / f"{name}-{tok}-{cache_key(data_cfg)}"
 
 
 def prepare_command(data_cfg: Any, cache_dir: str | os.PathLike, force: bool = True) -> str:
     """The shell command that builds this cache: every key of the cache key written out (prepare reads
     conf/data/<name>.yaml first, so a value equal to the schema's default may still differ from the option's)."""
-    name = enum_value(data_cfg.name)
+    name = data_cfg.name
     args = ["python", "-m", "kimi_lab.data.prepare", f"data={name}"]
     keys = ["tokenizer", "tokenizer_file", "split_seed", "val_fraction", "test_fraction"]
     keys += {"text": ["paths", "doc_separator"], "hf": [f"hf.{k}" for k in vars(DataConfig().hf)]}.get(name, [])
     for key in keys:
-        value = _to_plain(enum_value(functools.reduce(getattr, key.split("."), data_cfg)))
+        value = _to_plain(functools.reduce(getattr, key.split("."), data_cfg))
         args.append(f"data.{key}={json.dumps(value)}")
     args += ["--cache-dir", str(cache_dir)] + (["--force"] if force else [])
     return " ".join(shlex.quote(a) for a in args)
@@ -119,7 +119,7 @@ def _content_digest(splits: dict) -> str:
 
 def split_rule(data_cfg: Any) -> str:
     """How documents were assigned to splits (kimi_lab/data/splits.py)."""
-    name = enum_value(data_cfg.name)
+    name = data_cfg.name
     by_id = name == "default" or (name == "text" and not data_cfg.doc_separator)
     return "exact counts by document id" if by_id else "hash of the document text"
 
@@ -128,7 +128,7 @@ def _check_splits_filled(data_cfg: Any, split_info: dict, n_docs: int) -> None:
     """Every split with a positive fraction holds a document (the hash split is per document: a tiny corpus can
     leave one empty)."""
     for split, fraction in (("train", 1.0), ("val", data_cfg.val_fraction), ("test", data_cfg.test_fraction)):
-        if float(fraction) > 0 and split_info[split]["n_docs"] == 0:
+        if fraction > 0 and split_info[split]["n_docs"] == 0:
             key = "" if split == "train" else f" data.{split}_fraction={fraction}"
             raise ConfigError(f"the {split} split got none of the {n_docs} document(s) (split by "
                               f"{split_rule(data_cfg)}, data.split_seed={data_cfg.split_seed}{key}): add documents, "
@@ -139,16 +139,16 @@ def build_cache(data_cfg: Any, final: Path, num_proc: int | None = None, shard_t
     """Stream, tokenize and write the cache into a temporary folder, then move it to `final` in one rename;
     returns the manifest."""
     started, cpu_started = time.perf_counter(), _cpu_seconds()
-    check_fractions(float(data_cfg.val_fraction), float(data_cfg.test_fraction))
+    check_fractions(data_cfg.val_fraction, data_cfg.test_fraction)
     tokenizer = tokenizer_for(data_cfg)
     stream, sources = stream_documents(data_cfg, final.parent)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         writers = [ShardWriter(tmp, s, tokenizer.dtype, tokenizer.n_vocab, shard_tokens) for s in SPLITS]
-        rule = (int(data_cfg.split_seed), float(data_cfg.val_fraction), float(data_cfg.test_fraction))
-        spec = (enum_value(data_cfg.tokenizer), getattr(data_cfg, "tokenizer_file", None))
-        num_proc = num_proc if num_proc is not None else getattr(data_cfg, "num_proc", None)
+        rule = (data_cfg.split_seed, data_cfg.val_fraction, data_cfg.test_fraction)
+        spec = (data_cfg.tokenizer, data_cfg.tokenizer_file)
+        num_proc = num_proc if num_proc is not None else data_cfg.num_proc
         stats = tokenize_into(stream, writers, spec, rule, num_proc)
         split_info = {s: w.close() for s, w in zip(SPLITS, writers, strict=True)}
         for split in SPLITS:
@@ -186,11 +186,11 @@ def _manifest(data_cfg: Any, final: Path, tokenizer, sources: dict, split_info: 
     n_tokens = sum(info["n_tokens"] for info in split_info.values())
     return {
         "format": CACHE_FORMAT, "key": final.name.rsplit("-", 1)[-1],
-        "data": enum_value(data_cfg.name), "dtype": tokenizer.dtype.name,
+        "data": data_cfg.name, "dtype": tokenizer.dtype.name,
         "tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "eot_id": tokenizer.eot_id,
                       **tokenizer_identity(data_cfg)[1]},
-        "split_seed": int(data_cfg.split_seed), "val_fraction": float(data_cfg.val_fraction),
-        "test_fraction": float(data_cfg.test_fraction),
+        "split_seed": data_cfg.split_seed, "val_fraction": data_cfg.val_fraction,
+        "test_fraction": data_cfg.test_fraction,
         "split_rule": split_rule(data_cfg),
         "sources": sources, "fingerprint": source_fingerprint(data_cfg), "splits": split_info,
         "digest": _content_digest(split_info), "shard_tokens": int(shard_tokens),

@@ -1,5 +1,5 @@
 """LightningDataModule over the token cache: prefix-stable shuffled train windows, fixed eval windows spread
-evenly over their split."""
+evenly over their split (under DDP each process scores its own disjoint share of them)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kimi_lab.config.validate import ConfigError
@@ -150,7 +151,7 @@ class LMDataModule(L.LightningDataModule):
             raise ValueError(f"num_train_samples must be >= 1, got {num_train_samples}")
         self.cfg, self.cache_dir = data_cfg, str(cache_dir)
         self.seed, self.num_train_samples = int(seed), int(num_train_samples)
-        self.seq_len = int(data_cfg.seq_len)
+        self.seq_len = data_cfg.seq_len
         self._cache: TokenCache | None = None
         self._train_start = 0
         self._restored_key: str | None = None
@@ -192,16 +193,29 @@ class LMDataModule(L.LightningDataModule):
             cache = open_cache(self.cfg, self.cache_dir)
             self.train_set = TrainWindows(cache.train, self.seq_len, self.seed, self.num_train_samples)
             if len(cache.val):
-                self.val_set = EvalWindows(cache.val, self.seq_len, int(self.cfg.val_tokens), "val")
+                self.val_set = EvalWindows(cache.val, self.seq_len, self.cfg.val_tokens, "val")
             if len(cache.test):
-                self.test_set = EvalWindows(cache.test, self.seq_len, int(self.cfg.test_tokens), "test")
+                self.test_set = EvalWindows(cache.test, self.seq_len, self.cfg.test_tokens, "test")
             self._cache = cache
             self._check_restored_key()
         # (re)shard on every setup: a call made before the Trainer (and its ranks) existed must not stick
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self.sampler = ResumableShardSampler(self.num_train_samples, rank, world)
+        self.sampler = ResumableShardSampler(self.num_train_samples, *self._rank_and_world())
         self.sampler.start_index = self._train_start
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def check_eval_shards(self, world_size: int) -> None:
+        """Each of ``world_size`` processes scores its own val/test windows and needs at least one (a process with
+        none would skip the loop and leave the others waiting in the reduction): checked before training."""
+        for split, dataset in (("val", self.val_set), ("test", self.test_set)):
+            if dataset is not None and len(dataset) < world_size:
+                budget = getattr(self.cfg, f"{split}_tokens")
+                raise ConfigError(
+                    f"Invalid config: data.{split}_tokens={budget}; allowed: >= {world_size} windows of "
+                    f"data.seq_len={self.seq_len} tokens ({world_size * self.seq_len}), one per process "
+                    f"(hardware.devices), within the {split} split")
 
     def set_train_start(self, global_samples_consumed: int) -> None:
         """Skip the first `global_samples_consumed` training samples (all ranks together)."""
@@ -213,8 +227,8 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
-        workers = int(self.cfg.num_workers)
-        return DataLoader(self.train_set, batch_size=int(self.cfg.batch_size), sampler=self.sampler,
+        workers = self.cfg.num_workers
+        return DataLoader(self.train_set, batch_size=self.cfg.batch_size, sampler=self.sampler,
                           drop_last=True, num_workers=workers, pin_memory=False,
                           persistent_workers=workers > 0)
 
@@ -226,8 +240,15 @@ class LMDataModule(L.LightningDataModule):
         return dataset
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(self._eval_set(split), batch_size=int(self.cfg.batch_size), shuffle=False,
-                          drop_last=False, num_workers=0, pin_memory=False)
+        """This process's windows: every world_size-th from its rank, none repeated (Lightning's distributed sampler
+        would pad with repeats, counting some windows twice); one process scores them all, in order. The module sums
+        NLL and tokens over processes, so the loss is the single-process one."""
+        dataset = self._eval_set(split)
+        rank, world = self._rank_and_world()
+        self.check_eval_shards(world)
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=False,
+                          num_workers=0, pin_memory=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,11 @@ from kimi_lab.config.validate import ConfigError
 from kimi_lab.data import corpus, splits
 from kimi_lab.data.documents import Document
 
-__all__ = ["Document", "enum_value", "source_fingerprint", "stream_documents", "text_files", "local_source_bytes"]
+__all__ = ["Document", "source_fingerprint", "stream_documents", "text_files", "local_source_bytes"]
 
 TEXT_SUFFIXES = (".txt", ".md")
 DEDUPE = "whitespace-normalised text"  # how build_cache drops repeated documents (part of the cache key)
 DEFAULT_CORPUS_BYTES = 21_800_000  # SOTU + Brown + Shakespeare cleaned text (docs/data.md)
-
-
-def enum_value(x: Any) -> Any:
-    """Enum member -> its value; anything else unchanged (configs may carry either)."""
-    return x.value if isinstance(x, Enum) else x
 
 
 def _plain(x: Any) -> Any:
@@ -154,7 +148,7 @@ def _local_stats(data_files: Any) -> list:
 def source_fingerprint(data_cfg: Any) -> dict:
     """Everything about the source that determines the documents (hashed into the cache key). Local and hub sources
     carry ``dedupe``: their caches built before duplicates were dropped are rebuilt (the default corpus has none)."""
-    name = enum_value(data_cfg.name)
+    name = data_cfg.name
     if name == "default":
         return {"archives": corpus.default_fingerprint()}
     if name == "text":
@@ -176,11 +170,10 @@ def stream_documents(data_cfg: Any, cache_dir: Path) -> tuple[Iterator[tuple[Doc
     """((document, preset split code) stream, per-source provenance) for the configured source. The code is
     splits.HASH_RULE for streamed sources; the default corpus (all of it known up front) carries its stratified
     split (splits.preset_stream)."""
-    name = enum_value(data_cfg.name)
+    name = data_cfg.name
     if name == "default":
         docs, info = corpus.default_documents(Path(cache_dir))
-        stream = splits.preset_stream(docs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
-                                      float(data_cfg.test_fraction))
+        stream = splits.preset_stream(docs, data_cfg.split_seed, data_cfg.val_fraction, data_cfg.test_fraction)
         return iter(stream), info
     if name == "text":
         docs = iter_text_documents(list(data_cfg.paths), data_cfg.doc_separator)
@@ -208,14 +201,13 @@ def _file_split_codes(data_cfg: Any) -> dict[tuple[str, str], int]:
         if digest not in seen:
             seen.add(digest)
             stubs.append(Document(doc.source, doc.doc_id, ""))
-    return splits.preset_codes(stubs, int(data_cfg.split_seed), float(data_cfg.val_fraction),
-                               float(data_cfg.test_fraction))
+    return splits.preset_codes(stubs, data_cfg.split_seed, data_cfg.val_fraction, data_cfg.test_fraction)
 
 
 def local_source_bytes(data_cfg: Any) -> int | None:
     """Bytes of the local files the source reads (the default corpus: its archives' text, about 22 MB); None for a
     hub dataset (size unknown until streamed)."""
-    name = enum_value(data_cfg.name)
+    name = data_cfg.name
     if name == "default":
         return DEFAULT_CORPUS_BYTES
     if name == "text":

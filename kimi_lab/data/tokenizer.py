@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Sequence
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +177,11 @@ def _safe(name: str) -> str:
 
 def get_tokenizer(name: TokenizerName | str) -> Tokenizer:
     """Return the tokenizer called `name` (a TokenizerName member or its string value)."""
-    value = name.value if isinstance(name, Enum) else str(name)
     try:
-        key = TokenizerName(value)
+        key = TokenizerName(name)
     except ValueError:
         valid = [t.value for t in TokenizerName]
-        raise ValueError(f"Unknown tokenizer {value!r} (data.tokenizer); expected one of {valid}") from None
+        raise ValueError(f"Unknown tokenizer {name!r} (data.tokenizer); expected one of {valid}") from None
     builders = {TokenizerName.cl100k_32k: lambda: _cl100k_prefix_encoding(VOCAB_32K),
                 TokenizerName.cl100k: _cl100k_encoding, TokenizerName.o200k: _o200k_encoding,
                 TokenizerName.bytes: _bytes_encoding}
@@ -210,16 +208,15 @@ def load_tokenizer(name: Any, file: str | None) -> Tokenizer:
 
 def tokenizer_for(data_cfg: Any) -> Tokenizer:
     """The tokenizer of a ``data`` config: data.tokenizer_file when set, else data.tokenizer."""
-    return load_tokenizer(data_cfg.tokenizer, getattr(data_cfg, "tokenizer_file", None))
+    return load_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_file)
 
 
 def tokenizer_identity(data_cfg: Any) -> tuple[str, dict]:
     """(folder label, what the cache key hashes) of the configured tokenizer, without loading it: a file is named
     by its sha256, so a copy on another machine gives the same key and an edited file a new one."""
-    file = getattr(data_cfg, "tokenizer_file", None)
+    file = data_cfg.tokenizer_file
     if file is None:
-        name = data_cfg.tokenizer.value if isinstance(data_cfg.tokenizer, Enum) else str(data_cfg.tokenizer)
-        return name, {"name": name}
+        return data_cfg.tokenizer, {"name": data_cfg.tokenizer}
     path = Path(os.path.expanduser(str(file)))
     if not path.is_file():
         raise ConfigError(f"Invalid config: data.tokenizer_file={file}; allowed: an existing tokenizer.json "

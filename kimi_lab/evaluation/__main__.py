@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from kimi_lab.cli import add_ckpt_argument, run_folder_error
-from kimi_lab.config.schema import EvalTask
+from kimi_lab.config.schema import EvalConfig, EvalTask
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,13 +50,15 @@ def load_run(run_dir: Path, checkpoint: Path):
     from omegaconf import OmegaConf
 
     from kimi_lab.config import Config
+    from kimi_lab.config.stored import stored_config
     from kimi_lab.model import build_model
     from kimi_lab.training.init_weights import model_state
 
     config_file = run_dir / "config_resolved.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: RUN_DIR must be a kimi_lab run folder")
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(config_file))
+    stored = stored_config(OmegaConf.to_container(OmegaConf.load(config_file)))
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(stored))
     model = build_model(cfg)
     model.load_state_dict(model_state(checkpoint))
     return cfg, model
@@ -91,8 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {error}") from None
     cfg, model = load_run(args.run_dir, checkpoint)
     model.to(args.device)
-    data_dir = args.data_dir or os.environ.get("KIMI_LAB_DATA_DIR") or str(cfg.paths.data_dir)
-    eval_cfg = OmegaConf.create({"tasks": args.tasks, "limit": args.limit, "batch_size": args.batch_size})
+    data_dir = args.data_dir or os.environ.get("KIMI_LAB_DATA_DIR") or cfg.paths.data_dir
+    eval_cfg = OmegaConf.structured(EvalConfig(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size))
     downstream = evaluate_model(model, eval_cfg, cfg.data, data_dir, device=args.device)
     out = {"checkpoint": str(checkpoint), "downstream": downstream}
     if args.write:

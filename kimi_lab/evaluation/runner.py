@@ -79,7 +79,7 @@ def evaluate_model(model: torch.nn.Module, eval_cfg, data_cfg, data_dir: str | P
     scorer = transformer_scorer(model, forward_context or nullcontext)
     try:
         return evaluate(scorer, tokenizer_for(data_cfg), list(eval_cfg.tasks), data_dir=data_dir,
-                        limit=eval_cfg.limit, max_len=int(data_cfg.seq_len), batch_size=int(eval_cfg.batch_size),
+                        limit=eval_cfg.limit, max_len=data_cfg.seq_len, batch_size=eval_cfg.batch_size,
                         device=device)
     finally:
         model.train(was_training)

@@ -53,11 +53,10 @@ def task_kind(task: EvalTask | str) -> str:
 
 
 def parse_task(task: EvalTask | str) -> EvalTask:
-    value = getattr(task, "value", task)
     try:
-        return EvalTask(value)
+        return EvalTask(task)
     except ValueError:
-        raise ValueError(f"Unknown downstream task {value!r} (eval.tasks); "
+        raise ValueError(f"Unknown downstream task {task!r} (eval.tasks); "
                          f"expected one of {[t.value for t in EvalTask]}") from None
 
 

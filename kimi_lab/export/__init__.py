@@ -19,7 +19,6 @@ from kimi_lab.export.run import load_run, write_run
 def export(run_dir: str | Path, out_dir: str | Path, ckpt: str = "best", tokenizer: bool = True) -> Path:
     """Write the run's model (checkpoint ``ckpt``: best, else last | last | path) as a transformers folder, plus
     ``kimi_lab_export.json`` (source run, checkpoint, architecture); returns the folder."""
-    from kimi_lab.export.common import name_of
     from kimi_lab.export.tokenizer import write_tokenizer
 
     cfg, model = load_run(run_dir, ckpt)
@@ -31,7 +30,7 @@ def export(run_dir: str | Path, out_dir: str | Path, ckpt: str = "best", tokeniz
                   "architecture": type(hf_model).__name__}
     (out_dir / "kimi_lab_export.json").write_text(json.dumps(provenance, indent=2) + "\n")
     if tokenizer:
-        write_tokenizer(name_of(cfg.data.tokenizer), out_dir, int(cfg.data.seq_len))
+        write_tokenizer(cfg.data.tokenizer, out_dir, cfg.data.seq_len)
     return out_dir
 
 

@@ -10,18 +10,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from kimi_lab.config.validate import shown
+
 
 class UnsupportedExport(ValueError):
     """No faithful transformers equivalent (export) or no faithful kimi-lab equivalent (import)."""
 
 
 def refuse(component: str, value: Any, why: str) -> UnsupportedExport:
-    return UnsupportedExport(f"cannot convert {component}={value!r}: {why}")
-
-
-def name_of(option) -> str:
-    """Enum member or plain string -> its value."""
-    return getattr(option, "value", option)
+    return UnsupportedExport(f"cannot convert {component}={shown(value)}: {why}")
 
 
 # ------------------------------------------------------------------------------------------------------ RoPE
@@ -32,32 +29,32 @@ def rope_parameters(rope_cfg, seq_len: int, mla: bool) -> tuple[dict, int]:
 
     MHA (Llama/Qwen): HF multiplies cos/sin by the YaRN attention factor exactly as ``rope.attention_factor``.
     MLA (DeepSeek-V2/V3): HF scales the softmax by m(s, mscale_all_dim)^2 and cos/sin by m(s, mscale) /
-    m(s, mscale_all_dim); ours does the same when both are set (``rope.mla_scales_rope_tables``), so they are written
+    m(s, mscale_all_dim); ours does the same when both are set (``mla.scales_rope_tables``), so they are written
     as they are; otherwise ours leaves cos/sin plain and scales the softmax by m(s, A)^2 with A = ``mscale_all_dim``
-    or 1 (``rope.mla_softmax_mscale``), written as mscale = mscale_all_dim = A (cos/sin factor 1, softmax as ours).
+    or 1 (``mla.softmax_mscale``), written as mscale = mscale_all_dim = A (cos/sin factor 1, softmax as ours).
     Dynamic NTK: HF measures the length against ``max_position_embeddings``, so that is our original length.
     """
     scaling = rope_cfg.scaling
-    kind = "default" if scaling is None else name_of(scaling.type)
-    params: dict[str, Any] = {"rope_type": kind, "rope_theta": float(rope_cfg.theta)}
+    kind = "default" if scaling is None else scaling.type
+    params: dict[str, Any] = {"rope_type": kind, "rope_theta": rope_cfg.theta}
     if kind == "default":
         return params, seq_len
-    factor = float(scaling.factor)
-    original = int(scaling.original_max_position_embeddings or seq_len)
+    factor = scaling.factor
+    original = scaling.original_max_position_embeddings or seq_len
     params["factor"] = factor
     if kind == "linear":
         return params, max(seq_len, math.ceil(original * factor))
     if kind == "dynamic":
         return params, original
-    params.update(original_max_position_embeddings=original, beta_fast=float(scaling.beta_fast),
-                  beta_slow=float(scaling.beta_slow), truncate=True)
+    params.update(original_max_position_embeddings=original, beta_fast=scaling.beta_fast,
+                  beta_slow=scaling.beta_slow, truncate=True)
     if mla and not (scaling.mscale and scaling.mscale_all_dim):
-        all_dim = float(scaling.mscale_all_dim or 1.0)
+        all_dim = scaling.mscale_all_dim or 1.0
         params.update(mscale=all_dim, mscale_all_dim=all_dim)
     else:
         for key in ("mscale", "mscale_all_dim"):
             if scaling[key] is not None:
-                params[key] = float(scaling[key])
+                params[key] = scaling[key]
     return params, max(seq_len, math.ceil(original * factor))
 
 
@@ -133,30 +130,30 @@ class Routing:
 
 
 def routing_of(moe_cfg) -> Routing:
-    """The routing semantics of our ``moe`` group (GreedyRouter or GroupLimitedRouter)."""
-    method, top_k = name_of(moe_cfg.topk_method), int(moe_cfg.num_experts_per_tok)
-    n_group, topk_group = int(moe_cfg.n_group), int(moe_cfg.topk_group)
-    per_group = int(moe_cfg.n_routed_experts) // n_group
-    if method == "greedy":  # GreedyRouter renormalises only when k > 1
-        renorm, rule = bool(moe_cfg.norm_topk_prob) and top_k > 1, "none"
-    else:  # GroupLimitedRouter renormalises always (k = 1: weight 1); V3 group score = sum of the top min(2, E/G)
-        renorm = bool(moe_cfg.norm_topk_prob)
+    """The routing semantics of our ``moe`` group (``Router`` with ``topk_method`` greedy, or a DeepSeek gate)."""
+    method, top_k = moe_cfg.topk_method, moe_cfg.num_experts_per_tok
+    n_group, topk_group = moe_cfg.n_group, moe_cfg.topk_group
+    per_group = moe_cfg.n_routed_experts // n_group
+    if method == "greedy":  # the greedy router renormalises only when k > 1
+        renorm, rule = moe_cfg.norm_topk_prob and top_k > 1, "none"
+    else:  # the DeepSeek gates renormalise always (k = 1: weight 1); V3 group score = sum of the top min(2, E/G)
+        renorm = moe_cfg.norm_topk_prob
         rule = "max" if method == "group_limited_greedy" or per_group == 1 else "top2sum"
     if topk_group >= n_group:
         rule, n_group, topk_group = "none", 1, 1
-    return Routing(name_of(moe_cfg.scoring_func), method == "noaux_tc", rule, n_group, topk_group, renorm,
-                   float(moe_cfg.routed_scaling_factor))
+    return Routing(moe_cfg.scoring_func, method == "noaux_tc", rule, n_group, topk_group, renorm,
+                   moe_cfg.routed_scaling_factor)
 
 
 def is_dense(cfg) -> bool:
     """Every layer a dense SwiGLU (moe=dense, or first_k_dense_replace covering all layers)."""
-    return name_of(cfg.moe.name) == "dense" or int(cfg.moe.first_k_dense_replace) >= int(cfg.model.n_layers)
+    return cfg.moe.name == "dense" or cfg.moe.first_k_dense_replace >= cfg.model.n_layers
 
 
 def check_common(cfg) -> None:
     """What no target family can take: LayerNorm (every export target is RMSNorm-only)."""
-    if name_of(cfg.norm.name) != "rmsnorm":
-        raise refuse("norm.name", name_of(cfg.norm.name),
+    if cfg.norm.name != "rmsnorm":
+        raise refuse("norm.name", cfg.norm.name,
                      "every transformers target (Llama, Qwen2/3-MoE, DeepSeek-V2/V3) uses RMSNorm; LayerNorm has "
                      "no faithful equivalent there. Export supports norm=rmsnorm")
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from kimi_lab.export import deepseek, mha
-from kimi_lab.export.common import check_common, is_dense, name_of, refuse, routing_of
+from kimi_lab.export.common import check_common, is_dense, refuse, routing_of
 from kimi_lab.export.run import structured_config
 from kimi_lab.model import Transformer, build_model
 
@@ -40,14 +40,14 @@ def eos_id(cfg: DictConfig) -> int | None:
     from kimi_lab.data.tokenizer import tokenizer_for
 
     eot = tokenizer_for(cfg.data).eot_id
-    return eot if eot < int(cfg.model.vocab_size) else None
+    return eot if eot < cfg.model.vocab_size else None
 
 
 def target(cfg: DictConfig, state: dict) -> str:
     """The transformers model_type that computes exactly our model, or UnsupportedExport naming the component."""
     check_common(cfg)
     routing = None if is_dense(cfg) else routing_of(cfg.moe)
-    if name_of(cfg.attention.name) == "mla":
+    if cfg.attention.type == "mla":
         return deepseek.choose(cfg, routing)
     return mha.choose(cfg, routing, state)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kimi_lab.export.common import Routing, check_hf_common, name_of, refuse, rope_from_hf, rope_parameters
+from kimi_lab.export.common import Routing, check_hf_common, refuse, rope_from_hf, rope_parameters
 
 _BIAS = ".mlp.gate.e_score_correction_bias"
 
@@ -30,8 +30,8 @@ def choose(cfg, routing: Routing | None) -> str:
     if routing is None:
         return "deepseek_v3"
     if routing.scoring == "sigmoid":
-        if routing.group_rule == "max" and name_of(cfg.moe.topk_method) != "group_limited_greedy":
-            raise refuse("moe.n_group", int(cfg.moe.n_group), "one expert per group: transformers' DeepSeek-V3 "
+        if routing.group_rule == "max" and cfg.moe.topk_method != "group_limited_greedy":
+            raise refuse("moe.n_group", cfg.moe.n_group, "one expert per group: transformers' DeepSeek-V3 "
                          "scores a group by its two best experts and needs >= 2 experts per group")
         if routing.group_rule == "max":
             raise refuse("moe.topk_method", "group_limited_greedy",
@@ -51,20 +51,20 @@ def choose(cfg, routing: Routing | None) -> str:
 
 def hf_config(model_type: str, cfg, routing: Routing | None, eos_token_id: int | None) -> dict:
     attn, moe = cfg.attention, cfg.moe
-    n_layers, n_heads = int(cfg.model.n_layers), int(attn.n_heads)
-    rope, max_pos = rope_parameters(cfg.rope, int(cfg.data.seq_len), mla=True)
-    config = dict(vocab_size=int(cfg.model.vocab_size), hidden_size=int(cfg.model.d_model), num_hidden_layers=n_layers,
-                  num_attention_heads=n_heads, num_key_value_heads=n_heads, intermediate_size=int(cfg.model.d_ff),
-                  hidden_act="silu", rms_norm_eps=float(cfg.norm.eps),
-                  tie_word_embeddings=bool(cfg.model.tie_embeddings),
-                  rope_parameters=rope, max_position_embeddings=max_pos, initializer_range=float(cfg.model.init_std),
-                  attention_dropout=float(attn.dropout), attention_bias=bool(attn.attention_bias),
-                  q_lora_rank=None if attn.q_lora_rank is None else int(attn.q_lora_rank),
-                  kv_lora_rank=int(attn.kv_lora_rank), qk_nope_head_dim=int(attn.qk_nope_head_dim),
-                  qk_rope_head_dim=int(attn.qk_rope_head_dim), v_head_dim=int(attn.v_head_dim),
-                  n_routed_experts=int(moe.n_routed_experts), num_experts_per_tok=int(moe.num_experts_per_tok),
-                  moe_intermediate_size=int(moe.moe_intermediate_size), n_shared_experts=int(moe.n_shared_experts),
-                  first_k_dense_replace=n_layers if routing is None else int(moe.first_k_dense_replace),
+    n_layers, n_heads = cfg.model.n_layers, attn.n_heads
+    rope, max_pos = rope_parameters(cfg.rope, cfg.data.seq_len, mla=True)
+    config = dict(vocab_size=cfg.model.vocab_size, hidden_size=cfg.model.d_model, num_hidden_layers=n_layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_heads, intermediate_size=cfg.model.d_ff,
+                  hidden_act="silu", rms_norm_eps=cfg.norm.eps,
+                  tie_word_embeddings=cfg.model.tie_embeddings,
+                  rope_parameters=rope, max_position_embeddings=max_pos, initializer_range=cfg.model.init_std,
+                  attention_dropout=attn.dropout, attention_bias=attn.bias,
+                  q_lora_rank=attn.q_lora_rank,
+                  kv_lora_rank=attn.kv_lora_rank, qk_nope_head_dim=attn.qk_nope_head_dim,
+                  qk_rope_head_dim=attn.qk_rope_head_dim, v_head_dim=attn.v_head_dim,
+                  n_routed_experts=moe.n_routed_experts, num_experts_per_tok=moe.num_experts_per_tok,
+                  moe_intermediate_size=moe.moe_intermediate_size, n_shared_experts=moe.n_shared_experts,
+                  first_k_dense_replace=n_layers if routing is None else moe.first_k_dense_replace,
                   n_group=1 if routing is None else routing.n_group,
                   topk_group=1 if routing is None else routing.topk_group,
                   routed_scaling_factor=1.0 if routing is None else routing.scale,
@@ -87,13 +87,13 @@ def to_hf_state(model_type: str, state: dict, cfg, routing: Routing | None) -> d
         if key.endswith(_BIAS) and not routing.bias:
             value = torch.zeros_like(value)
         out["lm_head.weight" if key == "lm_head.weight" else f"model.{key}"] = value
-    first_moe = int(cfg.model.n_layers) if routing is None else int(cfg.moe.first_k_dense_replace)
-    for i in range(first_moe, int(cfg.model.n_layers)):
+    first_moe = cfg.model.n_layers if routing is None else cfg.moe.first_k_dense_replace
+    for i in range(first_moe, cfg.model.n_layers):
         prefix = f"model.layers.{i}.mlp."
         if model_type == "deepseek_v3" and prefix + "gate.e_score_correction_bias" not in out:
-            out[prefix + "gate.e_score_correction_bias"] = torch.zeros(int(cfg.moe.n_routed_experts))
-        if int(cfg.moe.n_shared_experts) == 0:
-            out.update(_zero_shared(prefix, int(cfg.model.d_model), state["embed_tokens.weight"]))
+            out[prefix + "gate.e_score_correction_bias"] = torch.zeros(cfg.moe.n_routed_experts)
+        if cfg.moe.n_shared_experts == 0:
+            out.update(_zero_shared(prefix, cfg.model.d_model, state["embed_tokens.weight"]))
     return out
 
 
@@ -121,12 +121,11 @@ def from_hf(model_type: str, hf) -> dict:
                   "d_ff": int(hf.intermediate_size), "vocab_size": int(hf.vocab_size),
                   "tie_embeddings": bool(hf.tie_word_embeddings),
                   "init_std": float(getattr(hf, "initializer_range", 0.02)), "dropout": 0.0},
-        "attention": {"name": "mla", "kernel": "sdpa", "n_heads": n_heads, "n_kv_heads": None,
-                      "dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0), "bias": False,
+        "attention": {"name": "mla", "type": "mla", "kernel": "sdpa", "n_heads": n_heads, "n_kv_heads": None,
+                      "dropout": float(getattr(hf, "attention_dropout", 0.0) or 0.0), "bias": bool(hf.attention_bias),
                       "q_lora_rank": None if hf.q_lora_rank is None else int(hf.q_lora_rank),
                       "kv_lora_rank": int(hf.kv_lora_rank), "qk_nope_head_dim": int(hf.qk_nope_head_dim),
-                      "qk_rope_head_dim": int(hf.qk_rope_head_dim), "v_head_dim": int(hf.v_head_dim),
-                      "attention_bias": bool(hf.attention_bias)},
+                      "qk_rope_head_dim": int(hf.qk_rope_head_dim), "v_head_dim": int(hf.v_head_dim)},
         "norm": {"name": "rmsnorm", "eps": float(hf.rms_norm_eps), "qk_norm": False},
         "rope": rope_from_hf(hf.rope_parameters, int(hf.max_position_embeddings), mla=True),
         "moe": _moe_group(model_type, hf, first_dense),

@@ -23,20 +23,20 @@ _O_BIAS = ".self_attn.o_proj.bias"
 
 def base_config(cfg, eos_token_id: int | None) -> dict:
     """HF config keys shared by the four MHA targets."""
-    d_model, n_heads = int(cfg.model.d_model), int(cfg.attention.n_heads)
-    rope, max_pos = rope_parameters(cfg.rope, int(cfg.data.seq_len), mla=False)
-    return dict(vocab_size=int(cfg.model.vocab_size), hidden_size=d_model, num_hidden_layers=int(cfg.model.n_layers),
-                num_attention_heads=n_heads, num_key_value_heads=int(cfg.attention.n_kv_heads or n_heads),
-                head_dim=d_model // n_heads, intermediate_size=int(cfg.model.d_ff), hidden_act="silu",
-                rms_norm_eps=float(cfg.norm.eps), tie_word_embeddings=bool(cfg.model.tie_embeddings),
-                rope_parameters=rope, max_position_embeddings=max_pos, initializer_range=float(cfg.model.init_std),
-                attention_dropout=float(cfg.attention.dropout), bos_token_id=None, pad_token_id=None,
+    d_model, n_heads = cfg.model.d_model, cfg.attention.n_heads
+    rope, max_pos = rope_parameters(cfg.rope, cfg.data.seq_len, mla=False)
+    return dict(vocab_size=cfg.model.vocab_size, hidden_size=d_model, num_hidden_layers=cfg.model.n_layers,
+                num_attention_heads=n_heads, num_key_value_heads=cfg.attention.n_kv_heads or n_heads,
+                head_dim=d_model // n_heads, intermediate_size=cfg.model.d_ff, hidden_act="silu",
+                rms_norm_eps=cfg.norm.eps, tie_word_embeddings=cfg.model.tie_embeddings,
+                rope_parameters=rope, max_position_embeddings=max_pos, initializer_range=cfg.model.init_std,
+                attention_dropout=cfg.attention.dropout, bos_token_id=None, pad_token_id=None,
                 eos_token_id=eos_token_id)
 
 
 def choose(cfg, routing: Routing | None, state: dict) -> str:
     """model_type for an MHA model (routing None: all layers dense); raises for what none computes."""
-    qk_norm, bias = bool(cfg.norm.qk_norm), bool(cfg.attention.bias)
+    qk_norm, bias = cfg.norm.qk_norm, cfg.attention.bias
     if routing is None:
         return "qwen3" if qk_norm else "llama"
     if routing.scoring != "softmax" or routing.bias or routing.group_rule != "none":
@@ -46,8 +46,8 @@ def choose(cfg, routing: Routing | None, state: dict) -> str:
     if routing.scale != 1.0:
         raise refuse("moe.routed_scaling_factor", routing.scale,
                      "Qwen2-MoE/Qwen3-MoE have no routed scaling factor (1.0 only)")
-    if int(cfg.moe.n_shared_experts) > 0:
-        raise refuse("moe.n_shared_experts", int(cfg.moe.n_shared_experts),
+    if cfg.moe.n_shared_experts > 0:
+        raise refuse("moe.n_shared_experts", cfg.moe.n_shared_experts,
                      "Qwen2-MoE gates its shared expert by sigmoid(shared_expert_gate(x)) and Qwen3-MoE has none; "
                      "kimi-lab's shared experts are ungated, so only 0 exports with MHA attention")
     if qk_norm:
@@ -62,16 +62,16 @@ def choose(cfg, routing: Routing | None, state: dict) -> str:
 
 def hf_config(model_type: str, cfg, routing: Routing | None, eos_token_id: int | None) -> dict:
     config = base_config(cfg, eos_token_id)
-    bias = bool(cfg.attention.bias)
+    bias = cfg.attention.bias
     if model_type in ("llama", "qwen3", "qwen3_moe"):
         config["attention_bias"] = bias
     if model_type == "llama":
         config["mlp_bias"] = False
     if routing is not None:
-        config.update(num_experts=int(cfg.moe.n_routed_experts), num_experts_per_tok=int(cfg.moe.num_experts_per_tok),
-                      moe_intermediate_size=int(cfg.moe.moe_intermediate_size), norm_topk_prob=routing.renorm,
-                      decoder_sparse_step=1, mlp_only_layers=list(range(int(cfg.moe.first_k_dense_replace))),
-                      router_aux_loss_coef=float(cfg.moe.aux_loss_alpha))
+        config.update(num_experts=cfg.moe.n_routed_experts, num_experts_per_tok=cfg.moe.num_experts_per_tok,
+                      moe_intermediate_size=cfg.moe.moe_intermediate_size, norm_topk_prob=routing.renorm,
+                      decoder_sparse_step=1, mlp_only_layers=list(range(cfg.moe.first_k_dense_replace)),
+                      router_aux_loss_coef=cfg.moe.aux_loss_alpha)
     if model_type == "qwen2_moe":
         config.update(qkv_bias=bias, shared_expert_intermediate_size=0)
     return config
@@ -84,8 +84,8 @@ def to_hf_state(model_type: str, state: dict, cfg, routing: Routing | None) -> d
     out = {("lm_head.weight" if k == "lm_head.weight" else f"model.{k}"): v for k, v in state.items()
            if not (model_type == "qwen2_moe" and k.endswith(_O_BIAS)) and not k.endswith(_SELECTION_BIAS)}
     if model_type == "qwen2_moe":
-        d_model, ref = int(cfg.model.d_model), state["embed_tokens.weight"]
-        for i in range(int(cfg.moe.first_k_dense_replace), int(cfg.model.n_layers)):
+        d_model, ref = cfg.model.d_model, state["embed_tokens.weight"]
+        for i in range(cfg.moe.first_k_dense_replace, cfg.model.n_layers):
             prefix = f"model.layers.{i}.mlp."
             out[prefix + "shared_expert.gate_proj.weight"] = ref.new_zeros(0, d_model)
             out[prefix + "shared_expert.up_proj.weight"] = ref.new_zeros(0, d_model)

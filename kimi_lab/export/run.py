@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config.schema import Config
+from kimi_lab.config.stored import stored_config
 from kimi_lab.model import Transformer, build_model
 from kimi_lab.training.init_weights import MODEL_PREFIX, load_model_weights
 
@@ -28,7 +29,7 @@ def read_config(run_dir: Path) -> DictConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: RUN_DIR must be a kimi-lab run folder (outputs/<date>/<time>/ or "
                                 "multirun/<sweep>/<job>/)")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raw = stored_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
     return structured_config({group: raw[group] for group in MODEL_GROUPS if group in raw})
 
 

@@ -8,7 +8,7 @@ from kimi_lab.model.transformer import CausalLMOutput, Transformer
 
 def build_model(cfg) -> Transformer:
     """Language model from a composed config: ``model(input_ids (B, T)) -> CausalLMOutput(.logits (B, T, V))``."""
-    return Transformer(cfg, max_seq_len=int(cfg.data.seq_len))
+    return Transformer(cfg, max_seq_len=cfg.data.seq_len)
 
 
 __all__ = ["CausalLMOutput", "Transformer", "build_model", "flops_per_token", "parameter_counts"]

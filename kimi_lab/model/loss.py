@@ -8,6 +8,11 @@ states and the head weight, then freed: the peak is one (chunk, V) block instead
 log-softmax and its gradient. Gradients are computed in the forward (the fused linear-cross-entropy idea of Liger
 Kernel, Hsu et al. 2024, arXiv 2410.10989), so the FLOPs are those of the unchunked head: 3 matmuls, no recompute.
 
+Precision: the three matmuls run in the dtype ``F.linear`` would use (bf16 under bf16-mixed autocast: tensor cores,
+fp32 accumulation inside each GEMM); each chunk's logits are cast to fp32 (at least) for the max, log-sum-exp, loss
+and ``softmax - onehot``, and the loss and the head-weight gradient are summed over chunks in fp32. Only one (C, V)
+block exists in fp32 at a time; the unchunked fallback casts the full logits to fp32 as ``F.cross_entropy`` needs.
+
 Written by hand: no PyTorch op fuses the head projection with the loss on CPU (``torch.nn.functional`` has none,
 and the fused kernels of Liger / Apple's cut-cross-entropy are Triton, CUDA only).
 """
@@ -50,9 +55,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # d(mean CE)/d logits = (softmax - onehot) / N, in place on the chunk's block
                 grad_logits = exp.div_(sum_exp * n_tokens)  # the same block, renamed
                 grad_logits.scatter_add_(1, t_c.unsqueeze(1), exp.new_full((t_c.shape[0], 1), -1.0 / n_tokens))
-                grad_h[start:start + chunk] = grad_logits.to(dtype) @ w  # (C, D)
-                grad_w.addmm_(grad_logits.t(), h_c.to(acc))  # (V, D) += (V, C) @ (C, D)
-                del grad_logits
+                g = grad_logits.to(dtype)  # (C, V); the same block when dtype is acc, a bf16 copy under autocast
+                grad_h[start:start + chunk] = g @ w  # (C, D)
+                if g.dtype == acc:  # fp32 / fp64 runs: accumulate in place, no (V, D) temporary
+                    grad_w.addmm_(g.t(), h_c)  # (V, D) += (V, C) @ (C, D)
+                else:  # a bf16 GEMM (fp32 accumulation inside it), its (V, D) result summed over chunks in fp32
+                    grad_w.add_(g.t() @ h_c)
+                del grad_logits, g
             del logits, exp  # before the next chunk's logits: one (C, V) block alive at a time
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)

@@ -20,12 +20,7 @@ NORMS: dict[str, Callable[[int, float], nn.Module]] = {
 
 def build_norm(norm_cfg, dim: int) -> nn.Module:
     """Build the norm named by ``norm.name`` with ``norm.eps``."""
-    return NORMS[_name(norm_cfg.name)](dim, float(norm_cfg.eps))
-
-
-def _name(value) -> str:
-    """Enum member or plain string -> registry key."""
-    return getattr(value, "value", value)
+    return NORMS[norm_cfg.name](dim, norm_cfg.eps)
 
 
 def norm_kernel(norm: nn.Module, device: torch.device | str = "cpu") -> str:

@@ -26,13 +26,13 @@ def default_inv_freq(head_dim: int, theta: float, scaling_cfg=None, **_) -> torc
 
 def linear_inv_freq(head_dim: int, theta: float, scaling_cfg, **_) -> torch.Tensor:
     """Position interpolation (Chen et al. 2023): positions divided by factor == inv_freq / factor (HF 'linear')."""
-    return default_inv_freq(head_dim, theta) / float(scaling_cfg.factor)
+    return default_inv_freq(head_dim, theta) / scaling_cfg.factor
 
 
 def dynamic_inv_freq(head_dim: int, theta: float, scaling_cfg, *, seq_len: int, original_len: int) -> torch.Tensor:
     """Dynamic NTK: base' = base * (factor * L / L_orig - (factor - 1))^(d / (d - 2)), only when L > L_orig."""
     seq_len = max(seq_len, original_len)  # within the original length: plain RoPE
-    factor = float(scaling_cfg.factor)
+    factor = scaling_cfg.factor
     base = theta * (factor * seq_len / original_len - (factor - 1)) ** (head_dim / (head_dim - 2))
     return default_inv_freq(head_dim, base)
 
@@ -48,9 +48,9 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling_cfg, *, original_len: int
     The ramp bounds come from beta_fast / beta_slow rotations over the ORIGINAL length (not the extended one,
     cf. Megatron-LM#1418); bounds floor/ceil-truncated as HF's default ``truncate=True``.
     """
-    factor = float(scaling_cfg.factor)
-    low = math.floor(_yarn_correction_dim(float(scaling_cfg.beta_fast), head_dim, theta, original_len))
-    high = math.ceil(_yarn_correction_dim(float(scaling_cfg.beta_slow), head_dim, theta, original_len))
+    factor = scaling_cfg.factor
+    low = math.floor(_yarn_correction_dim(scaling_cfg.beta_fast, head_dim, theta, original_len))
+    high = math.ceil(_yarn_correction_dim(scaling_cfg.beta_slow, head_dim, theta, original_len))
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp (as HF)
@@ -59,40 +59,20 @@ def yarn_inv_freq(head_dim: int, theta: float, scaling_cfg, *, original_len: int
     return extrapolation / factor * ramp + extrapolation * (1 - ramp)
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's m(s) = 0.1 * mscale * ln(s) + 1 for s > 1, else 1 (Peng et al. 2023, sec. 3.4; DeepSeek's mscale)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def attention_factor(scaling_cfg) -> float:
     """Factor on cos/sin (so on q.k: its square). YaRN: 0.1 ln(s) + 1, or the mscale/mscale_all_dim ratio; else 1."""
-    if scaling_cfg is None or _type(scaling_cfg) != "yarn":
+    if scaling_cfg is None or scaling_type(scaling_cfg) != "yarn":
         return 1.0
-    factor = float(scaling_cfg.factor)
+    factor = scaling_cfg.factor
     mscale, mscale_all_dim = scaling_cfg.mscale, scaling_cfg.mscale_all_dim
     if mscale and mscale_all_dim:  # DeepSeek-V2/V3 convention
-        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
-    return _yarn_mscale(factor)
-
-
-def mla_scales_rope_tables(scaling_cfg) -> bool:
-    """Whether MLA's cos/sin take the YaRN attention factor: only with both ``mscale`` and ``mscale_all_dim`` set (the
-    DeepSeek-V2/V3 configs), where the factor is their ratio m(s, mscale) / m(s, mscale_all_dim) on the rope slice,
-    as in transformers' DeepseekV3; otherwise (DeepSeek's rule) cos/sin stay plain and only the softmax scales."""
-    return _type(scaling_cfg) == "yarn" and bool(scaling_cfg.mscale) and bool(scaling_cfg.mscale_all_dim)
-
-
-def mla_softmax_mscale(scaling_cfg) -> float:
-    """DeepSeek-V3 MLA under YaRN (inference/model.py; HF DeepseekV3Attention): softmax scale x mscale^2 with
-    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); cos/sin: mla_scales_rope_tables.
-    Set once at build time, so a per-length YaRN factor (``dynamic_factor``) is refused for MLA."""
-    if scaling_cfg is None or _type(scaling_cfg) != "yarn":
-        return 1.0
-    if dynamic_factor(scaling_cfg):
-        from kimi_lab.config.validate import ConfigError
-
-        raise ConfigError("Invalid config: rope.scaling.dynamic_factor=True; allowed: false with attention=mla and "
-                          "rope.scaling.type=yarn (MLA's softmax mscale is fixed at build time), or an MHA attention")
-    return _yarn_mscale(float(scaling_cfg.factor), float(scaling_cfg.mscale_all_dim or 1.0))
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
 
 
 # registry: rope.scaling.type -> inv_freq builder (head_dim, theta, scaling_cfg, seq_len=, original_len=) -> (d/2,)
@@ -104,8 +84,9 @@ ROPE_INV_FREQ: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _type(scaling_cfg) -> str:
-    return "default" if scaling_cfg is None else getattr(scaling_cfg.type, "value", scaling_cfg.type)
+def scaling_type(scaling_cfg) -> str:
+    """``rope.scaling.type`` (a StrEnum, equal to its string); ``default`` when there is no scaling."""
+    return "default" if scaling_cfg is None else scaling_cfg.type
 
 
 DYNAMIC_FACTOR_TYPES = ("linear", "yarn")  # the scalings ``dynamic_factor`` applies to
@@ -113,7 +94,7 @@ DYNAMIC_FACTOR_TYPES = ("linear", "yarn")  # the scalings ``dynamic_factor`` app
 
 def dynamic_factor(scaling_cfg) -> bool:
     """Whether the scaling's factor follows the forward length (``rope.scaling.dynamic_factor``, linear/yarn)."""
-    return _type(scaling_cfg) in DYNAMIC_FACTOR_TYPES and bool(getattr(scaling_cfg, "dynamic_factor", False))
+    return scaling_type(scaling_cfg) in DYNAMIC_FACTOR_TYPES and scaling_cfg.dynamic_factor
 
 
 def scaling_at_length(scaling_cfg, seq_len: int, original_len: int):
@@ -122,7 +103,7 @@ def scaling_at_length(scaling_cfg, seq_len: int, original_len: int):
     if not dynamic_factor(scaling_cfg):
         return scaling_cfg
     keys = ("type", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
-    return SimpleNamespace(**{k: getattr(scaling_cfg, k, None) for k in keys}, dynamic_factor=False,
+    return SimpleNamespace(**{k: getattr(scaling_cfg, k) for k in keys}, dynamic_factor=False,
                            factor=max(1.0, seq_len / original_len), original_max_position_embeddings=original_len)
 
 
@@ -130,22 +111,22 @@ class RotaryEmbedding(nn.Module):
     """cos/sin tables, built for 0..max_seq_len-1 and extended on demand (then cached) for longer sequences.
 
     ``forward(seq_len)`` returns (cos, sin), each (seq_len, head_dim), multiplied by ``attention_scaling``
-    (the YaRN mscale; 1 otherwise), which is right for MHA where all of q and k are rotated. A caller that
-    rotates only part of q/k (MLA) passes ``apply_attention_scaling=False`` and multiplies its softmax scale by
-    ``attention_scaling ** 2`` instead. ``max_seq_len`` is the training length: the default
-    ``original_max_position_embeddings`` of dynamic NTK and YaRN. Dynamic NTK and ``dynamic_factor`` scalings build
-    one table per forward length past the original length (``applied_factor`` / ``attention_scaling`` follow it).
+    (the YaRN mscale; 1 otherwise), which is right where all of q and k are rotated. An attention that rotates only
+    part of q/k passes ``apply_attention_scaling=False`` and scales its softmax itself. ``max_seq_len`` is the
+    training length: the default ``original_max_position_embeddings`` of dynamic NTK and YaRN. Dynamic NTK and
+    ``dynamic_factor`` scalings build one table per forward length past the original length (``applied_factor`` /
+    ``attention_scaling`` follow it).
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, rope_cfg):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
-        self.head_dim, self.theta = head_dim, float(rope_cfg.theta)
+        self.head_dim, self.theta = head_dim, rope_cfg.theta
         self.scaling = rope_cfg.scaling
-        self.scaling_type = _type(self.scaling)
-        original = getattr(self.scaling, "original_max_position_embeddings", None) if self.scaling else None
-        self.original_max_seq_len = int(original or max_seq_len)
+        self.scaling_type = scaling_type(self.scaling)
+        original = self.scaling.original_max_position_embeddings if self.scaling else None
+        self.original_max_seq_len = original or max_seq_len
         self.attention_scaling = attention_factor(scaling_at_length(self.scaling, 0, self.original_max_seq_len))
         self.per_length = self.scaling_type == "dynamic" or dynamic_factor(self.scaling)
         self._table_key = -1  # seq_len the per-length table was built for (-1: the static table)
@@ -165,7 +146,7 @@ class RotaryEmbedding(nn.Module):
         if self.scaling_type == "default" or (self.scaling_type == "dynamic" and self._table_key < 0):
             return 1.0
         scaling = scaling_at_length(self.scaling, max(self._table_key, 0), self.original_max_seq_len)
-        return float(scaling.factor)
+        return scaling.factor
 
     @staticmethod
     def _tables(length: int, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from kimi_lab.model.attention import build_attention
 from kimi_lab.model.moe import MoE, build_ffn, recomputing
 from kimi_lab.model.norm import build_norm
-from kimi_lab.model.rope import RotaryEmbedding, mla_scales_rope_tables, mla_softmax_mscale
+from kimi_lab.model.rope import RotaryEmbedding
 
 
 @dataclass
@@ -29,12 +29,12 @@ class Block(nn.Module):
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
-        d_model = int(cfg.model.d_model)
+        d_model = cfg.model.d_model
         self.input_layernorm = build_norm(cfg.norm, d_model)
-        self.self_attn = build_attention(d_model, cfg.attention, cfg.norm if cfg.norm.qk_norm else None)
+        self.self_attn = build_attention(d_model, cfg.attention, cfg.norm if cfg.norm.qk_norm else None, cfg.rope)
         self.post_attention_layernorm = build_norm(cfg.norm, d_model)
-        self.mlp = build_ffn(d_model, int(cfg.model.d_ff), cfg.moe, layer_idx)
-        self.dropout = nn.Dropout(float(cfg.model.dropout))
+        self.mlp = build_ffn(d_model, cfg.model.d_ff, cfg.moe, layer_idx)
+        self.dropout = nn.Dropout(cfg.model.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
@@ -44,27 +44,23 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg, max_seq_len: int):
         super().__init__()
-        d_model, vocab = int(cfg.model.d_model), int(cfg.model.vocab_size)
+        d_model, vocab = cfg.model.d_model, cfg.model.vocab_size
         self.embed_tokens = nn.Embedding(vocab, d_model)
-        self.dropout = nn.Dropout(float(cfg.model.dropout))
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(int(cfg.model.n_layers)))
+        self.dropout = nn.Dropout(cfg.model.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.model.n_layers))
         self.norm = build_norm(cfg.norm, d_model)
         self.lm_head = nn.Linear(d_model, vocab, bias=False)
         if cfg.model.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # each attention module declares the width RoPE rotates (MLA: qk_rope_head_dim, not d_model / n_heads)
-        self.rotary = RotaryEmbedding(self.layers[0].self_attn.rope_head_dim, max_seq_len, cfg.rope)
-        # MHA: the rotary multiplies cos/sin by the YaRN attention factor; MLA rotates only its rope slice, so
-        # (DeepSeek's rule) it scales its softmax by mscale^2 and takes plain cos/sin, unless mscale and
-        # mscale_all_dim are both set: then its rope slice also takes their ratio (transformers' DeepseekV3)
-        is_mla = hasattr(self.layers[0].self_attn, "set_rope_mscale")
-        self.scale_rotary_tables = not is_mla or mla_scales_rope_tables(cfg.rope.scaling)
-        for layer in self.layers:
-            if hasattr(layer.self_attn, "set_rope_mscale"):
-                layer.self_attn.set_rope_mscale(mla_softmax_mscale(cfg.rope.scaling))
+        # each attention module declares the width RoPE rotates (MLA: qk_rope_head_dim, not d_model / n_heads) and
+        # whether the shared cos/sin carry the rotary's YaRN attention factor (an attention that rotates only part
+        # of q/k scales its softmax itself)
+        attention = self.layers[0].self_attn
+        self.rotary = RotaryEmbedding(attention.rope_head_dim, max_seq_len, cfg.rope)
+        self.scale_rotary_tables = attention.scales_rope_tables
         # hardware.activation_checkpointing: keep only each block's input, recompute its inside in backward
-        self.activation_checkpointing = bool(getattr(cfg.hardware, "activation_checkpointing", False))
-        self._init_weights(float(cfg.model.init_std), int(cfg.model.n_layers))
+        self.activation_checkpointing = cfg.hardware.activation_checkpointing
+        self._init_weights(cfg.model.init_std, cfg.model.n_layers)
 
     def _init_weights(self, std: float, n_layers: int) -> None:
         """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2).

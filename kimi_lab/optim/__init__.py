@@ -27,14 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def _adam(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
     # Adam's weight_decay is an L2 term added to the gradient (Kingma & Ba 2015 + L2).
-    groups = param_groups(model, float(opt_cfg.weight_decay))
-    return torch.optim.Adam(groups, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+    groups = param_groups(model, opt_cfg.weight_decay)
+    return torch.optim.Adam(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
 
 
 def _adamw(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
     # Decoupled weight decay (Loshchilov & Hutter 2019).
-    groups = param_groups(model, float(opt_cfg.weight_decay))
-    return torch.optim.AdamW(groups, lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+    groups = param_groups(model, opt_cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), eps=opt_cfg.eps)
 
 
 # registry: optimizer.name -> builder(model, opt_cfg)
@@ -46,7 +46,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, object], torch.optim.Optimizer]] = {
 
 
 def build_optimizer(model: nn.Module, opt_cfg) -> torch.optim.Optimizer:
-    return OPTIMIZERS[getattr(opt_cfg.name, "value", opt_cfg.name)](model, opt_cfg)
+    return OPTIMIZERS[opt_cfg.name](model, opt_cfg)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float, schedule: str) -> float:
@@ -65,9 +65,8 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, opt_cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = getattr(opt_cfg.schedule, "value", opt_cfg.schedule)
-    kwargs = dict(warmup_steps=int(opt_cfg.warmup_steps), max_steps=max_steps,
-                  min_lr_ratio=float(opt_cfg.min_lr_ratio), schedule=schedule)
+    kwargs = dict(warmup_steps=opt_cfg.warmup_steps, max_steps=max_steps, min_lr_ratio=opt_cfg.min_lr_ratio,
+                  schedule=opt_cfg.schedule)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, **kwargs))
 
 

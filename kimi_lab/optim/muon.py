@@ -139,9 +139,9 @@ def split_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter
 
 def build_muon(model: nn.Module, opt_cfg) -> MuonWithAdamW:
     kinds = split_parameters(model)
-    adjust = getattr(opt_cfg.adjust_lr_fn, "value", opt_cfg.adjust_lr_fn)
-    muon_kw = dict(lr=float(opt_cfg.lr), weight_decay=float(opt_cfg.weight_decay), momentum=float(opt_cfg.momentum),
-                   nesterov=bool(opt_cfg.nesterov), ns_steps=int(opt_cfg.ns_steps), adjust_lr_fn=adjust)
+    # adjust_lr_fn as a plain str: param groups are pickled into checkpoints, whose weights_only load refuses enums
+    muon_kw = dict(lr=opt_cfg.lr, weight_decay=opt_cfg.weight_decay, momentum=opt_cfg.momentum,
+                   nesterov=opt_cfg.nesterov, ns_steps=opt_cfg.ns_steps, adjust_lr_fn=opt_cfg.adjust_lr_fn.value)
     optimizers: list[torch.optim.Optimizer] = []
     if kinds["muon"]:
         optimizers.append(torch.optim.Muon([{"params": [p for _, p in kinds["muon"]], "kind": "muon"}], **muon_kw))
@@ -157,10 +157,10 @@ def build_muon(model: nn.Module, opt_cfg) -> MuonWithAdamW:
     decay = [p for _, p in adamw if p.ndim >= 2]  # embeddings / head decay, 1-D gains and biases do not
     no_decay = [p for _, p in adamw if p.ndim < 2]
     adamw_groups = [{"params": ps, "weight_decay": wd, "kind": "adamw"} for ps, wd in
-                    ((decay, float(opt_cfg.weight_decay)), (no_decay, 0.0)) if ps]
+                    ((decay, opt_cfg.weight_decay), (no_decay, 0.0)) if ps]
     if adamw_groups:
-        optimizers.append(torch.optim.AdamW(adamw_groups, lr=float(opt_cfg.adamw_lr), betas=tuple(opt_cfg.betas),
-                                            eps=float(opt_cfg.eps)))
+        optimizers.append(torch.optim.AdamW(adamw_groups, lr=opt_cfg.adamw_lr, betas=tuple(opt_cfg.betas),
+                                            eps=opt_cfg.eps))
     return MuonWithAdamW(optimizers)
 
 

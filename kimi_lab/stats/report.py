@@ -128,7 +128,7 @@ def write_report(sweep_path: Path, out: Path | None = None, baseline: str | None
                          primary=primary, sesoi=sesoi, target=target)
     add_factorial(sweep, comp, pairing)
     comp.tuned_lrs, tune_warnings = confirm_notes(sweep)  # empty unless the jobs ran at ${tuned_lr:...}
-    comp.warnings += [w for w in tune_warnings if not w.startswith("confirm seeds")]  # settings warns of overlap
+    comp.warnings += tune_warnings
     if len(sweep.arms) == 1:  # seeds of one configuration: the A/A calibration of the report's own test
         comp.calibration = aa_calibration(sweep, alpha, metric=comp.settings.primary_metric)
     if comp.main_effects:  # the primary metric's main effects: confirmatory; every other metric's: exploratory

@@ -289,20 +289,16 @@ def confirm_notes(sweep: Sweep) -> tuple[list[str], list[str]]:
     """(markdown lines: a "Tuned LRs" table arm -> lr -> tuning sweep, warnings) for a confirm sweep, whose jobs'
     results.json record ``report.tuning_sweep`` / ``report.tuning_seeds``; ([], []) for any other sweep.
 
-    Warnings: confirm seeds that are also tuning seeds (the selection's bias is not removed), tuned arms whose LR was
-    at an edge of its tuning grid (per tuned_lr.json), arms that ran at more than one LR. A confirm arm maps to the
-    tuned arm of its values of tuned_lr.json's keys (a confirm sweep may add a key, e.g. norm.eps at each norm's LR)."""
+    Warnings: tuned arms whose LR was at an edge of its tuning grid (per tuned_lr.json), arms that ran at more than one
+    LR (confirm seeds that are also tuning seeds are the report settings' warning, stats.settings). A confirm arm maps
+    to the tuned arm of its values of tuned_lr.json's keys (a confirm sweep may add a key, e.g. norm.eps at each
+    norm's LR)."""
     ran = [j for j in sweep.jobs if j.status in ("completed", "diverged")]
     blocks = [j.results.get("report") or {} for j in ran]
     if not any(b.get("tuning_sweep") or b.get("tuning_seeds") for b in blocks):
         return [], []
     tuned, warnings, edges = tuned_file(sweep), [], {}
     tuning_seeds = sorted({int(s) for b in blocks for s in b.get("tuning_seeds") or []})
-    overlap = sorted({j.seed for j in ran if j.seed in tuning_seeds})
-    if overlap:
-        warnings.append(f"confirm seeds {', '.join(map(str, overlap))} are also tuning seeds (report.tuning_seeds "
-                        f"{', '.join(map(str, tuning_seeds))}): the LRs were picked on them, so these runs flatter "
-                        "the tuned arms; confirm on fresh seeds")
     rows = []
     for arm in sweep.arms:
         jobs = [j for j in ran if j.arm == arm.label]

@@ -1,5 +1,7 @@
-"""Checkpoint callbacks: ``last.ckpt`` for resume, ``best-step<N>.ckpt`` by val_loss, the simulated preemption, and
-the random generators' state that makes a resumed run continue bit for bit.
+"""Checkpoint callbacks: ``last.ckpt`` for resume, ``best-step<N>.ckpt`` by val_loss (weights only), the simulated
+preemption, and the random generators' state that makes a resumed run continue bit for bit. Which files a run writes
+is ``trainer.save_checkpoints`` (``checkpoint_callbacks``). Every rank calls ``trainer.save_checkpoint`` (it gathers
+the state and waits at a barrier); the strategy writes the file on global rank zero only.
 
 Lightning runs ``Checkpoint`` callbacks after every other callback, in their list order: when these save, the
 step's metrics row and validation are recorded (StepMetrics) and, for the ones listed after BestCheckpoint, the
@@ -60,27 +62,31 @@ class LastCheckpoint(StepEnd):
 
 
 class InterruptAt(StepEnd):
-    """After optimizer step ``step`` (and its validation, when it validates): write last.ckpt and stop abruptly, as a
-    job preempted right after a checkpoint would (tests resume).
+    """After optimizer step ``step`` (and its validation, when it validates): write last.ckpt (unless
+    ``last_ckpt`` is None: trainer.save_checkpoints=none) and stop abruptly, as a job preempted right after a
+    checkpoint would (tests resume).
 
     Raising, rather than setting ``trainer.should_stop``, matters: a requested stop makes Lightning run one
     extra validation, which a real preemption never does.
     """
 
-    def __init__(self, step: int, last_ckpt: Path, val_every_n_steps: int):
+    def __init__(self, step: int, last_ckpt: Path | None, val_every_n_steps: int):
         super().__init__(val_every_n_steps)
-        self.step, self.last_ckpt = int(step), Path(last_ckpt)
+        self.step, self.last_ckpt = int(step), last_ckpt
 
     def step_end(self, trainer: L.Trainer) -> None:
         if trainer.global_step >= self.step:
-            trainer.save_checkpoint(self.last_ckpt, weights_only=False)
+            if self.last_ckpt is not None:
+                trainer.save_checkpoint(self.last_ckpt, weights_only=False)
             raise RunInterrupted(f"interrupted after step {trainer.global_step} (trainer.interrupt_at_step)")
 
 
 class BestCheckpoint(Checkpoint):
     """``best-step<N>.ckpt``: the weights of the lowest finite val_loss so far, one file (ties keep the earlier step,
     as results.json's ``best_val_step`` does). Saved after every validation, the final one that ``train`` runs
-    outside ``fit`` included; its score travels in last.ckpt, so a resumed run compares with the earlier ones."""
+    outside ``fit`` included; its score travels in last.ckpt, so a resumed run compares with the earlier ones.
+    Weights only (Lightning's ``weights_only``: no optimizer, scheduler or callback state, a third of an AdamW
+    checkpoint): init_from, the export and the downstream CLI read nothing else, and resume reads last.ckpt."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -95,7 +101,7 @@ class BestCheckpoint(Checkpoint):
             return
         previous = self.best_step
         self.best_loss, self.best_step = float(loss), trainer.global_step
-        trainer.save_checkpoint(self.path(self.best_step), weights_only=False)
+        trainer.save_checkpoint(self.path(self.best_step), weights_only=True)
         if previous is not None and previous != self.best_step:
             trainer.strategy.remove_checkpoint(self.path(previous))
 
@@ -104,6 +110,21 @@ class BestCheckpoint(Checkpoint):
 
     def load_state_dict(self, state: dict) -> None:
         self.best_loss, self.best_step = state["best_loss"], state["best_step"]
+
+
+def last_checkpoint(policy: str, folder: Path) -> Path | None:
+    """Where last.ckpt goes under ``trainer.save_checkpoints=policy``; None for none (no checkpoint at all)."""
+    return None if policy == "none" else Path(folder) / "last.ckpt"
+
+
+def checkpoint_callbacks(policy: str, folder: Path, every_n_steps: int, val_every_n_steps: int) -> list[Checkpoint]:
+    """``trainer.save_checkpoints``: last -> LastCheckpoint; best -> BestCheckpoint too; none -> nothing. Listed in
+    the order Lightning runs them: the best file is written before last.ckpt records BestCheckpoint's score."""
+    last = last_checkpoint(policy, folder)
+    if last is None:
+        return []
+    best = [BestCheckpoint(folder)] if policy == "best" else []
+    return [*best, LastCheckpoint(last, every_n_steps, val_every_n_steps)]
 
 
 def rng_states() -> dict:

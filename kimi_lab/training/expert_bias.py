@@ -4,7 +4,7 @@ The torchtitan ``_update_expert_bias`` pattern in a Lightning hook: ``on_before_
 optimizer step, after all micro-batches of the accumulation window, so the counts each gate summed in its
 ``bias_counts`` buffer cover the whole step; they are summed over ranks with one all-reduce, then
 ``delta = gamma * sign(mean - n); delta -= delta.mean(); bias += delta; counts = 0``
-(``GroupLimitedRouter.update_bias``).
+(``Router.update_bias``).
 The gate's own counts buffer keeps this independent of ``ExpertLoadMonitor``, which reads ``tokens_per_expert``.
 """
 

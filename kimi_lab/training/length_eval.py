@@ -9,6 +9,8 @@ validation's own only when the longest length is seq_len: validation spreads sin
 Each length runs the model's RoPE as configured; with ``rope.scaling.dynamic_factor`` linear and YaRN take factor
 length / original length there (the RoPE study's training-free extension of a checkpoint: ``trainer.max_steps=0``
 with ``init_from``), recorded per length in ``rope_factor_at_len``.
+Under DDP each process scores every world_size-th window from its rank and the NLL and token sums are added over
+processes (every process calls it): the same loss as one process.
 """
 
 from __future__ import annotations
@@ -56,14 +58,18 @@ def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
     losses, counts, factors, mscales = {}, {}, {}, {}
     for length, windows in windows_at.items():
         batch_size = max(1, tokens_per_batch // length)
+        # by hand, not Lightning's UnrepeatedDistributedSampler: a process may get no window here (one block of the
+        # longest length), which that sampler refuses; the sums below need no batch from every process
+        mine = range(trainer.global_rank, len(windows), trainer.world_size)
         nll, n = 0.0, 0
-        for start in range(0, len(windows), batch_size):
+        for start in range(0, len(mine), batch_size):
             x, y = (torch.stack(t).to(trainer.strategy.root_device)
-                    for t in zip(*(windows[i] for i in range(start, min(start + batch_size, len(windows))))))
+                    for t in zip(*(windows[i] for i in mine[start:start + batch_size])))
             with trainer.precision_plugin.forward_context():
                 logits = model(x).logits.float()  # (b, L, V)
             nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
             n += y.numel()
+        nll, n = _summed_over_processes(trainer, nll, n)
         losses[str(length)], counts[str(length)] = nll / n, n
         factors[str(length)] = model.rotary.applied_factor
         mscales[str(length)] = model.rotary.attention_scaling
@@ -71,3 +77,10 @@ def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
     model.train(was_training)
     return {"val_loss_at_len": losses, "val_tokens_at_len": counts, "rope_factor_at_len": factors,
             "rope_attention_scaling_at_len": mscales}
+
+
+def _summed_over_processes(trainer, nll: float, n: int) -> tuple[float, int]:
+    """(NLL, tokens) summed over the DDP processes (float64: exact for one process, which returns them as they are)."""
+    sums = torch.tensor([nll, float(n)], dtype=torch.float64, device=trainer.strategy.root_device)
+    sums = trainer.strategy.reduce(sums, reduce_op="sum")
+    return sums[0].item(), int(sums[1].item())

@@ -66,7 +66,9 @@ class LanguageModelModule(L.LightningModule):
                                         torch.tensor(float(targets.numel()), dtype=torch.float64)])
 
     def _eval_epoch_end(self, prefix: str) -> None:
-        sums = self.all_gather(self._eval_sums.to(self.device)).reshape(-1, 3).sum(dim=0)
+        # DDP: each process scored its own windows (LMDataModule._eval_loader); the sums over processes are the
+        # single-process sums, so the loss is the token mean over all windows
+        sums = self.trainer.strategy.reduce(self._eval_sums.to(self.device), reduce_op="sum")  # one process: as is
         loss = (sums[0] / sums[2]).item()
         metrics = {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)),
                    f"{prefix}_acc": (sums[1] / sums[2]).item()}

@@ -11,6 +11,7 @@ def run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profi
                 overrides: list[str]) -> dict:
     """Every results.json field known once training stopped (test, length and downstream scores come after)."""
     from kimi_lab.model import flops_per_token, parameter_counts
+    from kimi_lab.training import precision
     from kimi_lab.training.malloc import current as malloc_current
     from kimi_lab.training.rundir import host, now_iso, versions
 
@@ -51,6 +52,7 @@ def run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profi
         "versions": versions(),
         "host": host(),
         "malloc": malloc_current(),
+        "fp32_matmul_precision": precision.current(),
         "finished": now_iso(),
     }
 

@@ -1,4 +1,5 @@
-"""The run folder contract: status.json (atomic), results.json, config_resolved.yaml, versions and git commit."""
+"""The run folder contract: status.json (atomic), results.json, config_resolved.yaml, versions and git commit,
+written by global rank zero only."""
 
 from __future__ import annotations
 
@@ -58,33 +59,57 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-class RunDir:
-    """One run's output folder. ``status.json`` goes running -> completed | diverged | failed | interrupted."""
+def launcher_rank() -> int:
+    """This process's global rank as its launcher set it in the environment (RANK, LOCAL_RANK, SLURM_PROCID: Lightning
+    reads them into ``rank_zero_only.rank`` when it is imported); 0 in a single process. Known before any Trainer
+    exists, so a DDP job's other processes write nothing from their first line on."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    def __init__(self, path: str | Path):
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+class RunDir:
+    """One run's output folder. ``status.json`` goes running -> completed | diverged | failed | interrupted.
+
+    Only global rank zero writes (``rank``): under DDP every process runs ``train``, and the folder must hold one
+    process's record, not the last writer's."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.rank = int(rank)
+        if self.writes:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
         self.metrics_csv = self.path / "metrics.csv"
         self.results_json = self.path / "results.json"
         self.status_json = self.path / "status.json"
         self.started = now_iso()
 
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
     def write_status(self, status: str, **extra: Any) -> None:
+        if not self.writes:
+            return
         payload = {"status": status, "started": self.started, "updated": now_iso(), **extra}
         atomic_write_json(self.status_json, payload)
 
     def write_failure(self, error: BaseException) -> None:
+        if not self.writes:
+            return
         tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         self.write_status("failed", error=f"{type(error).__name__}: {error}", traceback=tb)
         if self.results_json.exists():  # never leave a completed-looking results.json behind
             self.results_json.unlink()
 
     def write_config(self, cfg: DictConfig) -> None:
-        atomic_write_text(self.path / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if self.writes:
+            atomic_write_text(self.path / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def write_results(self, results: dict) -> None:
-        atomic_write_json(self.results_json, results)
+        if self.writes:
+            atomic_write_json(self.results_json, results)
 
 
 def git_commit(cwd: Path | None = None) -> str | None:

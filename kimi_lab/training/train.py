@@ -9,8 +9,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.config.validate import check_resume_policy
 from kimi_lab.training.resume import check_resume_config, resume_checkpoint
-from kimi_lab.training.rundir import RunDir, git_commit
+from kimi_lab.training.rundir import RunDir, git_commit, launcher_rank
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ def resolve_output_dir(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig) -> dict:
     """Run one training job; always leaves status.json saying completed, diverged, interrupted or failed (a diverged
-    run returns normally, so a sweep goes on)."""
-    run = RunDir(resolve_output_dir(cfg))
+    run returns normally, so a sweep goes on). Under DDP every process runs it; only global rank zero writes the run
+    folder and runs the single-process evaluations (the others return a short dict once the last collective ends)."""
+    run = RunDir(resolve_output_dir(cfg), rank=launcher_rank())
     if cfg.sweep.skip_completed:
         previous = _finished_results(run)
         if previous is not None and _same_job(previous):
@@ -36,7 +38,7 @@ def train(cfg: DictConfig) -> dict:
                 "relaunch the sweep's own command (same grid, same order) or another hydra.sweep.dir (its results "
                 "are untouched; Hydra rewrote its .hydra/ files, the report identifies it by results.json)")
     ckpt_path = _resume_point(cfg, run)  # before anything in the folder is written
-    commit = git_commit()  # the code the job starts with, not whatever the tree holds when it ends
+    commit = git_commit() if run.writes else None  # the code the job starts with, not what the tree holds at its end
     run.write_status("running", pid=os.getpid(), git_commit=commit)
     try:
         validate_config(cfg)
@@ -51,7 +53,10 @@ def train(cfg: DictConfig) -> dict:
             log.error("run failed: %s: %s (details in %s)", type(error).__name__, error, run.status_json)
         _release_frames(error)
         raise
-    log.info("%s: results in %s", results["status"], run.path)
+    if run.writes:
+        log.info("%s: results in %s", results["status"], run.path)
+    else:
+        log.info("%s: rank %d wrote nothing; rank zero writes %s", results["status"], run.rank, run.path)
     return results
 
 
@@ -69,6 +74,7 @@ def _resume_point(cfg: DictConfig, run: RunDir) -> str | None:
     overrides, a finished run) leaves the run's status, results and config as they were. Only a folder with no run
     record (no results.json) gets status failed, as any job that fails."""
     try:
+        check_resume_policy(cfg)  # resume=true with trainer.save_checkpoints=none: the cause, not "no last.ckpt"
         previous = _finished_results(run)
         if cfg.resume and cfg.ckpt_path is None and previous is not None:
             raise ConfigError(f"Invalid config: resume=true; {run.path} holds a {previous['status']} run, nothing to "
@@ -148,12 +154,14 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> di
     import torch
 
     from kimi_lab.training import malloc
+    from kimi_lab.training.precision import matmul_precision
 
     threads_before = torch.get_num_threads()  # sweep jobs share a process: never leak a job's setting
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(int(cfg.hardware.num_threads))
     try:
-        with malloc.retained(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu"):
+        with (malloc.retained(bool(cfg.hardware.malloc_retain) and _value(cfg.hardware.accelerator) == "cpu"),
+              matmul_precision(cfg)):  # TF32 under hardware.tf32 on CUDA, before the model is built
             return _run_trainer(cfg, run, ckpt_path)
     finally:
         torch.set_num_threads(threads_before)
@@ -162,23 +170,16 @@ def _fit_and_evaluate(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> di
 def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     import lightning as L
 
-    from kimi_lab.data import LMDataModule
-    from kimi_lab.data.tokenizer import check_model_vocab
     from kimi_lab.training.trainer import build_trainer
 
     trainer, callbacks = build_trainer(cfg, run)
+    run.rank = trainer.global_rank  # the strategy's ranks (launcher_rank read the environment before they existed)
+    # each process on its own device before any CUDA work: Lightning's call, which fit would make only later
+    trainer.strategy.accelerator.setup_device(trainer.strategy.root_device)
     max_steps, tokens_per_step = steps_and_tokens(cfg, trainer.world_size)
-    samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
-    datamodule = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
-                              num_train_samples=max(max_steps, 1) * samples_per_step)  # 0 steps: evaluation only
-    check_model_vocab(int(cfg.model.vocab_size), datamodule.tokenizer)  # before the cache is opened or built
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    if cfg.data.eval_lengths:  # fail before training, not after it, when the val split is too short
-        from kimi_lab.training.length_eval import token_budget
-
-        token_budget(cfg.data, datamodule.n_tokens("val"))
-    _prepare_downstream(cfg)  # fail before training when the benchmark files are missing
+    datamodule = _datamodule(cfg, trainer, max_steps)
+    if trainer.is_global_zero:
+        _prepare_downstream(cfg)  # fail before training when the benchmark files are missing
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)  # seed 0 is a valid seed
     from kimi_lab.training.module import LanguageModelModule
@@ -193,8 +194,11 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
     # the kernel planned on the configured device (raises now if attention=flash cannot run there); results.json
     # records the one the training forwards actually ran
     kernel = module.model.attention_kernel("cuda" if _value(cfg.hardware.accelerator) == "gpu" else "cpu")
-    norm_profile = _profile_norms(cfg, module.model)
-    log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step, run.path)
+    norm_profile = {}
+    if trainer.is_global_zero:  # results.json's: on rank zero's own device
+        norm_profile = _profile_norms(cfg, module.model, trainer.strategy.root_device)
+        log.info("attention kernel: %s | %s steps x %s tokens | output: %s", kernel, max_steps, tokens_per_step,
+                 run.path)
     trainer.fit_loop.epoch_loop.max_steps = max_steps  # token budget known only once world_size is
 
     from kimi_lab.training.callbacks import RunStopped
@@ -205,21 +209,61 @@ def _run_trainer(cfg: DictConfig, run: RunDir, ckpt_path: str | None) -> dict:
         try:
             _fit(trainer, module, datamodule, ckpt_path, callbacks)
         except RunStopped as stop:  # interrupted (continue with resume=true) or diverged
-            command = " ".join([*_without_run_control(_overrides()), "resume=true", "hydra.run.dir="])
-            hint = f"; continue with: python train.py {command}" if stop.status == "interrupted" else ": run folder "
-            log.warning("%s: %s%s%s", stop.status, stop, hint, run.path)
+            if not trainer.is_global_zero:
+                return {**_other_process_results(trainer, callbacks, stop.status), **stop.extra}
+            _log_stop(stop, run, callbacks)
             return {**run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, stop.status,
                                   _overrides()),
                     **stop.extra}
-        trainer.save_checkpoint(run.checkpoints / "last.ckpt", weights_only=False)
+        if callbacks.last_ckpt is not None:  # trainer.save_checkpoints last or best
+            trainer.save_checkpoint(callbacks.last_ckpt, weights_only=False)
         test_metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        length_metrics = _length_generalisation(cfg, module, trainer, datamodule)
+        length_metrics = _length_generalisation(cfg, module, trainer, datamodule)  # every process: summed over them
+    if not trainer.is_global_zero:  # no collective follows: the others end here, rank zero goes on alone
+        return _other_process_results(trainer, callbacks, "completed")
     results = run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, "completed", _overrides())
     results.update({k: float(v) for k, v in test_metrics.items()})
     results.update(length_metrics)
     results.update(_downstream(cfg, module, trainer))  # after PeakRSS: peak_mem_mb stays the training peak
     _log_hparams(trainer, cfg, results)
     return results
+
+
+def _datamodule(cfg: DictConfig, trainer, max_steps: int):
+    """The data module, its cache opened (built when missing, under a file lock) and checked before training: the
+    tokenizer against the model's vocabulary, eval windows for every process, the length eval's val budget."""
+    from kimi_lab.data import LMDataModule
+    from kimi_lab.data.tokenizer import check_model_vocab
+
+    samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
+    datamodule = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=int(cfg.seed),
+                              num_train_samples=max(max_steps, 1) * samples_per_step)  # 0 steps: evaluation only
+    check_model_vocab(int(cfg.model.vocab_size), datamodule.tokenizer)  # before the cache is opened or built
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    datamodule.check_eval_shards(trainer.world_size)
+    if cfg.data.eval_lengths:  # fail before training, not after it, when the val split is too short
+        from kimi_lab.training.length_eval import token_budget
+
+        token_budget(cfg.data, datamodule.n_tokens("val"))
+    return datamodule
+
+
+def _log_stop(stop, run: RunDir, callbacks) -> None:
+    if stop.status != "interrupted":
+        log.warning("%s: %s: run folder %s", stop.status, stop, run.path)
+    elif callbacks.last_ckpt is None:
+        log.warning("%s: %s; no checkpoint to continue from (trainer.save_checkpoints=none): run folder %s",
+                    stop.status, stop, run.path)
+    else:
+        command = " ".join([*_without_run_control(_overrides()), "resume=true", f"hydra.run.dir={run.path}"])
+        log.warning("%s: %s; continue with: python train.py %s", stop.status, stop, command)
+
+
+def _other_process_results(trainer, callbacks, status: str) -> dict:
+    """What a DDP process other than rank zero returns: the reduced final val_loss, nothing written."""
+    vals = callbacks.metrics.val_history
+    return {"status": status, "global_rank": trainer.global_rank, "val_loss": vals[-1]["val_loss"] if vals else None}
 
 
 def _fit(trainer, module, datamodule, ckpt_path: str | None, callbacks) -> None:
@@ -276,17 +320,13 @@ def _downstream(cfg: DictConfig, module, trainer) -> dict:
                                          forward_context=trainer.precision_plugin.forward_context)}
 
 
-def _profile_norms(cfg: DictConfig, model) -> dict:
-    """Norm kernel (fused / composite) and fwd+bwd ms of all norm layers at the run's (B, T, D), on the run's device
-    (copies: the model itself stays put); read against the training step time in ``_norm_summary``."""
+def _profile_norms(cfg: DictConfig, model, device) -> dict:
+    """Norm kernel (fused / composite) and fwd+bwd ms of all norm layers at the run's (B, T, D), on this process's
+    device (copies: the model itself stays put); read against the training step time in ``_norm_summary``."""
     import copy
-
-    import torch
 
     from kimi_lab.model.norm import norm_fwd_bwd_ms, norm_input_shapes, norm_kernel, norm_layers
 
-    on_gpu = _value(cfg.hardware.accelerator) == "gpu" and torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
     shapes = norm_input_shapes(model, int(cfg.data.batch_size), int(cfg.data.seq_len))  # MLA / qk-norms differ
     norms = [copy.deepcopy(m).to(device) for m in norm_layers(model)]
     return {"norm_kernel": norm_kernel(norms[0], device), "norm_fwd_bwd_ms": norm_fwd_bwd_ms(norms, shapes)}

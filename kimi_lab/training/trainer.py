@@ -7,13 +7,16 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 from kimi_lab.training.callbacks import DataPosition, ExpertLoadMonitor, MemoryWindow, OptimizerStepTimer, StepMetrics
-from kimi_lab.training.checkpoints import BestCheckpoint, InterruptAt, LastCheckpoint, RngState
+from kimi_lab.training.checkpoints import InterruptAt, RngState, checkpoint_callbacks, last_checkpoint
 from kimi_lab.training.expert_bias import ExpertBiasUpdate
 from kimi_lab.training.loggers import LearningRateAtStep, build_loggers
+from kimi_lab.training.preemption import PreemptionCheckpoint, cluster_plugins
 from kimi_lab.training.preflight import check_job_environment
 from kimi_lab.training.rundir import RunDir
 
@@ -26,6 +29,7 @@ class RunCallbacks:
     interrupt: InterruptAt | None
     optimizer_timer: OptimizerStepTimer | None = None
     memory: MemoryWindow | None = None
+    last_ckpt: Path | None = None  # where train() saves the final state; None: trainer.save_checkpoints=none
 
 
 def _single_lightning_log() -> None:
@@ -47,13 +51,16 @@ class _NoBanner(logging.Filter):
 
 def _quiet_lightning() -> None:
     """No per-job banners; no warning that a short run has fewer batches than Lightning's logging interval (our
-    metrics rows follow trainer.log_every_n_steps) or about Lightning's deprecated pytree use."""
+    metrics rows follow trainer.log_every_n_steps), about Lightning's deprecated pytree use, or that DDP eval metrics
+    need sync_dist (the module sums them over the processes)."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         target = logging.getLogger(name)
         if not any(isinstance(f, _NoBanner) for f in target.filters):
             target.addFilter(_NoBanner())
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # DDP: our eval metrics are sums over the processes already (LanguageModelModule._eval_epoch_end)
+    warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)_\w+', \.\.\., sync_dist=True\)`.*")
 
 
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
@@ -64,17 +71,20 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     accumulate = int(cfg.trainer.accumulate_grad_batches)
     val_every = int(cfg.trainer.val_check_interval)
+    policy, ckpt_every = _value(cfg.trainer.save_checkpoints), int(cfg.trainer.checkpoint_every_n_steps)
+    last_ckpt = last_checkpoint(policy, run.checkpoints)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
         metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts,
                             log_every_n_steps=int(cfg.trainer.log_every_n_steps),
-                            checkpoint_every_n_steps=int(cfg.trainer.checkpoint_every_n_steps)),
+                            checkpoint_every_n_steps=ckpt_every if last_ckpt is not None else 0),
         experts=experts,
         data_position=DataPosition(samples_per_rank_step=cfg.data.batch_size * accumulate),
-        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), run.checkpoints / "last.ckpt", val_every)
+        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), last_ckpt, val_every)
                    if cfg.trainer.interrupt_at_step is not None else None),
         optimizer_timer=OptimizerStepTimer(),
         memory=MemoryWindow(),
+        last_ckpt=last_ckpt,
     )
     callbacks: list[L.Callback] = [
         ours.memory,  # first: its window closes before any other batch-end work (checkpoint saves run last)
@@ -84,11 +94,14 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         ours.optimizer_timer,  # after metrics: its grad-norm read is not counted as optimizer time
         ours.data_position,
         RngState(),
-        # Checkpoint callbacks: Lightning runs them after all the others, in this order
-        BestCheckpoint(run.checkpoints),  # best-step<N>.ckpt: lowest val_loss, after each validation
-        # last.ckpt for resume, every checkpoint_every_n_steps optimizer steps (after the step's validation, if any)
-        LastCheckpoint(run.checkpoints / "last.ckpt", int(cfg.trainer.checkpoint_every_n_steps), val_every),
+        # Checkpoint callbacks (trainer.save_checkpoints): Lightning runs them after all the others, in this order.
+        # best-step<N>.ckpt after each validation; last.ckpt every checkpoint_every_n_steps optimizer steps (after
+        # the step's validation, if any)
+        *checkpoint_callbacks(policy, run.checkpoints, ckpt_every, val_every),
     ]
+    if last_ckpt is not None:
+        # on a preemption signal: last.ckpt when the step ends, then the launcher's requeue (training/preemption.py)
+        callbacks.append(PreemptionCheckpoint(last_ckpt, val_every))
     loggers = build_loggers(cfg, run.path)
     if loggers:
         callbacks.append(LearningRateAtStep())
@@ -98,6 +111,7 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         accelerator=_value(cfg.hardware.accelerator),
         devices=cfg.hardware.devices,
         strategy=_value(cfg.hardware.strategy),
+        plugins=cluster_plugins() or None,  # under SLURM: Lightning's auto-requeue off, submitit requeues
         precision=cfg.hardware.precision,
         max_steps=int(cfg.trainer.max_steps),
         max_epochs=-1,
@@ -112,6 +126,8 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         use_distributed_sampler=False,  # our sampler shards by rank and resumes mid-run
         logger=loggers or False,
         callbacks=callbacks,
+        # Lightning adds its own ModelCheckpoint when no Checkpoint callback is given (save_checkpoints=none)
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
         enable_progress_bar=sys.stderr.isatty(),
         enable_model_summary=False,
         default_root_dir=str(run.path),

@@ -1,7 +1,8 @@
 """Causal attention kernels over (B, H, T, d) tensors; every kernel computes softmax(QK^T/sqrt(d) + causal)V.
 
-Each kernel is a function ``(q, k, v, *, dropout_p, scale) -> out`` plus a label function that names the
-implementation that actually ran (recorded in results.json); no kernel falls back silently to another.
+Each kernel is a function ``(q, k, v, *, dropout_p, scale) -> out``, a label function that names the
+implementation that actually ran (recorded in results.json) and the limits of the inputs it takes, which
+``validate_config`` reads before a run and the kernel checks at run time; no kernel falls back silently to another.
 """
 
 from __future__ import annotations
@@ -9,19 +10,34 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-FLASH_MAX_HEAD_DIM_CUDA = 256  # FlashAttention-2 (flash-attn and SDPA's FLASH backend) on CUDA
+from kimi_lab.config.schema import AttentionKernel
+
+
+@dataclass(frozen=True)
+class KernelLimits:
+    """The inputs a kernel takes, per device type ("cpu", "cuda"); the defaults are no limit."""
+
+    max_head_dim: Mapping[str, int] = field(default_factory=dict)  # device type -> the largest q/k head dim
+    no_dropout_on: tuple[str, ...] = ()  # device types whose kernel has no attention dropout
+    one_head_dim: bool = False  # q/k and v heads of one width
+
+
+# FlashAttention-2: flash-attn and SDPA's FLASH backend take head dims <= 256 on CUDA; PyTorch's CPU flash kernel
+# has no dropout
+FLASH_LIMITS = KernelLimits(max_head_dim={"cuda": 256}, no_dropout_on=("cpu",), one_head_dim=True)
 _SDPA_BACKENDS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
 
 class FlashUnavailable(RuntimeError):
-    """attention=flash (or attention.kernel=flash) cannot run here; the message says why and what to set."""
+    """attention.kernel=flash cannot run here; the message says why and what to set."""
 
 
 def standard_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = None) -> torch.Tensor:
@@ -120,7 +136,8 @@ def _flash_attn_module():
         return importlib.import_module("flash_attn")
     except ImportError as err:  # installed but broken (e.g. built for another torch/CUDA): say so, never reroute
         raise FlashUnavailable(f"flash-attn is installed but does not import ({err}); reinstall it for this torch, "
-                               "or uninstall it to use SDPA's FLASH_ATTENTION backend, or set attention=sdpa") from err
+                               "or uninstall it to use SDPA's FLASH_ATTENTION backend, or set "
+                               "attention.kernel=sdpa") from err
 
 
 def flash_route(device_type: str) -> str:
@@ -130,25 +147,27 @@ def flash_route(device_type: str) -> str:
     if device_type == "cuda":
         module = _flash_attn_module()
         return f"flash_attn_{module.__version__}" if module is not None else "sdpa_flash_cuda"
-    raise FlashUnavailable(f"attention=flash cannot run on device '{device_type}' (FlashAttention-2 exists for CUDA "
-                           "and, through PyTorch SDPA, CPU); set attention=sdpa or attention=standard")
+    raise FlashUnavailable(f"attention.kernel=flash cannot run on device '{device_type}' (FlashAttention-2 exists for "
+                           "CUDA and, through PyTorch SDPA, CPU); set attention.kernel=sdpa or "
+                           "attention.kernel=standard")
 
 
 def check_flash(device_type: str, dtype: torch.dtype, qk_head_dim: int, v_head_dim: int, dropout_p: float) -> str:
-    """Every reason FlashAttention-2 cannot take these inputs, as one clear error; else the route label."""
+    """Every reason FlashAttention-2 cannot take these inputs (FLASH_LIMITS), as one clear error; else the route
+    label."""
     route = flash_route(device_type)
-    fix = "set attention=sdpa (PyTorch picks a kernel) or attention=standard"
-    if qk_head_dim != v_head_dim:
+    fix = "set attention.kernel=sdpa (PyTorch picks a kernel) or attention.kernel=standard"
+    if FLASH_LIMITS.one_head_dim and qk_head_dim != v_head_dim:
         raise FlashUnavailable(f"FlashAttention-2 needs equal q/k and v head dims, got {qk_head_dim} and "
                                f"{v_head_dim}; {fix}")
-    if device_type == "cpu":
-        if dropout_p > 0:
-            raise FlashUnavailable(f"PyTorch's CPU flash kernel has no dropout (attention.dropout={dropout_p}); "
-                                   f"set attention.dropout=0 or {fix}")
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise FlashUnavailable(f"PyTorch's CPU flash kernel does not take {dtype}; {fix}")
-    elif qk_head_dim > FLASH_MAX_HEAD_DIM_CUDA:
-        raise FlashUnavailable(f"FlashAttention-2 on CUDA supports head dims <= {FLASH_MAX_HEAD_DIM_CUDA}, got "
+    if device_type in FLASH_LIMITS.no_dropout_on and dropout_p > 0:
+        raise FlashUnavailable(f"PyTorch's CPU flash kernel has no dropout (attention.dropout={dropout_p}); "
+                               f"set attention.dropout=0 or {fix}")
+    if device_type == "cpu" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise FlashUnavailable(f"PyTorch's CPU flash kernel does not take {dtype}; {fix}")
+    max_dim = FLASH_LIMITS.max_head_dim.get(device_type)
+    if max_dim is not None and qk_head_dim > max_dim:
+        raise FlashUnavailable(f"FlashAttention-2 on {device_type.upper()} supports head dims <= {max_dim}, got "
                                f"{qk_head_dim}; use more heads (attention.n_heads) or {fix}")
     return route
 
@@ -184,39 +203,46 @@ def flash_attention(q, k, v, *, dropout_p: float = 0.0, scale: float | None = No
                 out = _sdpa_causal(q, k, v, dropout_p=dropout_p, scale=scale)
         except RuntimeError as err:  # SDPA's own refusal ("No available kernel"), with its warnings' reasons
             raise FlashUnavailable(f"SDPA's FLASH_ATTENTION backend refused these inputs (dtype {q.dtype}, shapes "
-                                   f"{tuple(q.shape)}/{tuple(v.shape)}): {err}; set attention=sdpa or "
-                                   "attention=standard") from err
+                                   f"{tuple(q.shape)}/{tuple(v.shape)}): {err}; set attention.kernel=sdpa or "
+                                   "attention.kernel=standard") from err
     return out.to(out_dtype)
 
 
 class Kernel(NamedTuple):
     fn: Callable[..., torch.Tensor]  # (q, k, v, *, dropout_p, scale) -> out
     label: Callable[..., str]  # (q, k, v, *, dropout_p) -> name of what actually ran
+    limits: KernelLimits = KernelLimits()
 
 
-# registry: kernel name -> Kernel. `attention.name` standard/sdpa/flash, and `attention.kernel` for mla.
-KERNELS: dict[str, Kernel] = {
-    "standard": Kernel(standard_attention, lambda q, k, v, dropout_p=0.0: "math_explicit"),
-    "sdpa": Kernel(sdpa_attention, sdpa_label),
-    "flash": Kernel(flash_attention, lambda q, k, v, dropout_p=0.0: flash_route(q.device.type)),
+# registry: attention.kernel -> Kernel (for either attention.type)
+KERNELS: dict[AttentionKernel, Kernel] = {
+    AttentionKernel.standard: Kernel(standard_attention, lambda q, k, v, dropout_p=0.0: "math_explicit"),
+    AttentionKernel.sdpa: Kernel(sdpa_attention, sdpa_label),
+    AttentionKernel.flash: Kernel(flash_attention, lambda q, k, v, dropout_p=0.0: flash_route(q.device.type),
+                                  FLASH_LIMITS),
 }
 
 
-def planned_label(kernel: str, device_type: str, dtype: torch.dtype, qk_head_dim: int, v_head_dim: int,
+def kernel_limits(kernel: AttentionKernel) -> KernelLimits:
+    """What ``kernel`` takes (``validate_config`` asks before a run; ``KeyError`` for an unknown kernel)."""
+    return KERNELS[kernel].limits
+
+
+def planned_label(kernel: AttentionKernel, device_type: str, dtype: torch.dtype, qk_head_dim: int, v_head_dim: int,
                   dropout_p: float) -> str:
     """The label a kernel will record on ``device_type`` before any forward; raises if flash cannot run there.
     SDPA's backend depends on the inputs, so before a forward it is ``sdpa_auto``."""
-    if kernel == "flash":
+    if kernel == AttentionKernel.flash:
         return check_flash(device_type, dtype, qk_head_dim, v_head_dim, dropout_p)
-    return {"standard": "math_explicit", "sdpa": "sdpa_auto"}[kernel]
+    return {AttentionKernel.standard: "math_explicit", AttentionKernel.sdpa: "sdpa_auto"}[kernel]
 
 
 class KernelRunner:
     """Calls one registered kernel and remembers the label of what ran (from training forwards, else the first)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: AttentionKernel):
         self.name = name
-        self.fn, self._label = KERNELS[name]
+        self.fn, self._label, _ = KERNELS[name]
         self.last: str | None = None
 
     def __call__(self, q, k, v, *, dropout_p: float, scale: float | None, training: bool) -> torch.Tensor:

@@ -13,15 +13,20 @@ from kimi_lab.model.rope import apply_rotary
 class MultiHeadAttention(nn.Module):
     """One parameter layout (q/k/v/o_proj, as in HF Llama) shared by every kernel, so checkpoints move between them."""
 
-    def __init__(self, d_model: int, attn_cfg, kernel: str, qk_norm=None):
+    # RoPE rotates all of q and k, so the rotary's YaRN attention factor on cos/sin scales q.k by its square
+    scales_rope_tables = True
+
+    def __init__(self, d_model: int, attn_cfg, qk_norm=None, rope_cfg=None):
+        """``qk_norm``: the norm config applied per head to q and k (None: no QK-norm); ``rope_cfg`` is not read
+        (the scaling reaches MHA through cos/sin)."""
         super().__init__()
-        self.n_heads = int(attn_cfg.n_heads)
-        self.n_kv_heads = int(attn_cfg.n_kv_heads or attn_cfg.n_heads)
+        self.n_heads = attn_cfg.n_heads
+        self.n_kv_heads = attn_cfg.n_kv_heads or attn_cfg.n_heads
         self.head_dim = d_model // self.n_heads
         self.qk_head_dim = self.v_head_dim = self.rope_head_dim = self.head_dim  # RoPE on the whole head
-        self.dropout = float(attn_cfg.dropout)
-        self.kernel = KernelRunner(kernel)
-        bias = bool(attn_cfg.bias)
+        self.dropout = attn_cfg.dropout
+        self.kernel = KernelRunner(attn_cfg.kernel)
+        bias = attn_cfg.bias
         self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=bias)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_lab.config import ConfigError
 from kimi_lab.model.attention.kernels import KernelRunner, planned_label
+from kimi_lab.model.rope import dynamic_factor, scaling_type, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # RMSNorm eps on the latents, as DeepSeek-V3 and HF's DeepseekV3RMSNorm default
 
@@ -26,24 +28,52 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
 
 
+def scales_rope_tables(scaling_cfg) -> bool:
+    """Whether MLA's cos/sin take the rotary's YaRN attention factor: only with both ``mscale`` and
+    ``mscale_all_dim`` set (the DeepSeek-V2/V3 configs), where that factor is their ratio m(s, mscale) /
+    m(s, mscale_all_dim) on the rope slice, as in transformers' DeepseekV3; otherwise (DeepSeek's rule) cos/sin stay
+    plain and only the softmax scales (``softmax_mscale``)."""
+    return scaling_type(scaling_cfg) == "yarn" and bool(scaling_cfg.mscale) and bool(scaling_cfg.mscale_all_dim)
+
+
+def softmax_mscale(scaling_cfg) -> float:
+    """DeepSeek-V3 MLA under YaRN (inference/model.py; HF DeepseekV3Attention): softmax scale x mscale^2 with
+    mscale = 0.1 * mscale_all_dim * ln(factor) + 1 (mscale_all_dim defaults to 1); 1 without YaRN. Fixed at build
+    time, so a per-length YaRN factor (``rope.scaling.dynamic_factor``) is refused (``validate_config`` asks this
+    function too)."""
+    if scaling_type(scaling_cfg) != "yarn":
+        return 1.0
+    if dynamic_factor(scaling_cfg):
+        raise ConfigError("Invalid config: rope.scaling.dynamic_factor=True; allowed: false with attention.type=mla "
+                          "and rope.scaling.type=yarn (MLA's softmax mscale is fixed at build time), or "
+                          "attention.type=mha")
+    return yarn_mscale(scaling_cfg.factor, scaling_cfg.mscale_all_dim or 1.0)
+
+
 class MultiHeadLatentAttention(nn.Module):
     """q from x (or from a LoRA latent), k/v from one shared latent of width kv_lora_rank, plus one rope key shared
     by all heads; qk head dim = qk_nope_head_dim + qk_rope_head_dim, v head dim = v_head_dim."""
 
-    def __init__(self, d_model: int, attn_cfg):
+    def __init__(self, d_model: int, attn_cfg, qk_norm=None, rope_cfg=None):
+        """``rope_cfg``: the rope group, whose YaRN scaling MLA applies itself (``softmax_mscale``,
+        ``scales_rope_tables``); ``qk_norm`` must be None (MLA normalises its latents instead)."""
         super().__init__()
-        self.n_heads = int(attn_cfg.n_heads)
-        self.q_lora_rank = None if attn_cfg.q_lora_rank is None else int(attn_cfg.q_lora_rank)
-        self.kv_lora_rank = int(attn_cfg.kv_lora_rank)
-        self.qk_nope_head_dim = int(attn_cfg.qk_nope_head_dim)
-        self.qk_rope_head_dim = self.rope_head_dim = int(attn_cfg.qk_rope_head_dim)  # RoPE table width
-        self.v_head_dim = int(attn_cfg.v_head_dim)
+        if qk_norm is not None:
+            raise ValueError("MLA takes no QK-norm (it normalises its latents); set norm.qk_norm=false")
+        self.n_heads = attn_cfg.n_heads
+        self.q_lora_rank = attn_cfg.q_lora_rank
+        self.kv_lora_rank = attn_cfg.kv_lora_rank
+        self.qk_nope_head_dim = attn_cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = self.rope_head_dim = attn_cfg.qk_rope_head_dim  # RoPE table width
+        self.v_head_dim = attn_cfg.v_head_dim
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
-        self.dropout = float(attn_cfg.dropout)
+        self.dropout = attn_cfg.dropout
         self.base_scale = self.qk_head_dim**-0.5
-        self.rope_mscale = 1.0  # YaRN mscale (set by the Transformer, see rope.mla_softmax_mscale)
-        self.kernel = KernelRunner(getattr(attn_cfg.kernel, "value", attn_cfg.kernel))
-        bias = bool(attn_cfg.attention_bias)
+        scaling = None if rope_cfg is None else rope_cfg.scaling
+        self.rope_mscale = softmax_mscale(scaling)  # YaRN: the softmax scale takes its square
+        self.scales_rope_tables = scales_rope_tables(scaling)  # read by the Transformer for the shared cos/sin
+        self.kernel = KernelRunner(attn_cfg.kernel)
+        bias = attn_cfg.bias
         n_q = self.n_heads * self.qk_head_dim
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(d_model, n_q, bias=False)
@@ -57,13 +87,10 @@ class MultiHeadLatentAttention(nn.Module):
                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, d_model, bias=bias)
 
-    def set_rope_mscale(self, mscale: float) -> None:
-        """YaRN: DeepSeek multiplies the softmax scale by mscale^2 and leaves cos/sin unscaled (only the rope slice
-        of q/k is rotated, so scaling cos/sin would miss the nope slice)."""
-        self.rope_mscale = float(mscale)
-
     @property
     def softmax_scale(self) -> float:
+        """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN: DeepSeek scales the softmax, not cos/sin, because
+        only the rope slice of q/k is rotated (scaling cos/sin would miss the nope slice)."""
         return self.base_scale * self.rope_mscale**2
 
     @property

@@ -12,31 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kimi_lab.model.mlp import SwiGLU
 from kimi_lab.model.moe.experts import GroupedExperts
-from kimi_lab.model.moe.gate import GroupLimitedRouter
-from kimi_lab.model.moe.mlp import SwiGLU
 from kimi_lab.model.moe.recompute import is_recomputing
-from kimi_lab.model.moe.router import GreedyRouter
-
-# registry: moe.topk_method -> router class
-ROUTERS: dict[str, type[nn.Module]] = {
-    "greedy": GreedyRouter,
-    "group_limited_greedy": GroupLimitedRouter,
-    "noaux_tc": GroupLimitedRouter,
-    "aux_tc": GroupLimitedRouter,
-}
+from kimi_lab.model.moe.router import Router
 
 
 class MoE(nn.Module):
     def __init__(self, d_model: int, moe_cfg):
         super().__init__()
-        method = getattr(moe_cfg.topk_method, "value", moe_cfg.topk_method)
-        self.n_experts = int(moe_cfg.n_routed_experts)
-        self.top_k = int(moe_cfg.num_experts_per_tok)
-        hidden = int(moe_cfg.moe_intermediate_size)
-        self.gate = ROUTERS[method](d_model, moe_cfg)
+        self.n_experts = moe_cfg.n_routed_experts
+        self.top_k = moe_cfg.num_experts_per_tok
+        hidden = moe_cfg.moe_intermediate_size
+        self.gate = Router(d_model, moe_cfg)
         self.experts = GroupedExperts(self.n_experts, d_model, hidden)
-        n_shared = int(moe_cfg.n_shared_experts)
+        n_shared = moe_cfg.n_shared_experts
         self.shared_experts = SwiGLU(d_model, n_shared * hidden) if n_shared > 0 else None
         # read and zeroed once per optimizer step by the trainer (load metrics); training forwards only
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)  # (E,)

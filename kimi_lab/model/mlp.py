@@ -1,4 +1,7 @@
-"""SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6): down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward (Shazeer 2020, "GLU Variants Improve Transformer", eq. 6): down(silu(gate(x)) * up(x)).
+
+The FFN of dense layers (``moe=dense``, the first ``first_k_dense_replace`` layers) and the MoE's shared experts;
+names follow transformers' ``DeepseekV3MLP`` (``gate_proj``, ``up_proj``, ``down_proj``)."""
 
 from __future__ import annotations
 
