@@ -54,7 +54,7 @@ def axes_of(cfg) -> dict[str, list[str]]:
 def stage_cost(compose, stage: str) -> dict:
     """Jobs, tokens per job, FLOPs per token (mean over the arms) and the two time estimates of one stage."""
     from kimi_lab.training.step_time import model_size
-    from kimi_lab.training.train import steps_and_tokens
+    from kimi_lab.training.lifecycle import steps_and_tokens
 
     axes = axes_of(compose([f"experiment={stage}"], hydra=True))
     jobs = 1

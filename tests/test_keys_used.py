@@ -333,7 +333,7 @@ def _downstream_results(cfg: DictConfig) -> dict:
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    from kimi_lab.training.train import _downstream
+    from kimi_lab.training.fit import _downstream
 
     torch.manual_seed(0)
     module = SimpleNamespace(model=build_model(cfg))

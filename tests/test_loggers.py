@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import time
 
 import pytest
 import yaml
@@ -90,11 +91,15 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, monkeypatch):
     finally:
         wandb.finish()
     (log,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    data = open(log, "rb").read()  # protobuf records; values are stored as JSON text
     expected = _expected(tmp_path)
-    for name in ("train/loss", "val_loss"):
-        for _, value in expected[name]:
-            assert repr(value).encode() in data, (name, value)
+    wanted = [repr(value).encode() for name in ("train/loss", "val_loss") for _, value in expected[name]]
+    data = b""
+    for _ in range(60):  # wandb's service process writes the file; on a loaded machine it lands after finish()
+        data = open(log, "rb").read()  # protobuf records; values are stored as JSON text
+        if all(w in data for w in wanted) and b"trainer/global_step" in data:
+            break
+        time.sleep(0.5)
+    assert [w for w in wanted if w not in data] == []
     assert b"trainer/global_step" in data
 
 

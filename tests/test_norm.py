@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kimi_lab.bench import norm as bench_norm
-from kimi_lab.model.norm import build_norm, norm_fwd_bwd_ms, norm_kernel
+from kimi_lab.bench._norm_profile import norm_fwd_bwd_ms, norm_kernel
+from kimi_lab.model.norm import build_norm
 from tests.helpers import compose_config
 
 
@@ -59,7 +60,7 @@ def test_norm_input_shapes_follow_each_norm(overrides):
     """Block norms see (B, T, D); MLA's latent norms (B, T, rank); qk-norms (B, T, H, head_dim) — so the norm
     profile of a run times every norm at its own width (a single (B, T, D) input crashed MLA runs)."""
     from kimi_lab.model import build_model
-    from kimi_lab.model.norm import norm_input_shapes, norm_layers
+    from kimi_lab.bench._norm_profile import norm_input_shapes, norm_layers
     from tests.helpers import compose_config
 
     model = build_model(compose_config(overrides))

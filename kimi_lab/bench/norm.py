@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_lab.model.norm import median_ms, norm_fwd_bwd_ms, norm_input_shapes, norm_layers
+from kimi_lab.bench._norm_profile import median_ms, norm_fwd_bwd_ms, norm_input_shapes, norm_kernel, norm_layers
 
 def model_fwd_bwd_ms(model: nn.Module, batch_size: int, seq_len: int, repeats: int = 3) -> float:
     """Median ms of forward + cross-entropy backward of the whole model on (B, T) token ids."""
@@ -40,7 +40,6 @@ def main(argv: list[str]) -> int:
 
     from kimi_lab.config import register_configs
     from kimi_lab.model import build_model
-    from kimi_lab.model.norm import norm_kernel
 
     register_configs()
     conf = Path(__file__).resolve().parents[2] / "conf"

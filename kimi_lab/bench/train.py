@@ -165,7 +165,7 @@ def module_step_fn(cfg, batches: list, device: str):
         _sync(device)
         start = time.perf_counter()
         with autocast:
-            loss = module.training_step(batches[i % len(batches)], i)
+            loss = module.training_step(batches[i % len(batches)], i)["loss"]
         loss.backward()
         _sync(device)
         opt_start = time.perf_counter()

@@ -32,8 +32,8 @@ class StepMetrics(L.Callback):
     def __init__(self, csv_path: Path, tokens_per_micro_batch: int, expert_monitor: ExpertLoadMonitor,
                  log_every_n_steps: int = 1, checkpoint_every_n_steps: int = 0):
         self.csv_path = Path(csv_path)
-        self.log_every_n_steps = max(int(log_every_n_steps), 1)
-        self.checkpoint_every_n_steps = int(checkpoint_every_n_steps)  # those steps flush anyway (state_dict)
+        self.log_every_n_steps = max(log_every_n_steps, 1)
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps  # those steps flush anyway (state_dict)
         self._pending: list[tuple[dict, torch.Tensor]] = []  # (row without losses, [ce, aux, grad_norm])
         self._trainer: L.Trainer | None = None
         self.tokens_per_micro_batch = tokens_per_micro_batch
@@ -103,7 +103,7 @@ class StepMetrics(L.Callback):
         self.experts.collect(trainer, pl_module.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._micro.append((pl_module.last_train_ce, pl_module.last_aux_loss))
+        self._micro.append((outputs["ce_loss"], outputs["aux_loss"]))  # LanguageModelModule.training_step's parts
         self.tokens += self.tokens_per_micro_batch * trainer.world_size
         if len(self._micro) < trainer.accumulate_grad_batches:
             return  # optimizer step not taken yet
@@ -242,7 +242,7 @@ def wait_for_device(device: torch.device) -> None:
 class OptimizerStepTimer(L.Callback):
     """Wall time of each optimizer update: from the end of backward (after the grad-norm read, incl. clipping)
     to the end of ``optimizer.step`` (a step post-hook). Lightning runs forward/backward inside step's closure,
-    so timing step() alone would count them too. Put it after StepMetrics in the callback list."""
+    so timing step() alone would count them too. Its place in the run order: ``trainer.ordered_callbacks``."""
 
     def __init__(self):
         self.times_ms: list[float] = []
@@ -280,8 +280,8 @@ class MemoryWindow(L.Callback):
     """Peak memory of training batches only (forward, backward and optimizer step), not of validation, test or
     checkpoint writes: opens the job's CPU memory sampler (``rundir.PeakRSS``, set as ``.rss`` once it runs) for each
     training batch, and on CUDA resets the allocator's peak at the batch start and reads it at the end
-    (``cuda_peak_bytes``). First in the callback list, so it closes before the checkpoint callbacks save (Lightning
-    moves checkpoint callbacks last)."""
+    (``cuda_peak_bytes``). First in the run order (``trainer.ordered_callbacks``): its window closes before any
+    checkpoint is saved."""
 
     def __init__(self):
         self.rss = None

@@ -30,7 +30,7 @@ class StepEnd(Checkpoint):
     step's validation, so a run resumed from it neither loses that validation nor runs it again."""
 
     def __init__(self, val_every_n_steps: int):
-        self.val_every_n_steps = int(val_every_n_steps)
+        self.val_every_n_steps = val_every_n_steps
         self._step_before: int | None = None
 
     def step_end(self, trainer: L.Trainer) -> None:
@@ -54,7 +54,7 @@ class LastCheckpoint(StepEnd):
 
     def __init__(self, path: Path, every_n_steps: int, val_every_n_steps: int):
         super().__init__(val_every_n_steps)
-        self.path, self.every_n_steps = Path(path), int(every_n_steps)
+        self.path, self.every_n_steps = Path(path), every_n_steps
 
     def step_end(self, trainer: L.Trainer) -> None:
         if trainer.global_step % self.every_n_steps == 0:
@@ -72,7 +72,7 @@ class InterruptAt(StepEnd):
 
     def __init__(self, step: int, last_ckpt: Path | None, val_every_n_steps: int):
         super().__init__(val_every_n_steps)
-        self.step, self.last_ckpt = int(step), last_ckpt
+        self.step, self.last_ckpt = step, last_ckpt
 
     def step_end(self, trainer: L.Trainer) -> None:
         if trainer.global_step >= self.step:

@@ -17,6 +17,8 @@ import tempfile
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from kimi_lab.training import preflight
+
 LAUNCHER = "hydra_plugins.kimi_lab_launcher.dry_run.DryRunLauncher"
 SWEEPER = "hydra_plugins.kimi_lab_launcher.dry_run.DryRunSweeper"
 
@@ -30,8 +32,6 @@ class DryRunCallback(Callback):
         self.folder: str | None = None
 
     def _redirect(self, config: DictConfig, key: str) -> str:
-        from kimi_lab.training import preflight
-
         preflight.RECORDS.clear()
         self.folder = tempfile.mkdtemp(prefix="kimi_lab_dry_run_")
         atexit.register(shutil.rmtree, self.folder, ignore_errors=True)  # also when a sweep ends in an exception
@@ -64,8 +64,6 @@ class DryRunCallback(Callback):
             self._finish()
 
     def _finish(self) -> None:
-        from kimi_lab.training import preflight
-
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
         lines = preflight.summary_lines(preflight.RECORDS)

@@ -23,13 +23,13 @@ from kimi_lab.config.validate import ConfigError
 
 def eval_lengths(data_cfg) -> list[int]:
     """Sorted distinct lengths data.eval_lengths x data.seq_len."""
-    return sorted({int(round(float(m) * int(data_cfg.seq_len))) for m in data_cfg.eval_lengths})
+    return sorted({round(m * data_cfg.seq_len) for m in data_cfg.eval_lengths})
 
 
 def token_budget(data_cfg, n_val_tokens: int) -> int:
     """Tokens scored at every length; a clear error when the val split cannot give them at the longest length."""
     longest = eval_lengths(data_cfg)[-1]
-    budget = (int(data_cfg.val_tokens) // longest) * longest
+    budget = (data_cfg.val_tokens // longest) * longest
     if budget < longest or n_val_tokens - 1 < budget:
         raise ConfigError(
             f"Invalid config: data.eval_lengths={list(data_cfg.eval_lengths)}; allowed: lengths whose longest "
@@ -54,7 +54,7 @@ def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
     model = module.model.to(trainer.strategy.root_device)  # Lightning's teardown left it on the CPU
     was_training = model.training
     model.eval()
-    tokens_per_batch = int(data_cfg.batch_size) * int(data_cfg.seq_len)  # as in training
+    tokens_per_batch = data_cfg.batch_size * data_cfg.seq_len  # as in training
     losses, counts, factors, mscales = {}, {}, {}, {}
     for length, windows in windows_at.items():
         batch_size = max(1, tokens_per_batch // length)
@@ -73,7 +73,7 @@ def val_loss_at_lengths(module, trainer, datamodule, data_cfg) -> dict:
         losses[str(length)], counts[str(length)] = nll / n, n
         factors[str(length)] = model.rotary.applied_factor
         mscales[str(length)] = model.rotary.attention_scaling
-    model.rotary(int(data_cfg.seq_len))  # back to the training length's table (results.json's rope_* read it)
+    model.rotary(data_cfg.seq_len)  # back to the training length's table (results.json's rope_* read it)
     model.train(was_training)
     return {"val_loss_at_len": losses, "val_tokens_at_len": counts, "rope_factor_at_len": factors,
             "rope_attention_scaling_at_len": mscales}

@@ -11,19 +11,22 @@ import os
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+
+from kimi_lab.config import ConfigError
 
 PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny")}  # logger -> (module, distribution)
 
 
 def logger_name(cfg: DictConfig) -> str:
-    return getattr(cfg.logger.name, "value", cfg.logger.name)
+    return cfg.logger.name
 
 
 def check_logger_installed(cfg: DictConfig) -> None:
     """logger=wandb / mlflow without its package: one line naming the install command (before any data is built)."""
-    from kimi_lab.config import ConfigError
-
     name = logger_name(cfg)
     if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
         raise ConfigError(f"Invalid config: logger={name}; {PACKAGES[name][1]} is not installed: pip install -e "
@@ -32,7 +35,7 @@ def check_logger_installed(cfg: DictConfig) -> None:
 
 def wandb_offline(cfg: DictConfig) -> bool:
     """logger.offline, else offline unless WANDB_API_KEY is set (no account and no network needed by default)."""
-    return bool(cfg.logger.offline) if cfg.logger.offline is not None else not os.environ.get("WANDB_API_KEY")
+    return cfg.logger.offline if cfg.logger.offline is not None else not os.environ.get("WANDB_API_KEY")
 
 
 def mlflow_tracking_uri(cfg: DictConfig, run_dir: Path) -> str:
@@ -43,7 +46,6 @@ def mlflow_tracking_uri(cfg: DictConfig, run_dir: Path) -> str:
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
     """The loggers of ``cfg.logger`` writing under ``run_dir``; wandb / mlflow also get the resolved config as their
     hyperparameters (TensorBoard gets it at the end, with the final metrics: train.py's HParams)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     check_logger_installed(cfg)
     name, run_dir = logger_name(cfg), Path(run_dir)
@@ -67,16 +69,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def _run_name(run_dir: Path) -> tuple[str, str | None]:
     """(run name, group): ``<parent folder>/<folder>``; a sweep job's group is its sweep folder, a single run has
     none."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     return f"{run_dir.parent.name}/{run_dir.name}", run_dir.parent.name if in_sweep else None
 
 
 def _wandb(cfg: DictConfig, run_dir: Path):
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
+    import wandb  # lazy: an optional package (pip install -e .[loggers])
 
     if wandb.run is not None:  # a sweep's jobs share a process: each job is a run of its own
         wandb.finish()
@@ -86,8 +85,6 @@ def _wandb(cfg: DictConfig, run_dir: Path):
 
 
 def _mlflow(cfg: DictConfig, run_dir: Path):
-    from lightning.pytorch.loggers import MLFlowLogger
-
     name, group = _run_name(run_dir)
     uri = mlflow_tracking_uri(cfg, run_dir)
     if uri.startswith("file:"):  # recent MLflow refuses a file store unless asked (its SQL stores need SQLAlchemy,

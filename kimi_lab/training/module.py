@@ -40,21 +40,20 @@ class LanguageModelModule(L.LightningModule):
         if cfg.hardware.compile:
             compile_model(self.model)
         self.loss_chunk_tokens = cfg.hardware.loss_chunk_tokens
-        self.last_train_ce = torch.zeros(())  # mean CE of the latest micro-batch (for the step aggregator)
-        self.last_aux_loss = torch.zeros(())
         self._eval_sums = torch.zeros(3, dtype=torch.float64)  # [sum NLL, n correct, n tokens]
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
 
-    def training_step(self, batch, batch_idx):
+    def training_step(self, batch, batch_idx) -> dict[str, torch.Tensor]:
+        """``loss`` (what backward runs on) and its parts, detached: StepMetrics reads ``ce_loss`` and ``aux_loss``
+        from the step's outputs (Lightning divides ``loss`` by the accumulation count; the parts stay as computed)."""
         input_ids, targets = batch  # (B, T), (B, T)
         out = self.model(input_ids, return_hidden=True)  # (B, T, D): the loss applies the head, chunk by chunk
         ce = linear_cross_entropy(out.hidden, self.model.lm_head.weight, targets, self.loss_chunk_tokens)
-        self.last_train_ce, self.last_aux_loss = ce.detach(), out.aux_loss.detach()
         # progress bar only: StepMetrics logs train/loss and train/aux_loss, the means over the step's micro-batches
         self.log("train/loss", ce, prog_bar=True, logger=False)
-        return ce + out.aux_loss
+        return {"loss": ce + out.aux_loss, "ce_loss": ce.detach(), "aux_loss": out.aux_loss.detach()}
 
     # ---- evaluation: sums over all tokens, so the loss is a true token mean whatever the batch split
     def _eval_step(self, batch) -> None:

@@ -12,25 +12,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from omegaconf import DictConfig
-
-
-def _accelerator(cfg: DictConfig) -> str:
-    accelerator = cfg.hardware.accelerator
-    return str(getattr(accelerator, "value", accelerator))
 
 
 def wanted_matmul_precision(cfg: DictConfig) -> str:
     """``"high"`` (TF32) for ``hardware.tf32=true`` on ``accelerator=gpu``, else ``"highest"`` (tf32 is ignored
     on CPU)."""
-    return "high" if bool(cfg.hardware.tf32) and _accelerator(cfg) == "gpu" else "highest"
+    return "high" if cfg.hardware.tf32 and cfg.hardware.accelerator == "gpu" else "highest"
 
 
 def configure_matmul_precision(cfg: DictConfig) -> str:
     """Sets torch's fp32 matmul precision for this job (once, before the model is built); returns the value set,
     which ``current()`` reads back for results.json."""
-    import torch
-
     precision = wanted_matmul_precision(cfg)
     torch.set_float32_matmul_precision(precision)
     return precision
@@ -40,8 +34,6 @@ def configure_matmul_precision(cfg: DictConfig) -> str:
 def matmul_precision(cfg: DictConfig) -> Iterator[str]:
     """``configure_matmul_precision`` for the duration of a job, then the process's previous value again (tests
     and in-process sweeps leave the global as they found it)."""
-    import torch
-
     before = torch.get_float32_matmul_precision()
     try:
         yield configure_matmul_precision(cfg)
@@ -52,6 +44,4 @@ def matmul_precision(cfg: DictConfig) -> Iterator[str]:
 def current() -> str:
     """The fp32 matmul precision in force (results.json ``fp32_matmul_precision``): ``"highest"`` (IEEE fp32) or
     ``"high"`` (TF32 on CUDA)."""
-    import torch
-
     return torch.get_float32_matmul_precision()

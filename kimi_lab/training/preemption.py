@@ -24,6 +24,7 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from kimi_lab.training.callbacks import RunInterrupted
@@ -88,8 +89,6 @@ class PreemptionCheckpoint(StepEnd):
     def step_end(self, trainer) -> None:
         signum = self._pending or 0
         if trainer.world_size > 1:  # every rank stops at the same step, on the signal one of them received
-            import torch
-
             agreed = torch.tensor([signum], device=trainer.strategy.root_device)
             signum = int(trainer.strategy.reduce(agreed, reduce_op="max").item())
         if signum:

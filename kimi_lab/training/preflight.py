@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import re
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from kimi_lab.config import ConfigError, validate_config
+from kimi_lab.training.lifecycle import check_device, steps_and_tokens
+from kimi_lab.training.step_time import estimated_seconds, model_size, step_time
 
 PREFIX = "[dry run]"
 RECORDS: list[dict] = []  # this process's dry-run jobs, in launch order (the dry run's launcher is in-process)
@@ -20,12 +26,11 @@ RECORDS: list[dict] = []  # this process's dry-run jobs, in launch order (the dr
 def check_job_environment(cfg: DictConfig) -> None:
     """What a job needs besides a valid config, checked before any data is built: the logger's package and, for
     eval=downstream, the benchmark files' package. One ConfigError line naming the install command."""
-    from kimi_lab.config import ConfigError
-    from kimi_lab.training.loggers import check_logger_installed
+    from kimi_lab.training.loggers import check_logger_installed  # lazy: Lightning loads only for a job that runs
 
     check_logger_installed(cfg)
-    if getattr(cfg.eval.name, "value", cfg.eval.name) == "downstream":
-        from kimi_lab.evaluation.tasks import INSTALL_COMMAND, source_root
+    if cfg.eval.name == "downstream":
+        from kimi_lab.evaluation.tasks import INSTALL_COMMAND, source_root  # lazy: a layer above training
 
         try:
             source_root()
@@ -48,12 +53,8 @@ def preflight_job(cfg: DictConfig) -> dict:
 
 
 def _price(cfg: DictConfig) -> dict:
-    from kimi_lab.config import validate_config
-    from kimi_lab.training.step_time import estimated_seconds, model_size, step_time
-    from kimi_lab.training.train import _check_device, steps_and_tokens
-
     validate_config(cfg)
-    _check_device(cfg)
+    check_device(cfg)
     check_job_environment(cfg)
     steps, tokens_per_step = steps_and_tokens(cfg, _world_size(cfg))
     size = model_size(cfg)
@@ -67,9 +68,9 @@ def _world_size(cfg: DictConfig) -> int:
     if isinstance(devices, int):
         return devices
     if devices == "auto":
-        import torch
+        import torch  # lazy: only devices=auto asks torch for the CUDA count
 
-        gpu = getattr(cfg.hardware.accelerator, "value", cfg.hardware.accelerator) == "gpu"
+        gpu = cfg.hardware.accelerator == "gpu"
         return max(torch.cuda.device_count(), 1) if gpu else 1
     return len(devices)
 
@@ -133,17 +134,12 @@ def duration(seconds: float) -> str:
 
 
 def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     return [o for o in HydraConfig.get().overrides.task if o.partition("=")[0].lstrip("+") != "dry_run"]
 
 
 def _job_number() -> int | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     return int(HydraConfig.get().job.num)

@@ -3,18 +3,44 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from kimi_lab.model import flops_per_token, parameter_counts
+from kimi_lab.optim import describe_assignment
+from kimi_lab.training import precision
+from kimi_lab.training.malloc import current as malloc_current
+from kimi_lab.training.rundir import PeakRSS, RunDir, host, now_iso, versions
 
-def run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profile, status: str,
-                overrides: list[str]) -> dict:
+if TYPE_CHECKING:  # annotations only
+    from kimi_lab.data import LMDataModule
+    from kimi_lab.training.module import LanguageModelModule
+    from kimi_lab.training.trainer import RunCallbacks
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What results.json is built from once training stopped (``status``: completed, diverged or interrupted)."""
+
+    cfg: DictConfig
+    run: RunDir
+    module: LanguageModelModule
+    callbacks: RunCallbacks
+    datamodule: LMDataModule
+    kernel: str  # the attention kernel planned before training (recorded when no training step ran)
+    rss: PeakRSS
+    norm_profile: dict  # norm_kernel and norm_fwd_bwd_ms (bench.norm_profile.profile_norms)
+    overrides: list[str]
+    status: str = "completed"
+
+
+def run_results(outcome: RunOutcome) -> dict:
     """Every results.json field known once training stopped (test, length and downstream scores come after)."""
-    from kimi_lab.model import flops_per_token, parameter_counts
-    from kimi_lab.training import precision
-    from kimi_lab.training.malloc import current as malloc_current
-    from kimi_lab.training.rundir import host, now_iso, versions
-
+    cfg, module, callbacks, rss = outcome.cfg, outcome.module, outcome.callbacks, outcome.rss
+    datamodule = outcome.datamodule
     vals = callbacks.metrics.val_history
     final = vals[-1] if vals else {}
     finite = [r for r in vals if math.isfinite(r["val_loss"])]  # a NaN row would make min() order-dependent
@@ -25,27 +51,27 @@ def run_results(cfg, run, module, callbacks, datamodule, kernel, rss, norm_profi
         peak_mb, peak_kind, peak_rss_mb = None, "unmeasured: no training step in this process", None
     steps = callbacks.metrics.summary()
     return {
-        "status": status,
-        "seed": int(cfg.seed),
-        "overrides": overrides,
+        "status": outcome.status,
+        "seed": cfg.seed,
+        "overrides": outcome.overrides,
         "choices": _choices(cfg),
         "tags": list(cfg.tags),
         "report": report_block(cfg),
-        "output_dir": str(run.path),
+        "output_dir": str(outcome.run.path),
         "val_loss": final.get("val_loss"), "val_ppl": final.get("val_ppl"), "val_acc": final.get("val_acc"),
         "best_val_loss": best.get("val_loss"), "best_val_ppl": best.get("val_ppl"),
         "best_val_acc": best.get("val_acc"), "best_val_step": best.get("step"),
         "baseline_unigram_loss": datamodule.unigram_baseline_loss(),
         **steps,
         "epochs": epochs(steps["tokens_seen"], datamodule),
-        "steps": int(module.trainer.global_step),
-        "max_steps": int(module.max_steps),
+        "steps": module.trainer.global_step,
+        "max_steps": module.max_steps,
         "peak_mem_mb": peak_mb, "peak_mem_kind": peak_kind, "peak_rss_mb": peak_rss_mb,
         **parameter_counts(module.model),
         "flops_per_token": flops_per_token(module.model, cfg.data.seq_len, cfg.model.d_model, cfg.model.n_layers),
-        "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else kernel,
+        "attention_kernel": module.model.attention_kernel() if module.trainer.global_step else outcome.kernel,
         **_rope_summary(module.model),
-        **_norm_summary(cfg, norm_profile, callbacks),
+        **_norm_summary(cfg, outcome.norm_profile, callbacks),
         **_optimizer_summary(cfg, module, callbacks),
         **callbacks.experts.summary(),
         "data_manifest_key": datamodule.manifest.get("key"),
@@ -88,15 +114,13 @@ def _rope_summary(model) -> dict:
 
 def _norm_summary(cfg: DictConfig, profile: dict, callbacks) -> dict:
     step_ms = callbacks.metrics.summary()["step_time_ms"]
-    per_step_ms = profile["norm_fwd_bwd_ms"] * int(cfg.trainer.accumulate_grad_batches)
+    per_step_ms = profile["norm_fwd_bwd_ms"] * cfg.trainer.accumulate_grad_batches
     return {**profile, "norm_time_share": per_step_ms / step_ms if step_ms > 0 else float("nan")}
 
 
 def _optimizer_summary(cfg, module, callbacks) -> dict:
     """Which parameters each optimizer (part) updates, and the optimizer update's share of training step time."""
-    from kimi_lab.optim import describe_assignment
-
-    name = _value(OmegaConf.select(cfg, "optimizer.name"))
+    name = OmegaConf.select(cfg, "optimizer.name")
     optimizers = module.trainer.optimizers
     params = describe_assignment(module.model, optimizers[0], default_kind=name) if optimizers else {}
     return {"optimizer_params": params, **callbacks.optimizer_timer.summary(callbacks.metrics.train_time_s)}
@@ -106,15 +130,10 @@ def _choices(cfg: DictConfig) -> dict:
     """The option each config group ran with (Hydra's choice: ``moe`` is ``greedy``, ``deepseek_v3`` or ``dense``;
     the group's ``name`` without Hydra), ``eval`` / ``ablation`` / ``experiment`` when selected, and
     ``moe.topk_method`` (a sweep may change the gate on either MoE option)."""
-    from hydra.core.hydra_config import HydraConfig
-
     selected = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     groups = ("model", "attention", "norm", "moe", "optimizer", "rope", "data", "hardware")
-    out = {g: selected.get(g) or _value(OmegaConf.select(cfg, f"{g}.name")) for g in groups}
+    out = {g: selected.get(g) or OmegaConf.select(cfg, f"{g}.name") for g in groups}
     out |= {g: selected[g] for g in ("eval", "ablation", "experiment") if selected.get(g) not in (None, "null")}
-    out["moe.topk_method"] = _value(cfg.moe.topk_method)
+    out["moe.topk_method"] = cfg.moe.topk_method
     return out
 
-
-def _value(option):
-    return getattr(option, "value", option)

@@ -70,7 +70,7 @@ def resume_checkpoint(cfg: DictConfig, run_folder: Path) -> str | None:
 
 def check_resume_config(cfg: DictConfig, ckpt_path: str) -> None:
     """Raise ConfigError naming every key (outside RESUME_MAY_CHANGE) whose value differs from the checkpoint's."""
-    import torch
+    import torch  # lazy: train.py imports this module for every job, before the config is validated
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)  # the user's own run
     saved = ckpt.get("hyper_parameters", {}).get("config")

@@ -11,11 +11,15 @@ import platform
 import subprocess
 import tempfile
 import threading
+import socket
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from kimi_lab.training.malloc import in_use_reader
 
 
 def _umask() -> int:
@@ -63,7 +67,7 @@ def launcher_rank() -> int:
     """This process's global rank as its launcher set it in the environment (RANK, LOCAL_RANK, SLURM_PROCID: Lightning
     reads them into ``rank_zero_only.rank`` when it is imported); 0 in a single process. Known before any Trainer
     exists, so a DDP job's other processes write nothing from their first line on."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.fabric.utilities.rank_zero import rank_zero_only  # lazy: a refused config never loads Lightning
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
@@ -126,8 +130,6 @@ def git_commit(cwd: Path | None = None) -> str | None:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for package in ("torch", "lightning", "hydra-core", "omegaconf", "kimi_lab", "tiktoken", "datasets"):
         try:
@@ -139,9 +141,7 @@ def versions() -> dict[str, str]:
 
 def host() -> dict:
     """Where the run ran: host name, CPU threads, the devices it could see (gpu_pool / SLURM pin them)."""
-    import socket
-
-    import torch
+    import torch  # lazy: train.py and the dry run import this module before (or without) torch
 
     cuda = torch.cuda.is_available()
     return {"hostname": socket.gethostname(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -160,8 +160,6 @@ class PeakRSS:
     counts on a GPU. RSS (absolute) also counts the data pipeline and what the allocator keeps."""
 
     def __init__(self, interval_s: float = 0.01):
-        from kimi_lab.training.malloc import in_use_reader
-
         self.interval_s, self.peak_bytes = interval_s, 0
         self._in_use = in_use_reader()
         self.peak_in_use_bytes = None if self._in_use is None else 0

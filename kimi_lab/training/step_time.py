@@ -4,6 +4,8 @@ and one measured evaluation forward of the real model on random tokens of the ru
 Both are cached per distinct model config (``model_key``): a sweep over seeds or learning rates measures once.
 The estimate leaves out the corpus build, checkpoint writes, ``hardware.compile`` (the step runs eager) and
 ``eval=downstream``.
+Its torch and model imports sit inside the functions: Hydra loads this module with the dry-run callback at every
+start (``--help`` included).
 """
 
 from __future__ import annotations
@@ -25,13 +27,9 @@ def model_key(cfg: DictConfig) -> str:
     report keys aside."""
     keep = {g: OmegaConf.to_container(cfg[g], resolve=True, enum_to_str=True)
             for g in ("model", "attention", "norm", "moe", "rope", "hardware")}
-    keep["optimizer"] = {k: _plain(cfg.optimizer[k]) for k in OPTIMIZER_COST_KEYS}
-    keep["data"] = {k: int(cfg.data[k]) for k in ("seq_len", "batch_size")}
+    keep["optimizer"] = {k: cfg.optimizer[k] for k in OPTIMIZER_COST_KEYS}
+    keep["data"] = {k: cfg.data[k] for k in ("seq_len", "batch_size")}
     return json.dumps(keep, sort_keys=True)
-
-
-def _plain(value):
-    return getattr(value, "value", value)
 
 
 @contextlib.contextmanager
@@ -39,7 +37,7 @@ def parameters_on_meta():
     """Every parameter registered inside is moved to the meta device as it is registered, so a model of any size is
     built without its memory or its init (accelerate's ``init_empty_weights``, written out: accelerate is no
     dependency). Buffers stay real: RoPE builds its cos/sin tables on the CPU."""
-    import torch
+    import torch  # lazy: see the module docstring
 
     original = torch.nn.Module.register_parameter
 
@@ -64,9 +62,9 @@ def model_size(cfg: DictConfig) -> dict:
     model built on the meta device."""
     key = model_key(cfg)
     if key not in _SIZES:
-        from kimi_lab.model import build_model, flops_per_token, parameter_counts
+        from kimi_lab.model import build_model, flops_per_token, parameter_counts  # lazy: see the module docstring
 
-        from kimi_lab.model.transformer import Transformer
+        from kimi_lab.model.transformer import Transformer  # lazy: see the module docstring
 
         # no init: a meta tensor has no values (and the init's per-parameter generators need a real device)
         with parameters_on_meta(), mock.patch.object(Transformer, "_init_weights", lambda *args: None):
@@ -94,24 +92,24 @@ def step_time(cfg: DictConfig) -> StepTime:
 
 
 def _measure(cfg: DictConfig) -> StepTime:
-    import torch
+    import torch  # lazy: see the module docstring
 
-    from kimi_lab.model import build_model
+    from kimi_lab.model import build_model  # lazy: see the module docstring
     from kimi_lab.model.loss import linear_cross_entropy
     from kimi_lab.optim import build_optimizer
     from kimi_lab.training import malloc
 
-    on_gpu = _plain(cfg.hardware.accelerator) == "gpu" and torch.cuda.is_available()
+    on_gpu = cfg.hardware.accelerator == "gpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     threads = torch.get_num_threads()
     if cfg.hardware.num_threads is not None and not on_gpu:
-        torch.set_num_threads(int(cfg.hardware.num_threads))
+        torch.set_num_threads(cfg.hardware.num_threads)
     try:
         model = build_model(cfg).to(device)
         optimizer = build_optimizer(model, cfg.optimizer)
         generator = torch.Generator().manual_seed(0)
-        shape = (int(cfg.data.batch_size), int(cfg.data.seq_len) + 1)
-        tokens = torch.randint(0, int(cfg.model.vocab_size), shape, generator=generator).to(device)
+        shape = (cfg.data.batch_size, cfg.data.seq_len + 1)
+        tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         autocast = _autocast(str(cfg.hardware.precision), device)
 
@@ -131,7 +129,7 @@ def _measure(cfg: DictConfig) -> StepTime:
                 logits = model(inputs).logits.float().flatten(0, 1)
                 torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="sum")
 
-        with malloc.retained(bool(cfg.hardware.malloc_retain) and not on_gpu):  # as the run's CPU memory
+        with malloc.retained(cfg.hardware.malloc_retain and not on_gpu):  # as the run's CPU memory
             micro_batch(rows=1)
             optimizer_step()  # warm-up on one row: optimizer state and lazy init are not timed
             return StepTime(_timed(micro_batch, device), _timed(optimizer_step, device),
@@ -141,7 +139,7 @@ def _measure(cfg: DictConfig) -> StepTime:
 
 
 def _autocast(precision: str, device):
-    import torch
+    import torch  # lazy: see the module docstring
 
     if precision in ("bf16-mixed", "16-mixed"):
         dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
@@ -151,7 +149,7 @@ def _autocast(precision: str, device):
 
 def _timed(fn, device) -> float:
     """Seconds of one call of ``fn``, waiting for the device at both edges."""
-    from kimi_lab.model.norm import median_ms
+    from kimi_lab.bench._norm_profile import median_ms  # lazy: see the module docstring
 
     return median_ms(fn, device, repeats=1, warmup=0) / 1000.0
 
@@ -160,10 +158,10 @@ def estimated_seconds(cfg: DictConfig, steps: int, timing: StepTime) -> float:
     """Training steps (``accumulate`` micro-batches and one optimizer step each) plus every evaluation pass the run
     makes: a validation every ``val_check_interval`` steps and at the last step, the test split, and one pass per
     ``data.eval_lengths`` entry (each scores about ``val_tokens``)."""
-    accumulate = int(cfg.trainer.accumulate_grad_batches)
+    accumulate = cfg.trainer.accumulate_grad_batches
     train_s = steps * (accumulate * timing.micro_batch_s + timing.optimizer_s)
-    every = int(cfg.trainer.val_check_interval)
+    every = cfg.trainer.val_check_interval
     validations = steps // every + (1 if steps % every else 0)
-    eval_tokens = (validations + len(cfg.data.eval_lengths)) * int(cfg.data.val_tokens) + int(cfg.data.test_tokens)
-    batch_tokens = int(cfg.data.batch_size) * int(cfg.data.seq_len)
+    eval_tokens = (validations + len(cfg.data.eval_lengths)) * cfg.data.val_tokens + cfg.data.test_tokens
+    batch_tokens = cfg.data.batch_size * cfg.data.seq_len
     return train_s + math.ceil(eval_tokens / batch_tokens) * timing.eval_forward_s

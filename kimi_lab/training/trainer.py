@@ -63,57 +63,69 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*self\.log\('(val|test)_\w+', \.\.\., sync_dist=True\)`.*")
 
 
+def ordered_callbacks(ours: RunCallbacks, checkpoints: list[Checkpoint], val_every_n_steps: int,
+                      with_loggers: bool) -> list[L.Callback]:
+    """The run's callbacks in the order Lightning calls their hooks (it keeps list order and moves ``Checkpoint``
+    subclasses after the rest; here they are last already, so the list is the run order).
+
+    The rule: a callback that measures a window runs first, so its window closes before any other batch-end work;
+    one that changes a step's state runs before the one that records the step; one that ends the step (a checkpoint
+    write, the preemption save, the simulated interrupt) runs last, once the step's rows and validation exist.
+    """
+    callbacks: list[L.Callback] = [
+        ours.memory,  # measures the batch window
+        ours.experts,
+        ExpertBiasUpdate(),  # changes the step: the metrics row records the bias after its update
+        ours.metrics,  # records the step
+        ours.optimizer_timer,  # after metrics: the grad-norm read is not optimizer time
+        ours.data_position,
+        RngState(),
+    ]
+    if with_loggers:
+        callbacks.append(LearningRateAtStep())
+    # ends the step: best-step<N>.ckpt after a validation, then last.ckpt (checkpoints.checkpoint_callbacks' order)
+    callbacks.extend(checkpoints)
+    if ours.last_ckpt is not None:
+        # on a preemption signal: last.ckpt when the step ends, then the launcher's requeue (training/preemption.py)
+        callbacks.append(PreemptionCheckpoint(ours.last_ckpt, val_every_n_steps))
+    if ours.interrupt is not None:
+        callbacks.append(ours.interrupt)  # after every save: the step's rows, validation and best checkpoint exist
+    return callbacks
+
+
 def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
     check_job_environment(cfg)  # first: a missing package fails in one line, before any data is built
     _single_lightning_log()
     _quiet_lightning()
     # Lightning cannot see that DataPosition restores the sampler position on resume; its warning is wrong here
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-    accumulate = int(cfg.trainer.accumulate_grad_batches)
-    val_every = int(cfg.trainer.val_check_interval)
-    policy, ckpt_every = _value(cfg.trainer.save_checkpoints), int(cfg.trainer.checkpoint_every_n_steps)
+    accumulate = cfg.trainer.accumulate_grad_batches
+    val_every = cfg.trainer.val_check_interval
+    policy, ckpt_every = cfg.trainer.save_checkpoints, cfg.trainer.checkpoint_every_n_steps
     last_ckpt = last_checkpoint(policy, run.checkpoints)
     experts = ExpertLoadMonitor()
     ours = RunCallbacks(
         metrics=StepMetrics(run.metrics_csv, cfg.data.batch_size * cfg.data.seq_len, experts,
-                            log_every_n_steps=int(cfg.trainer.log_every_n_steps),
+                            log_every_n_steps=cfg.trainer.log_every_n_steps,
                             checkpoint_every_n_steps=ckpt_every if last_ckpt is not None else 0),
         experts=experts,
         data_position=DataPosition(samples_per_rank_step=cfg.data.batch_size * accumulate),
-        interrupt=(InterruptAt(int(cfg.trainer.interrupt_at_step), last_ckpt, val_every)
+        interrupt=(InterruptAt(cfg.trainer.interrupt_at_step, last_ckpt, val_every)
                    if cfg.trainer.interrupt_at_step is not None else None),
         optimizer_timer=OptimizerStepTimer(),
         memory=MemoryWindow(),
         last_ckpt=last_ckpt,
     )
-    callbacks: list[L.Callback] = [
-        ours.memory,  # first: its window closes before any other batch-end work (checkpoint saves run last)
-        experts,
-        ExpertBiasUpdate(),  # before ours.metrics: the step's metrics row records the bias after its update
-        ours.metrics,
-        ours.optimizer_timer,  # after metrics: its grad-norm read is not counted as optimizer time
-        ours.data_position,
-        RngState(),
-        # Checkpoint callbacks (trainer.save_checkpoints): Lightning runs them after all the others, in this order.
-        # best-step<N>.ckpt after each validation; last.ckpt every checkpoint_every_n_steps optimizer steps (after
-        # the step's validation, if any)
-        *checkpoint_callbacks(policy, run.checkpoints, ckpt_every, val_every),
-    ]
-    if last_ckpt is not None:
-        # on a preemption signal: last.ckpt when the step ends, then the launcher's requeue (training/preemption.py)
-        callbacks.append(PreemptionCheckpoint(last_ckpt, val_every))
     loggers = build_loggers(cfg, run.path)
-    if loggers:
-        callbacks.append(LearningRateAtStep())
-    if ours.interrupt is not None:
-        callbacks.append(ours.interrupt)  # last: the step's rows, validation and best checkpoint are written
+    callbacks = ordered_callbacks(ours, checkpoint_callbacks(policy, run.checkpoints, ckpt_every, val_every),
+                                  val_every, with_loggers=bool(loggers))
     trainer = L.Trainer(
-        accelerator=_value(cfg.hardware.accelerator),
+        accelerator=cfg.hardware.accelerator,
         devices=cfg.hardware.devices,
-        strategy=_value(cfg.hardware.strategy),
+        strategy=cfg.hardware.strategy,
         plugins=cluster_plugins() or None,  # under SLURM: Lightning's auto-requeue off, submitit requeues
         precision=cfg.hardware.precision,
-        max_steps=int(cfg.trainer.max_steps),
+        max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
@@ -121,8 +133,8 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         val_check_interval=val_every * accumulate,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
-        log_every_n_steps=int(cfg.trainer.log_every_n_steps),
-        deterministic=bool(cfg.trainer.deterministic),
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        deterministic=cfg.trainer.deterministic,
         use_distributed_sampler=False,  # our sampler shards by rank and resumes mid-run
         logger=loggers or False,
         callbacks=callbacks,
@@ -133,7 +145,3 @@ def build_trainer(cfg, run: RunDir) -> tuple[L.Trainer, RunCallbacks]:
         default_root_dir=str(run.path),
     )
     return trainer, ours
-
-
-def _value(option):
-    return getattr(option, "value", option)
