@@ -13,6 +13,10 @@ from tests.synthetic import write_corpus, write_sweep
 
 
 def pytest_collection_modifyitems(config, items):
+    e2e_dir = Path(__file__).parent / "e2e"
+    for item in items:  # tests/e2e/ holds the full train() runs and CLI jobs: `-m "not e2e"` is the quick unit suite
+        if e2e_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")

@@ -1,4 +1,4 @@
-"""Null factorial grids for the false-positive checks of tests/test_factorial.py: a batch of 2 x 4 x 3 grids
+"""Null factorial grids for the false-positive checks of tests/stats/test_factorial.py: a batch of 2 x 4 x 3 grids
 (``norm`` x ``optimizer.lr`` x seed; tests/synthetic.py ``null_grid_values``: a seed x norm effect, no norm main
 effect) and, per grid, the p of the norm main effect read at the seed level (``factorial.main_effect``, the function
 ``add_factorial`` calls) and of the pooled (context, seed) paired t-test (``scipy.stats.ttest_rel``).

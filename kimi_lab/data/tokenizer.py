@@ -60,7 +60,7 @@ def _cl100k_prefix_encoding(n_vocab: int) -> tiktoken.Encoding:
 
 
 # tiktoken_ext.openai_public's definitions (its functions download the ranks, so they are not called here;
-# tests/test_prepare_stream.py checks these equal them)
+# tests/data/test_prepare_stream.py checks these equal them)
 CL100K_SPECIAL = {ENDOFTEXT: 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
                   "<|endofprompt|>": 100276}
 O200K_SPECIAL = {ENDOFTEXT: 199999, "<|endofprompt|>": 200018}

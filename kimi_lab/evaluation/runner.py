@@ -90,7 +90,7 @@ def transformer_scorer(model: torch.nn.Module, forward_context=None) -> Scorer:
 
     A forward hook on the final norm keeps the hidden states at (rows, cols), so ``lm_head`` (about 3/4 of the
     FLOPs of the small preset, vocabulary 32,768) computes N logits instead of B x T; the logits are the same
-    (tests/test_downstream.py checks it against the full forward)."""
+    (tests/evaluation/test_downstream.py checks it against the full forward)."""
     from contextlib import nullcontext
 
     context = forward_context or nullcontext

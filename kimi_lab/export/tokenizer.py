@@ -5,7 +5,7 @@ vocab = the ranks, merges = every split of a token into two lower-ranked tokens,
 (tiktoken merges the lowest-ranked adjacent pair, so the orders agree), pre-tokenised by the same regex, then
 byte-level. ``ignore_merges`` takes a whole pre-token that is in the vocabulary at once, as tiktoken does. The
 cl100k 32k prefix is itself a valid BPE (every merge of rank r uses tokens of lower rank), so the cut vocabulary
-converts the same way. ``tests/test_export.py`` checks the ids equal tiktoken's on corpus text.
+converts the same way. ``tests/export/test_export.py`` checks the ids equal tiktoken's on corpus text.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ share a seed share its initialisation and data order, so the cells of one seed a
 favours one level does so in every context. Pooling the (context, seed) pairs of a 2 x 4 grid with 3 seeds into one
 paired test claims 11 degrees of freedom from 3 independent units; with a seed x level variance equal to the run
 variance it calls a null main effect significant in about 27 % of grids at alpha 0.05, the seed-level test in about
-5 %, its p uniform (tests/test_factorial.py measures both on 400 null grids).
+5 %, its p uniform (tests/stats/test_factorial.py measures both on 400 null grids).
 
 - Main effect of ``key=level`` vs the baseline arm's level of that key: in each context (the levels of the other
   swept keys) the run at ``level`` is matched with the run at the base level with the same seed. The pairs used form

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from kimi_lab.config import validate_config
 from kimi_lab.model import build_model, flops_per_token, parameter_counts
 from tests.helpers import CONF_DIR, compose_config
-from tests.test_experiments import sweep_params
+from tests.config.test_experiments import sweep_params
 
 ROUTING = ["moe_routing_tune", "moe_routing_confirm", "moe_routing_cpu_tune", "moe_routing_cpu_confirm"]
 ROUTING_KEYS = {"topk_method", "scoring_func", "aux_loss_alpha", "bias_update_speed", "n_group", "topk_group"}

@@ -1,7 +1,7 @@
 """Every report.* key is used: it changes no run, so it must reach what the report reads.
 
 The report (kimi_lab/stats) reads the block from results.json["report"], which training writes (the model and
-eval keys are covered in tests/test_keys_used.py).
+eval keys are covered in tests/config/test_keys_used.py).
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def _fake_gpu_check_folder(out):
     (out / "environment.txt").write_text("Tue Nov 25 nvidia-smi table\ntorch 2.13.0 cuda 12.8 device NVIDIA H100\n")
     (out / "pytest_gpu.xml").write_text(
         '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="0" tests="2">'
-        '<testcase classname="tests.test_gpu" name="test_a"/><testcase classname="tests.test_gpu" name="test_b">'
+        '<testcase classname="tests.model.test_gpu" name="test_a"/>'
+        '<testcase classname="tests.model.test_gpu" name="test_b">'
         '<failure message="boom"/></testcase></testsuite></testsuites>')
     assert attention.main(["--seq-lens", "64", "--batch", "1", "--heads", "2", "--head-dim", "16", "--repeats", "1",
                            "--options", "sdpa", "--device", "cpu", "--out", str(out / "attention")]) == 0
@@ -238,7 +239,7 @@ def test_gpu_check_summary_tables_checks_and_packing(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "torch 2.13.0 cuda 12.8 device NVIDIA H100" in summary
     assert "162 s of the 240 s their limits allow" in summary and "| sweep | failed (exit 124) | 120 | 120 |" in summary
-    assert "2 tests: 1 failed" in summary and "- failed: `tests.test_gpu::test_b`" in summary
+    assert "2 tests: 1 failed" in summary and "- failed: `tests.model.test_gpu::test_b`" in summary
     assert "| sdpa | `sdpa_" in summary and "no row (not run or refused)" in summary  # fp32, head dim 16: no check
     assert "| small | 8 / 2 | 64 |" in summary and "cpu, bfloat16" in summary
     assert "| base | `default` |" in summary  # the train report's own table

@@ -3,7 +3,7 @@
 The classic ablation bug is a key that nothing reads, so two "different" arms are the same run. Keys are
 discovered from the composed config, so keys added later are covered automatically; a key of a type without a
 generic perturbation (str, list, dict) fails until it gets an entry in PERTURBATIONS or SKIP. report.* keys, which
-change no run, are covered in tests/test_report_keys.py.
+change no run, are covered in tests/stats/test_report_keys.py.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_gqa_in_model(n_kv_heads):
 # ----------------------------------------------------------------------------------------------- norms
 
 
-# the float64 formulas of both norms at the study's eps values: tests/test_norm.py
+# the float64 formulas of both norms at the study's eps values: tests/model/test_norm.py
 
 
 @pytest.mark.parametrize("norm", group_options("norm"))

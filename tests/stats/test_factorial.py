@@ -1,7 +1,7 @@
 """kimi_lab.stats.factorial: main effects on per-seed means against a hand computation and scipy, the split-plot ANOVA
 against a direct decomposition (each term over its interaction with the seed), a crossover interaction, incomplete
-seeds and cells, and the report files (tests/synthetic.py writes the sweeps; tests/test_factorial_null.py checks the
-false-positive rate on null grids)."""
+seeds and cells, and the report files (tests/synthetic.py writes the sweeps; its null-grid tests measure the
+false-positive rate on tests/null_grids.py's grids)."""
 
 from __future__ import annotations
 

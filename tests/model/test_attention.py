@@ -1,6 +1,6 @@
 """Attention options and kernels: float64 parity (FlashAttention's 2x rule), MLA vs transformers' DeepseekV3Attention,
 causality, GQA, checkpoint portability, kernel labels and the kernels' runtime errors (the config's checks:
-tests/test_attention_config.py)."""
+tests/model/test_attention_config.py)."""
 
 from __future__ import annotations
 

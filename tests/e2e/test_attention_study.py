@@ -51,7 +51,7 @@ def test_attention_bench_writes_every_option(tmp_path):
 @pytest.mark.parametrize("experiment", ["attention", "attention_cpu"])
 def test_attention_study_grid_composes(experiment):
     """Every point of the sweep grid (hydra.sweeper.params) composes, validates and builds its attention; the
-    context arms step the same tokens (tests/test_study_designs.py: sizes and the common eval length)."""
+    context arms step the same tokens (tests/config/test_study_designs.py: sizes and the common eval length)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         full = compose(config_name="config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
