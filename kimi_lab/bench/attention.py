@@ -27,7 +27,7 @@ from kimi_lab.model.attention import build_attention
 DEFAULT_SEQ_LENS = (256, 512, 1024, 2048, 4096)
 QUICK_SEQ_LENS = (256, 1024)
 OPTIONS = (("standard", None), ("sdpa", None), ("flash", None), ("mla", "standard"), ("mla", "sdpa"), ("mla", "flash"))
-MLA_CHECK = (1024, 1.3)  # seq len, max MLA/MHA core time ratio at equal heads (the CPU check)
+MLA_CHECK = (1024, 1.3)  # seq len, max MLA/MHA core time ratio at equal heads (the CPU check)
 COLUMNS = ("option", "kernel", "seq_len", "batch", "heads", "qk_head_dim", "v_head_dim", "dtype", "fwd_bwd_ms",
            "tflops", "peak_mem_mb", "peak_mem_kind", "kv_cache_bytes_per_token")
 

@@ -5,7 +5,7 @@ SwiGLU of width k * moe_intermediate_size, on the same tokens: median of ``--rep
 warm-up, the variants interleaved. The ``segment`` column forces the fallback (one matmul per expert slice), the
 ``loop`` column times the reference MoE, the per-expert loop of transformers' eager forward
 (``kimi_lab.bench._reference.MaskLoopMoE``). Runs the ``small`` and
-``base`` sizes (``--sizes``), prints a table per size and writes ``bench_out/moe.csv``. Targets from the issue (CPU,
+``base`` sizes (``--sizes``), prints a table per size and writes ``bench_out/moe.csv``. Targets (CPU,
 fp32): <= 1.10 at 8 experts top-2, <= 2.0 at 64 experts top-6. On CUDA (the default where one is visible) the
 forwards run under bf16 autocast, as bf16-mixed training does, and every timed pass is synchronised.
 """

@@ -9,7 +9,7 @@ share of the step. Plus, per size, a plain-PyTorch dense reference of the same s
 timed step-interleaved with the framework's dense arm, so the framework's overhead ratio is robust to a shared
 machine, and the data loader's tokens/s. Writes ``benchmarks/<date>-<device>.json`` and ``.md``.
 
-FLOPs/token (the issue's formula, Kaplan et al. 2020 / PaLM App. B with the causal half):
+FLOPs/token (Kaplan et al. 2020 / PaLM App. B with the causal half):
     6 * N_matmul + 3 * L * T * H * (d_qk + d_v),
 N_matmul = active non-embedding parameters per token incl. the output head (routed experts counted k of E; the head
 counts even when tied), the second term = QK^T and PV, forward + backward, of a causal mask (half of T^2).
@@ -244,7 +244,7 @@ def run_arm(name: str, cfg, batches: list, args, peaks: list[float], plain: bool
 
 def loss_chunking_check(device: str, n_tokens: int = 16384, vocab: int = 32768, dim: int = 384,
                         chunk: int = 2048, repeats: int = 3) -> dict:
-    """The issue's loss check: chunked head + CE vs full logits at B*T = 16k tokens, vocab 32k (d 384, base's width),
+    """The loss check: chunked head + CE vs full logits at B*T = 16k tokens, vocab 32k (d 384, base's width),
     forward + backward: median time of each (interleaved) and the loss's peak memory (``ArmMemory``)."""
     from kimi_lab.model.loss import linear_cross_entropy
 

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.training.lifecycle import check_device, steps_and_tokens
+from kimi_lab.training.lifecycle import check_device, overrides, steps_and_tokens
 from kimi_lab.training.step_time import estimated_seconds, model_size, step_time
 
 PREFIX = "[dry run]"
@@ -134,9 +134,8 @@ def duration(seconds: float) -> str:
 
 
 def _overrides() -> list[str]:
-    if not HydraConfig.initialized():
-        return []
-    return [o for o in HydraConfig.get().overrides.task if o.partition("=")[0].lstrip("+") != "dry_run"]
+    """The job's overrides without dry_run itself."""
+    return [o for o in overrides() if o.partition("=")[0].lstrip("+") != "dry_run"]
 
 
 def _job_number() -> int | None:

@@ -243,12 +243,17 @@ def test_tuned_lr_resolver_gives_each_arm_its_lr(tmp_path, hydra_job):
 # ---------------------------------------------------------------- a confirm sweep's report notes
 
 
-def test_confirm_notes_table_and_warnings(tmp_path):
+def _tuned_then_confirmed(tmp_path):
+    """(tune sweep, its confirm sweep on seeds 3, 4: seed 3 is also a tuning seed) in the real folder format."""
     sweep = write_tune_sweep(tmp_path)
     out = _tune(tmp_path, sweep)
     tuned = json.loads((out / "tuned_lr.json").read_text())
-    confirm = write_confirm_sweep(tmp_path, (out / "tuned_lr.json").resolve(), _by_optimizer(tuned), (3, 4),
-                                  tuned["tuning_seeds"], tuned["tuning_sweep"])
+    return sweep, write_confirm_sweep(tmp_path, (out / "tuned_lr.json").resolve(), _by_optimizer(tuned), (3, 4),
+                                      tuned["tuning_seeds"], tuned["tuning_sweep"])
+
+
+def test_confirm_notes_table_and_warnings(tmp_path):
+    sweep, confirm = _tuned_then_confirmed(tmp_path)
     lines, warnings = confirm_notes(collect_sweep(confirm))
     assert lines[0] == "## Tuned LRs"
     assert f"| `optimizer=adam` | 0.002 | `optimizer=adam` | `{sweep.resolve()}` | no |" in lines
@@ -262,11 +267,7 @@ def test_confirm_notes_table_and_warnings(tmp_path):
 def test_report_of_a_confirm_sweep_shows_the_tuned_lrs_and_warns_once_per_problem(tmp_path):
     from kimi_lab.stats.report import write_report
 
-    sweep = write_tune_sweep(tmp_path)
-    out = _tune(tmp_path, sweep)
-    tuned = json.loads((out / "tuned_lr.json").read_text())
-    confirm = write_confirm_sweep(tmp_path, (out / "tuned_lr.json").resolve(), _by_optimizer(tuned), (3, 4),
-                                  tuned["tuning_seeds"], tuned["tuning_sweep"])
+    sweep, confirm = _tuned_then_confirmed(tmp_path)
     report, _, comp = write_report(confirm, tmp_path / "report", plots=False)
     text = (report / "report.md").read_text()
     assert "## Tuned LRs" in text and "| `optimizer=adamw` | 0.004 |" in text
