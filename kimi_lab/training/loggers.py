@@ -80,7 +80,7 @@ def _wandb(cfg: DictConfig, run_dir: Path):
     if wandb.run is not None:  # a sweep's jobs share a process: each job is a run of its own
         wandb.finish()
     name, group = _run_name(run_dir)
-    return WandbLogger(name=name, group=group, save_dir=str(run_dir), project=str(cfg.logger.project),
+    return WandbLogger(name=name, group=group, save_dir=str(run_dir), project=cfg.logger.project,
                        offline=wandb_offline(cfg), tags=[str(t) for t in cfg.tags] or None)
 
 
@@ -89,7 +89,7 @@ def _mlflow(cfg: DictConfig, run_dir: Path):
     uri = mlflow_tracking_uri(cfg, run_dir)
     if uri.startswith("file:"):  # recent MLflow refuses a file store unless asked (its SQL stores need SQLAlchemy,
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # which mlflow-skinny leaves out)
-    return MLFlowLogger(experiment_name=str(cfg.logger.project), run_name=name,
+    return MLFlowLogger(experiment_name=cfg.logger.project, run_name=name,
                         tracking_uri=uri, tags={"group": group} if group else None)
 
 

@@ -34,7 +34,7 @@ class ExpertLoadMonitor(L.Callback):
     """Reads each MoE layer's token counts once per optimizer step, keeps run totals (summed over ranks).
 
     Per MoE layer j (the j-th MoE layer of the model) it also records, per step, the load fractions, CV, MaxVio,
-    mean aux loss over the micro-batches, tokens dropped and the noaux_tc selection bias (after this step's update):
+    mean aux loss over the micro-batches and the noaux_tc selection bias (after this step's update):
     columns ``moe{j}_*`` of metrics.csv, scalars ``moe/layer{j}/*`` in TensorBoard, run summaries in results.json.
     ``collect`` keeps each step's counts on the device; ``flush`` (every ``trainer.log_every_n_steps`` steps, driven
     by StepMetrics) copies the pending steps to the host in one transfer, so no step waits on the GPU for logging.
@@ -47,12 +47,11 @@ class ExpertLoadMonitor(L.Callback):
         self.late_maxvio_sums: list[float] | None = []
         self.n_late_steps = 0
         self.aux_loss_sums: list[float] = []  # per layer, sum over steps of the per-step mean aux loss
-        self.tokens_dropped: list[float] = []  # per layer, run total
         self.n_steps = 0
         self.val_counts: list[list[float]] = []  # per layer, tokens per expert of the latest validation pass
         self.last_step: dict[str, float] = {}
         self.last_bias: list[list[float] | None] = []
-        # per collected, not yet flushed step: (logger step, late?, (L_moe, E + 2) counts | aux | dropped, biases)
+        # per collected, not yet flushed step: (logger step, late?, (L_moe, E + 1) counts | aux, biases)
         self._pending: list[tuple[int, bool, torch.Tensor, list[torch.Tensor | None]]] = []
         self._rows: list[dict] = []  # flushed steps' metrics.csv fragments, until StepMetrics takes them
         self._trainer: L.Trainer | None = None
@@ -60,7 +59,7 @@ class ExpertLoadMonitor(L.Callback):
     @staticmethod
     def csv_fields(model) -> list[str]:
         """Per-layer metrics.csv columns (load and bias are JSON lists)."""
-        keys = ("load", "cv", "maxvio", "aux_loss", "tokens_dropped", "bias")
+        keys = ("load", "cv", "maxvio", "aux_loss", "bias")
         return [f"moe{j}_{key}" for j in range(len(model.moe_layers())) for key in keys]
 
     def collect(self, trainer: L.Trainer, model) -> None:
@@ -69,12 +68,12 @@ class ExpertLoadMonitor(L.Callback):
         self._trainer = trainer
         if not layers:
             return
-        per_layer = torch.stack([torch.cat([layer.tokens_per_expert, layer.aux_loss_sum.view(1),
-                                            layer.tokens_dropped.view(1)]).detach().float() for layer in layers])
-        per_layer[:, -2] /= layers[0].n_forwards.clamp_min(1.0) * trainer.world_size  # mean aux loss per forward
-        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum")  # (L_moe, E + 2), one all-reduce
+        per_layer = torch.stack([torch.cat([layer.tokens_per_expert, layer.aux_loss_sum.view(1)]).detach().float()
+                                 for layer in layers])
+        per_layer[:, -1] /= layers[0].n_forwards.clamp_min(1.0) * trainer.world_size  # mean aux loss per forward
+        per_layer = trainer.strategy.reduce(per_layer, reduce_op="sum")  # (L_moe, E + 1), one all-reduce
         for layer in layers:
-            for buffer in (layer.tokens_per_expert, layer.aux_loss_sum, layer.tokens_dropped, layer.n_forwards):
+            for buffer in (layer.tokens_per_expert, layer.aux_loss_sum, layer.n_forwards):
                 buffer.zero_()
         biases = [layer.gate.e_score_correction_bias.detach().clone() if getattr(layer.gate, "updates_bias", False)
                   else None for layer in layers]
@@ -98,7 +97,7 @@ class ExpertLoadMonitor(L.Callback):
         """Host-side statistics of every pending step, in order; their metrics.csv fragments wait in ``take_rows``."""
         if not self._pending:
             return
-        host = torch.stack([p[2] for p in self._pending]).cpu()  # (S, L_moe, E + 2): one device-to-host copy
+        host = torch.stack([p[2] for p in self._pending]).cpu()  # (S, L_moe, E + 1): one device-to-host copy
         biases = [[None if b is None else b.cpu() for b in p[3]] for p in self._pending]
         steps = [(p[0], p[1]) for p in self._pending]
         self._pending = []
@@ -111,11 +110,11 @@ class ExpertLoadMonitor(L.Callback):
         return rows
 
     def _record(self, step: int, late: bool, per_layer: torch.Tensor, biases: list[torch.Tensor | None]) -> dict:
-        counts, aux, dropped = per_layer[:, :-2], per_layer[:, -2], per_layer[:, -1]
+        counts, aux = per_layer[:, :-1], per_layer[:, -1]
         if not self.run_counts:
             self.run_counts = [torch.zeros_like(c, dtype=torch.float64) for c in counts]
             self.late_maxvio_sums = [0.0] * len(counts)
-            self.aux_loss_sums, self.tokens_dropped = [0.0] * len(counts), [0.0] * len(counts)
+            self.aux_loss_sums = [0.0] * len(counts)
         stats = [load_stats(c) for c in counts]
         for total, c in zip(self.run_counts, counts):
             total += c.double()
@@ -127,12 +126,10 @@ class ExpertLoadMonitor(L.Callback):
         scalars = {}  # TensorBoard: the same per-layer values as the metrics.csv columns
         for j, c in enumerate(counts):
             load = [round(v, 6) for v in (c / c.sum().clamp_min(1)).tolist()]
-            values = {"cv": stats[j][0], "maxvio": stats[j][1], "aux_loss": aux[j].item(),
-                      "tokens_dropped": dropped[j].item()}
+            values = {"cv": stats[j][0], "maxvio": stats[j][1], "aux_loss": aux[j].item()}
             if late and self.late_maxvio_sums is not None:
                 self.late_maxvio_sums[j] += values["maxvio"]
             self.aux_loss_sums[j] += values["aux_loss"]
-            self.tokens_dropped[j] += values["tokens_dropped"]
             self.last_step.update({f"moe{j}_{k}": v for k, v in values.items()})
             self.last_step[f"moe{j}_load"] = json.dumps(load)
             self.last_step[f"moe{j}_bias"] = json.dumps(self.last_bias[j]) if self.last_bias[j] is not None else ""
@@ -160,7 +157,6 @@ class ExpertLoadMonitor(L.Callback):
             "moe_maxvio_run": [s[1] for s in run_stats],
             **balance,
             "moe_aux_loss": [v / steps for v in self.aux_loss_sums],  # per layer, mean over steps
-            "moe_tokens_dropped": self.tokens_dropped,  # per layer, run total (dropless: 0)
             "expert_bias": self.last_bias,  # per layer final noaux_tc bias, null for layers without one
         }
 
@@ -168,12 +164,12 @@ class ExpertLoadMonitor(L.Callback):
         self.flush()  # a checkpoint holds every collected step
         return {"run_counts": self.run_counts, "late_maxvio_sums": self.late_maxvio_sums,
                 "n_late_steps": self.n_late_steps, "aux_loss_sums": self.aux_loss_sums,
-                "tokens_dropped": self.tokens_dropped, "n_steps": self.n_steps, "last_bias": self.last_bias,
+                "n_steps": self.n_steps, "last_bias": self.last_bias,
                 "val_counts": self.val_counts}
 
     def load_state_dict(self, state: dict) -> None:
         self.run_counts, self.aux_loss_sums = state["run_counts"], state["aux_loss_sums"]
-        self.tokens_dropped, self.n_steps = state["tokens_dropped"], state["n_steps"]
+        self.n_steps = state["n_steps"]
         self.last_bias = state.get("last_bias", [])  # a resume with no step left still reports the final bias
         self.val_counts = state.get("val_counts", [])  # none: the resumed run's own validation counts them
         if "n_late_steps" in state:

@@ -30,7 +30,8 @@ def check_job_environment(cfg: DictConfig) -> None:
 
     check_logger_installed(cfg)
     if cfg.eval.name == "downstream":
-        from kimi_lab.evaluation.tasks import INSTALL_COMMAND, source_root  # lazy: a layer above training
+        # lazy: the evaluation package imports torch, and Hydra loads this module at every start (dry-run callback)
+        from kimi_lab.evaluation.tasks import INSTALL_COMMAND, source_root
 
         try:
             source_root()

@@ -111,7 +111,7 @@ def _measure(cfg: DictConfig) -> StepTime:
         shape = (cfg.data.batch_size, cfg.data.seq_len + 1)
         tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        autocast = _autocast(str(cfg.hardware.precision), device)
+        autocast = _autocast(cfg.hardware.precision, device)
 
         def micro_batch(rows: int | None = None):  # as LanguageModelModule.training_step
             with autocast:

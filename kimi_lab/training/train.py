@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def resolve_output_dir(cfg: DictConfig) -> Path:
     """``paths.output_dir`` (Hydra's job folder by default; tests pass their own)."""
-    return Path(str(cfg.paths.output_dir))
+    return Path(cfg.paths.output_dir)
 
 
 def train(cfg: DictConfig) -> dict:

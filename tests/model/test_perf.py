@@ -1,10 +1,9 @@
-"""Performance options: chunked loss (parity + memory), activation checkpointing, torch.compile, bf16-mixed on CPU,
-host reads every log_every_n_steps, and the end-to-end `python -m kimi_lab.bench train --quick`."""
+"""Performance options: chunked loss (parity + memory), activation checkpointing, torch.compile against eager (graph
+breaks included), and `python -m kimi_lab.bench train --quick` run in process (its timed steps and report)."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -13,11 +12,8 @@ import torch.nn.functional as F
 from kimi_lab.bench.attention import HeapPeak
 from kimi_lab.model import build_model
 from kimi_lab.model.loss import linear_cross_entropy
-from kimi_lab.training import train
 from kimi_lab.training.module import compile_model
-from tests.helpers import compose_config, read_metrics
-
-FAST = ["trainer.max_steps=6", "trainer.val_check_interval=3", "optimizer.warmup_steps=2", "data.eval_lengths=[]"]
+from tests.helpers import compose_config
 
 
 @pytest.mark.parametrize("chunk", [1, 8, 36, 37])
@@ -145,27 +141,6 @@ def test_compile_with_activation_checkpointing_matches_eager_and_counts_tokens_o
                                        ["moe=deepseek_v3"], ["moe=greedy", "moe.n_shared_experts=1"]])
 def test_compile_every_option(overrides, one_thread):
     _compiled_matches_eager(overrides)
-
-
-@pytest.mark.slow
-def test_compile_true_trains_through_lightning(tmp_path, one_thread):
-    results = train(compose_config([*FAST, "hardware.compile=true"], output_dir=tmp_path))
-    assert results["status"] == "completed" and math.isfinite(results["val_loss"])
-
-
-def test_bf16_mixed_on_cpu_trains_and_logs_every_n_steps(tmp_path, one_thread):
-    """bf16-mixed on CPU: finite, decreasing loss; rows are read from the device every 4 steps but every step
-    still has its own row (MoE columns included)."""
-    cfg = compose_config([*FAST, "trainer.max_steps=8", "optimizer.lr=1e-2", "hardware.precision=bf16-mixed",
-                          "trainer.log_every_n_steps=4"], output_dir=tmp_path)
-    results = train(cfg)
-    rows, vals = read_metrics(tmp_path)
-    losses = [float(r["train_loss"]) for r in rows]
-    assert [int(r["step"]) for r in rows] == list(range(1, 9)) and [int(r["step"]) for r in vals] == [3, 6, 8]
-    assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
-    assert all(r["moe0_load"] and float(r["grad_norm"]) > 0 for r in rows)
-    assert math.isclose(sum(json.loads(rows[-1]["moe0_load"])), 1.0, rel_tol=1e-4)
-    assert results["status"] == "completed" and math.isfinite(results["val_loss"])
 
 
 def test_bench_train_quick_runs_end_to_end(tmp_path, one_thread):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kimi_lab.stats.report import write_report
-from tests.helpers import REPO_ROOT
+from tests.helpers import run_notebook
 from tests.synthetic import factorial_values, write_factorial_sweep
 
 pytest.importorskip("matplotlib", reason="plots need the `report` extra (matplotlib)")
@@ -101,18 +101,6 @@ def test_no_expert_load_heat_map_without_moe_arms(ablation_sweep, tmp_path):
     assert not (out / "expert_load.png").exists() and (out / "leave_one_out.png").exists()
 
 
-def _run_notebook(name: str, env: dict[str, str], tmp_path, monkeypatch) -> list:
-    """Execute notebooks/<name> top to bottom with ``env`` set; the outputs of its code cells."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    for key, value in {**env, "OMP_NUM_THREADS": "1"}.items():
-        monkeypatch.setenv(key, value)
-    notebook = nbformat.read(REPO_ROOT / "notebooks" / name, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=180, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    return [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
-
-
 @pytest.mark.parametrize("kind", ["leave_one_out", "factorial"])
 def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, monkeypatch):
     """notebooks/analysis.ipynb runs top to bottom on a report and shows every plot and the verdicts: the combined
@@ -120,7 +108,7 @@ def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, mo
     sweep = ablation_sweep if kind == "leave_one_out" else write_factorial_sweep(
         tmp_path / "grid", factorial_values({"0.001": -0.05, "0.002": -0.05, "0.004": -0.05}))
     out, _, _ = write_report(sweep, tmp_path / "rep", plots=False)
-    outputs = _run_notebook("analysis.ipynb", {"KIMI_LAB_REPORT": str(out)}, tmp_path, monkeypatch)
+    outputs = run_notebook("analysis.ipynb", {"KIMI_LAB_REPORT": str(out)}, tmp_path, monkeypatch)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") for o in outputs)
     if kind == "factorial":
@@ -132,16 +120,3 @@ def test_analysis_notebook_redraws_the_report(kind, ablation_sweep, tmp_path, mo
     assert "baseline ablation=full" in text and "ablation=baseline raises val loss by 0.3" in text
     assert "primary metric val_loss (confirmatory)" in text and "| `ablation=baseline` | 0.3 [" in text
     assert "one swept key: no main effects" in text
-
-
-def test_inspect_run_notebook_runs_on_the_run_kimi_lab_run_names(tmp_path, monkeypatch):
-    """notebooks/inspect_run.ipynb runs on the run KIMI_LAB_RUN names, wherever it is (not only under outputs/)."""
-    from kimi_lab.training import train
-    from tests.helpers import compose_config
-
-    run = tmp_path / "run"
-    train(compose_config(["trainer.max_steps=2", "trainer.val_check_interval=2", "logger.tensorboard=false"],
-                         output_dir=run))
-    outputs = _run_notebook("inspect_run.ipynb", {"KIMI_LAB_RUN": str(run)}, tmp_path, monkeypatch)
-    assert any("image/png" in o.get("data", {}) for o in outputs)
-    assert str(run) in "".join(o.get("text", "") for o in outputs)

@@ -30,7 +30,6 @@ class MoE(nn.Module):
         self.shared_experts = SwiGLU(d_model, n_shared * hidden) if n_shared > 0 else None
         # read and zeroed once per optimizer step by the trainer (load metrics); training forwards only
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)  # (E,)
-        self.register_buffer("tokens_dropped", torch.zeros(()), persistent=False)  # assignments no expert ran
         self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)  # sum of aux losses (detached)
         self.register_buffer("n_forwards", torch.zeros(()), persistent=False)  # micro-batches since last read
         # eval forwards' tokens per expert: zeroed and read around each validation pass (MaxVio on held-out data)
@@ -40,7 +39,7 @@ class MoE(nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to(bf16)`` keeps the load statistics fp32 (bf16 counts round at 256: 8,229 tokens would read 8,256)."""
         super()._apply(fn, recurse)
-        for name in ("tokens_per_expert", "tokens_dropped", "aux_loss_sum", "n_forwards", "eval_tokens_per_expert"):
+        for name in ("tokens_per_expert", "aux_loss_sum", "n_forwards", "eval_tokens_per_expert"):
             self._buffers[name] = self._buffers[name].float()
         return self
 
@@ -48,13 +47,12 @@ class MoE(nn.Module):
         batch, seq_len, d_model = x.shape
         routing = self.gate(x)  # over N = B*T tokens; the gate sees (B, T, D) for sequence-wise losses
         x_flat = x.reshape(-1, d_model)  # (N, D)
-        out, processed = self._dispatch(x_flat, routing.expert_idx, routing.weights, routing.counts)
+        out = self._dispatch(x_flat, routing.expert_idx, routing.weights, routing.counts)
         if is_recomputing():  # activation checkpointing's backward pass: this forward was counted already
             return self._add_shared(out, x_flat).view(batch, seq_len, d_model)
         self.aux_loss = routing.aux_loss
         if self.training:
             self.tokens_per_expert += routing.counts.to(self.tokens_per_expert.dtype)
-            self.tokens_dropped += routing.expert_idx.numel() - processed
             self.aux_loss_sum += routing.aux_loss.detach().to(self.aux_loss_sum.dtype)
             self.n_forwards += 1
         else:
@@ -64,8 +62,8 @@ class MoE(nn.Module):
     def _add_shared(self, out: torch.Tensor, x_flat: torch.Tensor) -> torch.Tensor:
         return out if self.shared_experts is None else out + self.shared_experts(x_flat)
 
-    def _dispatch(self, x_flat, expert_idx, weights, counts) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> (output (N, D), assignments processed)."""
+    def _dispatch(self, x_flat, expert_idx, weights, counts) -> torch.Tensor:
+        """x_flat (N, D), expert_idx/weights (N, k), counts (E,) -> output (N, D); every assignment runs (dropless)."""
         n_tokens, d_model = x_flat.shape
         order = expert_idx.reshape(-1).argsort(stable=True)  # (N*k,) assignments grouped by expert
         slots = torch.arange(order.numel(), device=order.device)
@@ -77,7 +75,7 @@ class MoE(nn.Module):
         # (1, k) @ (k, D) product: a gather, where index_add_ into zeros would scatter
         out_per_token = RowPermutation.apply(out_sorted, position, order).view(n_tokens, self.top_k, d_model)
         combine_w = weights.unsqueeze(1).to(out_sorted.dtype)  # (N, 1, k)
-        return torch.bmm(combine_w, out_per_token).view(n_tokens, d_model), counts.sum()
+        return torch.bmm(combine_w, out_per_token).view(n_tokens, d_model)
 
 
 class RowPermutation(torch.autograd.Function):

@@ -1,4 +1,6 @@
-"""results.json's balance measures (Wang et al. 2024 / DeepSeek-V3 MaxVio), epochs and report block, end to end."""
+"""MoE training runs at the tiny size: results.json's balance measures (Wang et al. 2024 / DeepSeek-V3 MaxVio), epochs
+and report block; the expert bias updated once per optimizer step on the counts of every micro-batch; a resume that
+keeps the bias, its curve and the balance measures of the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch
 
 from kimi_lab.data import LMDataModule
 from kimi_lab.model import build_model
+from kimi_lab.model.moe import Router
+from kimi_lab.training import train
 from tests.helpers import compose_config
 
 QUICK = ["data.eval_lengths=[]", "logger.tensorboard=false", "optimizer.warmup_steps=1", "seed=0"]
@@ -26,8 +30,6 @@ def maxvio(counts: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory):
-    from kimi_lab.training import train
-
     folder = tmp_path_factory.mktemp("budget")
     cfg = compose_config([*BUDGET, "report.primary_metric=val_loss@64", "+report.target.val_loss=5.8",
                           "report.tuning_seeds=[4,5]"], output_dir=folder)
@@ -102,8 +104,6 @@ def test_epochs_and_report_block_are_recorded(budget_run):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    from kimi_lab.training import train
-
     return train(compose_config(RESUME, output_dir=tmp_path_factory.mktemp("full")))
 
 
@@ -116,8 +116,6 @@ def test_resume_keeps_the_balance_measures(tmp_path, uninterrupted, interrupt_at
     """Interrupted after late step 3 (its MaxVio is in last.ckpt, step 4 runs after the resume) or after the last
     step and its validation (the resumed run trains and validates nothing): the same values as the uninterrupted
     run. The report block may change on resume (it trains nothing); results.json records the resumed one."""
-    from kimi_lab.training import train
-
     cut = train(compose_config([*RESUME, f"trainer.interrupt_at_step={interrupt_at}"], output_dir=tmp_path))
     assert cut["status"] == "interrupted"
     resumed = train(compose_config([*RESUME, "resume=true", "report.mde_goal=0.1"], output_dir=tmp_path))
@@ -129,9 +127,62 @@ def test_resume_keeps_the_balance_measures(tmp_path, uninterrupted, interrupt_at
 
 
 def test_dense_runs_have_no_balance_fields(tmp_path):
-    from kimi_lab.training import train
-
     results = train(compose_config([*QUICK, "moe=dense", "trainer.max_steps=2", "trainer.val_check_interval=2"],
                                    output_dir=tmp_path))
     assert results["status"] == "completed" and results["epochs"] > 0
     assert not {"expert_load", *BALANCE} & results.keys()
+
+# ----------------------------------------------------------------------------------------------- expert bias
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bias_updates_once_per_optimizer_step_end_to_end(tmp_path, monkeypatch):
+    """accumulate_grad_batches=4: one update per optimizer step, on the counts of all 4 micro-batches."""
+    seen = []
+    original = Router.update_bias
+
+    def counting(self, counts):
+        seen.append(counts.sum().item())
+        original(self, counts)
+
+    monkeypatch.setattr(Router, "update_bias", counting)
+    overrides = ["moe=deepseek_v3", "trainer.max_steps=3", "trainer.accumulate_grad_batches=4",
+                 "trainer.val_check_interval=3", "optimizer.warmup_steps=1"]
+    results = train(compose_config(overrides, output_dir=tmp_path))
+    cfg = compose_config(overrides)
+    assignments = 4 * cfg.data.batch_size * cfg.data.seq_len * cfg.moe.num_experts_per_tok
+    assert seen == [assignments] * (3 * cfg.model.n_layers)  # 3 steps x 2 layers, each over 4 micro-batches
+    # metrics: per-layer columns and results fields
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["train_loss"]]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for j in range(2):
+        loads = [json.loads(r[f"moe{j}_load"]) for r in rows]
+        assert all(abs(sum(load) - 1) < 1e-4 and len(load) == 4 for load in loads)
+        assert all(float(r[f"moe{j}_aux_loss"]) > 0 and float(r[f"moe{j}_maxvio"]) >= 0 for r in rows)
+        biases = [json.loads(r[f"moe{j}_bias"]) for r in rows]
+        steps = [max(abs(a - b) for a, b in zip(x, y)) for x, y in zip([[0.0] * 4] + biases, biases)]
+        assert all(0 < s <= 2e-3 + 1e-9 for s in steps)  # each step moved the bias by at most 2 gamma
+    assert results["expert_bias"] == [json.loads(rows[-1]["moe0_bias"]), json.loads(rows[-1]["moe1_bias"])]
+    assert len(results["moe_aux_loss"]) == 2 and len(results["moe_maxvio_batch_late_per_layer"]) == 2
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    torch.testing.assert_close(ckpt["state_dict"]["model.layers.0.mlp.gate.e_score_correction_bias"],
+                               torch.tensor(results["expert_bias"][0]), rtol=0, atol=1e-8)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resume_restores_the_bias_and_its_curve(tmp_path):
+    """noaux_tc: the interrupted + resumed run has the same per-step losses and biases as the uninterrupted one."""
+    overrides = ["moe=deepseek_v3", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                 "optimizer.warmup_steps=2", "seed=0", "moe.bias_update_speed=0.01"]
+    train(compose_config(overrides, output_dir=tmp_path / "full"))
+    train(compose_config([*overrides, "trainer.interrupt_at_step=4"], output_dir=tmp_path / "cut"))
+    train(compose_config([*overrides, "resume=true"], output_dir=tmp_path / "cut"))
+    rows = {}
+    for name in ("full", "cut"):
+        with (tmp_path / name / "metrics.csv").open() as f:
+            rows[name] = [r for r in csv.DictReader(f) if r["train_loss"]]
+    assert [r["step"] for r in rows["cut"]] == [str(s) for s in range(1, 7)]
+    for a, b in zip(rows["full"], rows["cut"]):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+        assert json.loads(a["moe1_bias"]) == pytest.approx(json.loads(b["moe1_bias"]), abs=1e-7)
