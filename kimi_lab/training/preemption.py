@@ -29,6 +29,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from kimi_lab.training.callbacks import RunInterrupted
 from kimi_lab.training.checkpoints import StepEnd
+from kimi_lab.training.lifecycle import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,6 @@ def preemption_signals() -> list[signal.Signals]:
     SIGTERM."""
     warning = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
     return [warning, signal.SIGTERM]
-
-
-class Preempted(SystemExit):
-    """Ends the job after last.ckpt is written, with the exit code of the handler that ended it (submitit's local
-    executor reads its requeue request from the exit code)."""
-
-    def __init__(self, message: str, code):
-        super().__init__(code)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class PreemptionCheckpoint(StepEnd):
@@ -80,7 +69,8 @@ class PreemptionCheckpoint(StepEnd):
 
     def _record(self, signum: int, frame) -> None:
         if self._pending is not None:  # a second signal: no more waiting for the step
-            self._deferred[signum](signum, frame)
+            self._run_handler(signum, frame, f"a second {signal.Signals(signum).name} before the step ended: no "
+                              "last.ckpt written at this step")
             return
         self._pending = signum
         log.warning("%s received: last.ckpt is written when the current step ends, then the job stops",
@@ -114,11 +104,15 @@ class PreemptionCheckpoint(StepEnd):
         handler = self._deferred.get(signum)
         self._restore()
         if handler is not None:
-            try:
-                handler(signum, None)  # submitit's: requeues the job, then exits
-            except SystemExit as exit_:
-                raise Preempted(f"preempted ({message}; the launcher requeued the job)", exit_.code) from exit_
+            self._run_handler(signum, None, message, handler)
         raise RunInterrupted(f"interrupted by {message}")
+
+    def _run_handler(self, signum: int, frame, message: str, handler=None) -> None:
+        """The deferred handler; submitit's requeues the job and exits, which ends the job as ``Preempted``."""
+        try:
+            (handler or self._deferred[signum])(signum, frame)
+        except SystemExit as exit_:
+            raise Preempted(f"preempted ({message}; the launcher requeued the job)", exit_.code) from exit_
 
     def _restore(self) -> None:
         """Puts the deferred handlers back, unless Lightning's teardown already restored its own."""

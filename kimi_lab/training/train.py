@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from kimi_lab.config import ConfigError, validate_config
-from kimi_lab.training.lifecycle import check_device, completed_run, release_frames, resume_point
+from kimi_lab.training.lifecycle import Preempted, check_device, completed_run, release_frames, resume_point
 from kimi_lab.training.rundir import RunDir, git_commit, launcher_rank
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ def train(cfg: DictConfig) -> dict:
         results = {**fit_and_evaluate(cfg, run, ckpt_path), "git_commit": commit}
         run.write_results(results)
         run.write_status(results["status"], **{k: results[k] for k in ("diverged_at_step",) if k in results})
+    except Preempted as stop:  # requeued by the launcher: the requeued job continues from last.ckpt
+        run.write_status("interrupted", requeued=True, reason=str(stop))
+        release_frames(stop)
+        raise
     except BaseException as error:  # KeyboardInterrupt too: the folder must say it did not complete
         run.write_failure(error)
         if not isinstance(error, ConfigError):  # a refused config is reported in one line by the caller

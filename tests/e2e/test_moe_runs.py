@@ -15,6 +15,7 @@ from kimi_lab.data import LMDataModule
 from kimi_lab.model import build_model
 from kimi_lab.model.moe import Router
 from kimi_lab.training import train
+from kimi_lab.training.callbacks import METRIC_FIELDS
 from tests.helpers import compose_config
 
 QUICK = ["data.eval_lengths=[]", "logger.tensorboard=false", "optimizer.warmup_steps=1", "seed=0"]
@@ -154,7 +155,10 @@ def test_bias_updates_once_per_optimizer_step_end_to_end(tmp_path, monkeypatch):
     assert seen == [assignments] * (3 * cfg.model.n_layers)  # 3 steps x 2 layers, each over 4 micro-batches
     # metrics: per-layer columns and results fields
     with (tmp_path / "metrics.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r["train_loss"]]
+        reader = csv.DictReader(f)
+        rows = [r for r in reader if r["train_loss"]]
+    per_layer = ("load", "cv", "maxvio", "aux_loss", "bias")
+    assert reader.fieldnames == METRIC_FIELDS + [f"moe{j}_{key}" for j in range(2) for key in per_layer]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     for j in range(2):
         loads = [json.loads(r[f"moe{j}_load"]) for r in rows]
@@ -165,6 +169,7 @@ def test_bias_updates_once_per_optimizer_step_end_to_end(tmp_path, monkeypatch):
         assert all(0 < s <= 2e-3 + 1e-9 for s in steps)  # each step moved the bias by at most 2 gamma
     assert results["expert_bias"] == [json.loads(rows[-1]["moe0_bias"]), json.loads(rows[-1]["moe1_bias"])]
     assert len(results["moe_aux_loss"]) == 2 and len(results["moe_maxvio_batch_late_per_layer"]) == 2
+    assert not [key for key in results if "dropped" in key]  # a dropless layer runs every assignment
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     torch.testing.assert_close(ckpt["state_dict"]["model.layers.0.mlp.gate.e_score_correction_bias"],
                                torch.tensor(results["expert_bias"][0]), rtol=0, atol=1e-8)

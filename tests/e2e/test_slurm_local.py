@@ -15,7 +15,8 @@ import torch
 
 from kimi_lab.training import train
 from kimi_lab.training.module import LanguageModelModule
-from kimi_lab.training.preemption import Preempted, cluster_plugins
+from kimi_lab.training.lifecycle import Preempted
+from kimi_lab.training.preemption import cluster_plugins
 from kimi_lab.training.resume import resume_checkpoint
 from tests.helpers import DATA_DIR, REPO_ROOT, compose_config, read_metrics
 
@@ -90,21 +91,23 @@ def test_requeued_job_continues_from_last_ckpt_to_the_uninterrupted_results(tmp_
     _ends_as_uninterrupted(resumed, folder, uninterrupted)
 
 
-def test_preemption_signal_writes_last_ckpt_when_the_step_ends_then_the_requeued_job_finishes(
-        tmp_path, monkeypatch, uninterrupted):
-    """The warning signal arrives in the middle of step 4 (in its forward pass): the step completes, last.ckpt holds
-    step 4, then submitit's handler runs (a stand-in that exits as submitit's does after its requeue)."""
-    folder, requeues = tmp_path / "job", []
+def _preempted_run(folder, monkeypatch, at_step: int, n_signals: int) -> tuple[Preempted, list[int | None]]:
+    """Train TINY with ``n_signals`` warning signals sent before the forward pass of step ``at_step + 1``, under a
+    stand-in for submitit's handler (it exits as submitit's does after its requeue); the job's ``Preempted`` and the
+    step of last.ckpt when the handler ran (None: no last.ckpt)."""
+    requeues = []
 
     def submitit_handler(signum, frame):  # submitit: checkpoint(), scontrol requeue, sys.exit(-1)
-        requeues.append(torch.load(folder / "checkpoints" / "last.ckpt", weights_only=False)["global_step"])
+        ckpt = folder / "checkpoints" / "last.ckpt"
+        requeues.append(torch.load(ckpt, weights_only=False)["global_step"] if ckpt.exists() else None)
         sys.exit(-1)
 
     step = LanguageModelModule.training_step
 
     def signalled(self, batch, batch_idx):
-        if self.global_step == 3:
-            os.kill(os.getpid(), signal.SIGUSR2)  # handled before the forward pass of step 4
+        if self.global_step == at_step:
+            for _ in range(n_signals):
+                os.kill(os.getpid(), signal.SIGUSR2)
         return step(self, batch, batch_idx)
 
     previous = signal.signal(signal.SIGUSR2, submitit_handler)
@@ -115,14 +118,33 @@ def test_preemption_signal_writes_last_ckpt_when_the_step_ends_then_the_requeued
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # put back for the rest of the job
     finally:
         signal.signal(signal.SIGUSR2, previous)
-    assert requeues == [4] and stop.value.code == -1  # the process exits with submitit's code
     status = json.loads((folder / "status.json").read_text())
-    assert status["status"] == "failed" and "SIGUSR2 after step 4: last.ckpt written" in status["error"]
+    assert status["status"] == "interrupted" and status["requeued"] is True  # not failed: it continues
+    return stop.value, requeues
+
+
+def test_preemption_signal_writes_last_ckpt_when_the_step_ends_then_the_requeued_job_finishes(
+        tmp_path, monkeypatch, uninterrupted):
+    """The warning signal arrives in the middle of step 4 (in its forward pass): the step completes, last.ckpt holds
+    step 4, then submitit's handler runs."""
+    folder = tmp_path / "job"
+    stop, requeues = _preempted_run(folder, monkeypatch, at_step=3, n_signals=1)
+    assert requeues == [4] and stop.code == -1  # the process exits with submitit's code
+    assert "SIGUSR2 after step 4: last.ckpt written" in json.loads((folder / "status.json").read_text())["reason"]
 
     monkeypatch.undo()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     resumed = train(compose_config(TINY, output_dir=folder))
     _ends_as_uninterrupted(resumed, folder, uninterrupted)
+
+
+def test_a_second_warning_signal_in_the_same_step_requeues_at_once(tmp_path, monkeypatch):
+    """Two warning signals before step 3 ends: the second runs submitit's handler at once, before any last.ckpt
+    (checkpoint_every_n_steps=4), and the job still ends interrupted and requeued with submitit's exit code."""
+    folder = tmp_path / "job"
+    stop, requeues = _preempted_run(folder, monkeypatch, at_step=2, n_signals=2)
+    assert requeues == [None] and stop.code == -1
+    assert "a second SIGUSR2 before the step ended" in json.loads((folder / "status.json").read_text())["reason"]
 
 
 def test_sigterm_mid_step_ends_the_job_interrupted_with_last_ckpt_of_that_step(tmp_path, monkeypatch):

@@ -50,8 +50,10 @@ def test_norm_timing_and_bench_main(capsys):
     assert all(n.weight.grad is None for n in norms)  # timing leaves no gradients behind
     assert bench_norm.main(["model=tiny", "norm=layernorm", "data.batch_size=2", "model.vocab_size=1024"]) == 0
     out = json.loads(capsys.readouterr().out)
-    # a ratio of two separately timed quantities: positive, but above 1 is possible on a loaded machine
-    assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused") and 0 < out["norm_time_share"] < 10
+    # two separately timed quantities: their ratio depends on the machine's load, so only its definition is asserted
+    assert out["norm_kernel"].startswith("torch.nn.LayerNorm: fused")
+    assert out["norm_fwd_bwd_ms"] > 0 and out["model_fwd_bwd_ms"] > 0
+    assert out["norm_time_share"] == pytest.approx(out["norm_fwd_bwd_ms"] / out["model_fwd_bwd_ms"])
 
 
 @pytest.mark.parametrize("overrides", [
