@@ -17,9 +17,9 @@ TORCH_INDEX ?=
 # matches torch / CUDA / Python when one exists, else compiles (needs nvcc; MAX_JOBS=4 bounds its memory).
 # FLASH_ATTN=<wheel file or URL> installs that wheel instead; FLASH_ATTN= (empty) skips it (SDPA's flash backend runs).
 FLASH_ATTN ?= flash-attn>=2.6
-# pytest-xdist processes for `make test`: most tests are tiny single-thread runs, so one per core (worksteal: an idle
-# worker takes queued tests from a busy one, so a few long tests do not leave a tail); TEST_WORKERS=0
-# runs the suite in this process (pdb, -s)
+# pytest-xdist processes for `make test`: most tests are tiny single-thread runs, so one per core (xdist's default
+# distribution measured fastest on 2 cores; --dist loadfile and worksteal took longer); TEST_WORKERS=0 runs the suite
+# in this process (pdb, -s)
 TEST_WORKERS ?= 2
 # what `make clean` deletes (asks first; FORCE=1 does not): every run and sweep folder, pytest's cache
 CLEAN_PATHS := outputs multirun/2* .pytest_cache
@@ -87,10 +87,10 @@ demo: $(INSTALLED)
 	$(PYTHON) -c "import json,sys; r=json.load(open(sys.argv[1])); print('val_loss %.3f  unigram baseline %.3f  test_loss %.3f  %.0f tokens/s' % (r['val_loss'], r['baseline_unigram_loss'], r['test_loss'], r['tokens_per_s']))" $$run/results.json
 
 test: $(INSTALLED)
-	$(BIN)/pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -m "not slow and not gpu" -q -n $(TEST_WORKERS)
 
 test-all: $(INSTALLED)
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -n $(TEST_WORKERS)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
