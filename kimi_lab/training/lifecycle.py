@@ -21,8 +21,9 @@ FINISHED = ("completed", "diverged")  # outcomes sweep.skip_completed keeps; fai
 
 
 class Preempted(SystemExit):
-    """Ends a preempted job once last.ckpt is written, with the exit code of the handler that requeued it (submitit's
-    local executor reads its requeue request from the exit code); the requeued job continues from last.ckpt."""
+    """Ends a job the launcher requeued (at the end of a step, once last.ckpt is written; at once on a second signal),
+    with the exit code of the handler that requeued it (submitit's local executor reads its requeue request from the
+    exit code); the requeued job continues from the newest last.ckpt."""
 
     def __init__(self, message: str, code):
         super().__init__(code)

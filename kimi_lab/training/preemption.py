@@ -69,8 +69,8 @@ class PreemptionCheckpoint(StepEnd):
 
     def _record(self, signum: int, frame) -> None:
         if self._pending is not None:  # a second signal: no more waiting for the step
-            self._run_handler(signum, frame, f"a second {signal.Signals(signum).name} before the step ended: no "
-                              "last.ckpt written at this step")
+            self._run_handler(self._deferred[signum], signum, frame, f"a second {signal.Signals(signum).name} before "
+                              "the step ended: no last.ckpt written at this step")
             return
         self._pending = signum
         log.warning("%s received: last.ckpt is written when the current step ends, then the job stops",
@@ -104,13 +104,14 @@ class PreemptionCheckpoint(StepEnd):
         handler = self._deferred.get(signum)
         self._restore()
         if handler is not None:
-            self._run_handler(signum, None, message, handler)
+            self._run_handler(handler, signum, None, message)
         raise RunInterrupted(f"interrupted by {message}")
 
-    def _run_handler(self, signum: int, frame, message: str, handler=None) -> None:
-        """The deferred handler; submitit's requeues the job and exits, which ends the job as ``Preempted``."""
+    @staticmethod
+    def _run_handler(handler, signum: int, frame, message: str) -> None:
+        """Runs a deferred handler; submitit's requeues the job and exits, which ends the job as ``Preempted``."""
         try:
-            (handler or self._deferred[signum])(signum, frame)
+            handler(signum, frame)
         except SystemExit as exit_:
             raise Preempted(f"preempted ({message}; the launcher requeued the job)", exit_.code) from exit_
 
